@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Builds (once) and caches the real test control plane: kube-apiserver and kube-controller-manager
+# v1.20.2 from Debian 12's kubernetes source package, built with Go 1.15 as Kubernetes 1.20 builds
+# itself, plus etcd from Debian 12's etcd-server. Prints the folder that holds the binaries.
+#
+# Nothing is installed system-wide except rsync (Kubernetes' build needs it): the Debian archives
+# are read through a private apt configuration under the cache folder.
+set -euo pipefail
+
+cache=${KVPN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvpn}
+bin=$cache/control-plane/bin
+want=(kube-apiserver kube-controller-manager etcd)
+
+have_all() { for b in "${want[@]}"; do [ -x "$bin/$b" ] || return 1; done; }
+if have_all; then echo "$bin"; exit 0; fi
+
+log() { echo "control-plane: $*" >&2; }
+work=$cache/control-plane/work
+apt_dir=$cache/control-plane/apt
+mkdir -p "$bin" "$work" "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+
+# Reuse the archive address and keyring the machine already trusts for bookworm.
+sources=/etc/apt/sources.list.d/debian.sources
+uri=$(awk '/^URIs:/ {print $2; exit}' "$sources")
+keyring=$(awk '/^Signed-By:/ {print $2; exit}' "$sources")
+[ -n "$uri" ] && [ -n "$keyring" ] || { log "cannot read the Debian archive from $sources"; exit 1; }
+cat >"$apt_dir/sources.list" <<LIST
+deb [signed-by=$keyring] $uri bookworm main
+deb-src [signed-by=$keyring] $uri bookworm main
+deb [signed-by=$keyring] $uri bullseye main
+LIST
+papt() {
+  apt-get -q -o Dir::Etc::SourceList="$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null \
+    -o Dir::State::Lists="$apt_dir/lists" -o Dir::Cache="$apt_dir/cache" \
+    -o APT::Sandbox::User=root "$@"
+}
+
+command -v rsync >/dev/null || { log "installing rsync"; apt-get -q update >&2; apt-get -q install -y rsync >&2; }
+command -v make >/dev/null || { log "make is missing"; exit 1; }
+
+log "reading package lists"
+papt update >&2
+
+if [ ! -x "$bin/etcd" ]; then
+  log "fetching etcd"
+  (cd "$work" && papt download etcd-server/bookworm >&2)
+  rm -rf "$work/etcd" && dpkg-deb -x "$work"/etcd-server_*.deb "$work/etcd"
+  cp "$work/etcd/usr/bin/etcd" "$bin/etcd"
+fi
+
+if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ]; then
+  goroot=$work/go115/usr/lib/go-1.15
+  if [ ! -x "$goroot/bin/go" ]; then
+    log "fetching Go 1.15"
+    (cd "$work" && papt download golang-1.15-go/bullseye golang-1.15-src/bullseye >&2)
+    rm -rf "$work/go115"
+    for deb in "$work"/golang-1.15-*.deb; do dpkg-deb -x "$deb" "$work/go115"; done
+  fi
+  tree=$work/gopath/src/k8s.io/kubernetes
+  if [ ! -f "$tree/Makefile" ]; then
+    log "fetching the kubernetes source package"
+    mkdir -p "$work/src" && (cd "$work/src" && papt source --download-only kubernetes/bookworm >&2)
+    orig=$(ls "$work"/src/kubernetes_*.orig.tar.* | head -n 1)
+    rm -rf "$work/gopath" && mkdir -p "$tree"
+    tar -xf "$orig" -C "$tree" --strip-components=1
+  fi
+  log "building kube-apiserver and kube-controller-manager (about 7 minutes on 2 cores)"
+  (
+    cd "$tree"
+    export GOROOT=$goroot GOPATH=$work/gopath GO111MODULE=off CGO_ENABLED=0
+    export GOCACHE=$work/gocache PATH=$goroot/bin:$PATH
+    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2
+  )
+  cp "$tree/_output/bin/kube-apiserver" "$tree/_output/bin/kube-controller-manager" "$bin/"
+fi
+
+have_all || { log "build finished without all binaries"; exit 1; }
+echo "$bin"
