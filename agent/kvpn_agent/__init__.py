@@ -1,0 +1,1 @@
+"""kvpn node agent."""

@@ -1,0 +1,150 @@
+"""The operator→agent contract: the objects an agent watches to learn the desired state of a server.
+
+An agent serving VpnServer ``S`` in namespace ``N`` watches, in ``N`` only:
+
+1. the VpnServer ``S`` itself: listen port, MTU, masquerade, and from its status the server's tunnel
+   addresses and the routes in effect;
+2. the Secret ``kvpn-server-<S>`` (``SERVER_KEY_ROLE``): the server's private key;
+3. the Secrets labelled ``kvpn.dev/server=<S>, kvpn.dev/role=peer``: one **peer binding** per peer
+   (``PeerBinding``), named after the peer's address.
+
+Why this shape:
+
+- *Within a second.* Agents hold a watch on these objects (no mounted files, which kubelet refreshes
+  only about once a minute); a peer change is one small object, so one watch event.
+- *Ten thousand peers.* One Secret per peer (a few hundred bytes each) instead of one Secret for all
+  peers, which the 1 MiB object limit would cap at a few thousand peers, and whose every change
+  would rewrite and resend the whole list.
+- *Least privilege.* Bindings live in the server's namespace, whatever namespace the VpnPeer is in,
+  so an agent needs read access to Secrets of that namespace only. A binding carries the peer's public
+  key and preshared key, never its private key (which lives only in the config Secret in the peer's
+  namespace, or nowhere when the user brought their own key).
+- *No duplicate addresses.* The binding's name is derived from the peer's address, so it is also the
+  address claim: the API server refuses a second object of the same name with 409 Conflict, whatever
+  the number of operators, threads or restarts racing for that address (invariant 1).
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+from typing import Any
+
+from pydantic import Field, TypeAdapter
+
+from kvpn_operator.api import AllowedDestination, Model
+
+LABEL_SERVER = "kvpn.dev/server"
+LABEL_ROLE = "kvpn.dev/role"
+LABEL_PEER_UID = "kvpn.dev/peer-uid"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "kvpn"
+ANNOTATION_PEER = "kvpn.dev/peer"
+
+ROLE_PEER = "peer"
+ROLE_SERVER_KEY = "server-key"
+ROLE_PEER_CONFIG = "peer-config"
+
+SECRET_TYPE_BINDING = "kvpn.dev/peer-binding"
+SECRET_TYPE_SERVER_KEY = "kvpn.dev/server-key"
+SECRET_TYPE_PEER_CONFIG = "kvpn.dev/peer-config"
+
+_destinations = TypeAdapter(list[AllowedDestination])
+
+
+def server_key_secret_name(server: str) -> str:
+    """Name of the Secret holding the server's private key, in the server's namespace."""
+    return f"kvpn-server-{server}"
+
+
+def binding_secret_name(server: str, address: str) -> str:
+    """Name of a peer binding: the server and the peer's first address, written as a DNS label.
+
+    IPv6 addresses are written out in full (eight groups) so that no two addresses of a server map
+    to one name.
+    """
+    ip = ipaddress.ip_address(address)
+    host = ip.exploded.replace(":", "-") if ip.version == 6 else str(ip).replace(".", "-")
+    return f"kvpn-{server}-{host}"
+
+
+def peer_config_secret_name(peer: str) -> str:
+    """Name of the Secret holding a peer's wg0.conf, in the peer's namespace."""
+    return f"kvpn-peer-{peer}"
+
+
+def binding_selector(server: str) -> str:
+    """Label selector an agent (and the operator) use to list a server's peer bindings."""
+    return f"{LABEL_SERVER}={server},{LABEL_ROLE}={ROLE_PEER}"
+
+
+class PeerBinding(Model):
+    """A peer as an agent sees it: everything needed to program the dataplane, nothing more."""
+
+    peer_namespace: str = Field(alias="peerNamespace")
+    """Namespace of the VpnPeer (for status reports and metric labels)."""
+
+    peer_name: str = Field(alias="peerName")
+    """Name of the VpnPeer."""
+
+    peer_uid: str = Field(alias="peerUID")
+    """UID of the VpnPeer that holds this binding; the address claim belongs to it."""
+
+    public_key: str | None = Field(default=None, alias="publicKey")
+    """The peer's public key; empty while the key is still being set up (the agent skips such peers)."""
+
+    preshared_key: str | None = Field(default=None, alias="presharedKey")
+    """The peer's preshared key, if the server uses them."""
+
+    addresses: list[str] = Field(min_length=1)
+    """The peer's tunnel addresses; the agent allows exactly these as the peer's source (AllowedIPs)."""
+
+    enabled: bool = True
+    """False while the peer is disabled or expired: the agent removes it from the interface."""
+
+    allowed_destinations: list[AllowedDestination] = Field(default_factory=list, alias="allowedDestinations")
+    """The only destinations the peer may reach; the server's routes when empty."""
+
+    def secret_name(self, server: str) -> str:
+        return binding_secret_name(server, self.addresses[0])
+
+    def to_string_data(self) -> dict[str, str]:
+        """The binding as Secret data (decoded): one key per field, destinations as JSON."""
+        data = {
+            "peerNamespace": self.peer_namespace,
+            "peerName": self.peer_name,
+            "peerUID": self.peer_uid,
+            "addresses": ",".join(self.addresses),
+            "enabled": "true" if self.enabled else "false",
+            "allowedDestinations": json.dumps(
+                [d.to_api() for d in self.allowed_destinations], separators=(",", ":"), sort_keys=True
+            ),
+        }
+        if self.public_key:
+            data["publicKey"] = self.public_key
+        if self.preshared_key:
+            data["presharedKey"] = self.preshared_key
+        return data
+
+    @classmethod
+    def from_secret(cls, secret: dict[str, Any]) -> PeerBinding:
+        """Reads a binding back from a Secret as the API returns it (base64 data)."""
+        raw = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+        return cls.model_validate(
+            {
+                "peerNamespace": raw.get("peerNamespace", ""),
+                "peerName": raw.get("peerName", ""),
+                "peerUID": raw.get("peerUID", ""),
+                "publicKey": raw.get("publicKey") or None,
+                "presharedKey": raw.get("presharedKey") or None,
+                "addresses": [a for a in raw.get("addresses", "").split(",") if a],
+                "enabled": raw.get("enabled", "true") == "true",
+                "allowedDestinations": _destinations.validate_json(raw.get("allowedDestinations") or "[]"),
+            }
+        )
+
+
+def encode_data(string_data: dict[str, str]) -> dict[str, str]:
+    """Secret ``data`` (base64) from decoded strings, so objects compare equal to what the API returns."""
+    return {k: base64.b64encode(v.encode()).decode() for k, v in string_data.items()}
