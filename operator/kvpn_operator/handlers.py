@@ -1,0 +1,169 @@
+"""kopf registration only: each handler parses, calls one service function, maps errors, posts the Event."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from kvpn_operator import peer, server
+from kvpn_operator.api import GROUP, VERSION
+from kvpn_operator.kube import ForbiddenError, Kube, KubeError, Retry
+from kvpn_operator.reporting import Report
+from kvpn_operator.state import AddressBooks, PeerEntry
+
+PEERS = (GROUP, VERSION, "vpnpeers")
+SERVERS = (GROUP, VERSION, "vpnservers")
+SERVER_RESYNC_SECONDS = 15.0
+
+log = logging.getLogger("kvpn.operator")
+
+
+@dataclass
+class Services:
+    """What the handlers share, handed to kopf as its memo."""
+
+    kube: Kube
+    settings: server.Settings = field(default_factory=server.Settings)
+    books: AddressBooks = field(default_factory=AddressBooks)
+    service_networks: server.ServiceNetworks = field(default_factory=server.ServiceNetworks)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def plain(body: kopf.Body) -> dict[str, Any]:
+    """The object as plain dicts, as the service layer expects."""
+    return {k: body[k] for k in body}
+
+
+@contextmanager
+def api_errors() -> Iterator[None]:
+    """Turns what can go wrong talking to the API into kopf retries; nothing here is the user's mistake."""
+    try:
+        yield
+    except Retry as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+    except ForbiddenError as exc:
+        log.error("the operator lacks a permission (check its RBAC): %s", exc)  # noqa: TRY400 - no traceback: not a bug
+        raise kopf.TemporaryError(str(exc), delay=30) from exc
+    except KubeError as exc:
+        raise kopf.TemporaryError(f"API request failed: {exc}", delay=5 if exc.status == 0 else 2) from exc
+
+
+def post(body: kopf.Body, report: Report) -> None:
+    if report.transition:
+        kind = "Warning" if report.outcome.warning else "Normal"
+        kopf.event(body, type=kind, reason=report.outcome.reason, message=report.outcome.message)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = "kvpn.dev/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvpn.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kvpn.dev", key="last-handled-configuration"
+    )
+    # Handlers are synchronous and spend their time waiting on the API server: more threads, more overlap.
+    settings.execution.max_workers = 16
+    settings.posting.level = logging.INFO
+
+
+@kopf.index(*PEERS)
+def peers_by_server(body: kopf.Body, **_: Any) -> dict[tuple[str, str], PeerEntry]:
+    key, entry = peer.index_entry(plain(body))
+    return {key: entry}
+
+
+def _peers_of(handler_kwargs: dict[str, Any], namespace: str, name: str) -> list[PeerEntry]:
+    """The peers of a server, from the index kopf passes to every handler as a keyword argument."""
+    index: kopf.Index[tuple[str, str], PeerEntry] = handler_kwargs["peers_by_server"]
+    return list(index.get((namespace, name), []))
+
+
+@kopf.on.resume(*SERVERS)
+@kopf.on.create(*SERVERS)
+@kopf.on.update(*SERVERS)
+@kopf.timer(*SERVERS, interval=SERVER_RESYNC_SECONDS, initial_delay=SERVER_RESYNC_SECONDS)
+def reconcile_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
+    with api_errors():
+        report = server.reconcile_server(
+            memo.kube,
+            plain(body),
+            settings=memo.settings,
+            service_networks=memo.service_networks,
+            peers=lambda: _peers_of(kwargs, body.metadata.namespace or "", body.metadata.name or ""),
+            now=now(),
+        )
+    post(body, report)
+
+
+@kopf.on.delete(*SERVERS, optional=True)
+def forget_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
+    """The server's bindings go with it (owner references); its peers learn of it by a nudge."""
+    memo.books.forget(body.metadata.uid or "")
+    with api_errors():
+        dependents = _peers_of(kwargs, body.metadata.namespace or "", body.metadata.name or "")
+        server.nudge(memo.kube, dependents, f"deleted-{body.metadata.uid}")
+
+
+@kopf.on.resume(*PEERS)
+@kopf.on.create(*PEERS)
+@kopf.on.update(*PEERS)
+def reconcile_vpnpeer(body: kopf.Body, memo: Services, **_: Any) -> None:
+    _reconcile_peer(body, memo)
+
+
+def _reconcile_peer(body: kopf.Body, memo: Services) -> None:
+    with api_errors():
+        report = peer.reconcile_peer(memo.kube, memo.books, plain(body), now=now())
+    post(body, report)
+
+
+@kopf.on.delete(*PEERS)
+def release_vpnpeer(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
+    """Frees the peer's address (its binding may live in another namespace, so no owner reference can)."""
+    with api_errors():
+        if peer.release_peer(memo.kube, memo.books, plain(body)):
+            ref = body.spec.get("serverRef") or {}
+            dependents = _peers_of(kwargs, ref.get("namespace") or body.metadata.namespace or "", ref.get("name", ""))
+            waiting = peer.waiting_for_addresses(dependents)
+            server.nudge(memo.kube, waiting, f"freed-{body.metadata.uid}")
+
+
+def _expiry(spec: kopf.Spec) -> dt.datetime | None:
+    value = spec.get("expiresAt")
+    try:
+        parsed = dt.datetime.fromisoformat(str(value)) if value else None
+    except ValueError:
+        return None  # the reconcile reports the bad value as InvalidSpec
+    return parsed.replace(tzinfo=parsed.tzinfo or dt.UTC) if parsed else None
+
+
+def _has_expiry(spec: kopf.Spec, **_: Any) -> bool:
+    return _expiry(spec) is not None
+
+
+@kopf.daemon(*PEERS, when=_has_expiry, cancellation_timeout=2.0)
+async def expire_vpnpeer(body: kopf.Body, memo: Services, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    """Sleeps until the peer's expiresAt, then reconciles it, which switches it off within a second.
+
+    The body is live: a changed expiresAt is picked up at the next wake-up, at most a minute away.
+    """
+    while not stopped:
+        expires = _expiry(body.spec)
+        if expires is None:
+            return
+        remaining = (expires - dt.datetime.now(dt.UTC)).total_seconds()
+        if remaining <= 0:
+            # to_thread carries the context kopf.event needs; the reconcile is idempotent if already done.
+            await asyncio.to_thread(_reconcile_peer, body, memo)
+            return
+        await stopped.wait(min(remaining, 60.0))

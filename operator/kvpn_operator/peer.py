@@ -1,0 +1,426 @@
+"""Reconciles a VpnPeer: its address claim (the peer binding), keys, config Secret and status; releases on delete."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from kvpn_operator import builders, keys
+from kvpn_operator.api import Kind, VpnPeerSpec, VpnPeerStatus, VpnServerSpec, VpnServerStatus
+from kvpn_operator.conditions import READY, Outcome, find, set_condition
+from kvpn_operator.contract import (
+    LABEL_PEER_UID,
+    PeerBinding,
+    binding_secret_name,
+    binding_selector,
+    peer_config_secret_name,
+)
+from kvpn_operator.ipam import AllocationError
+from kvpn_operator.kube import ConflictError, Kube, Retry, core_path, kvpn_path
+from kvpn_operator.reporting import Report, describe_validation_error, write_status
+from kvpn_operator.state import ANNOTATION_NUDGE, AddressBook, AddressBooks, PeerEntry
+from kvpn_operator.wgconfig import ClientConfig, render_client_config
+
+Obj = dict[str, Any]
+
+# Status fields the operator owns; the agents own the rest (handshake, traffic, endpoint).
+_OWNED = (
+    "address",
+    "addresses",
+    "public_key",
+    "config_secret_name",
+    "server_revision",
+    "observed_generation",
+    "conditions",
+)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The parts of a VpnPeer object a reconcile works with."""
+
+    obj: Obj
+    namespace: str
+    name: str
+    uid: str
+    generation: int | None
+    status: VpnPeerStatus
+
+    @classmethod
+    def of(cls, obj: Obj) -> Peer:
+        meta = obj["metadata"]
+        return cls(
+            obj,
+            meta["namespace"],
+            meta["name"],
+            meta["uid"],
+            meta.get("generation"),
+            VpnPeerStatus.model_validate(obj.get("status") or {}),
+        )
+
+
+def index_entry(obj: Obj) -> tuple[tuple[str, str], PeerEntry]:
+    """The peer's entry in the operator's index of peers by server: ((namespace, server), entry)."""
+    spec, status, meta = obj.get("spec") or {}, obj.get("status") or {}, obj["metadata"]
+    ref = spec.get("serverRef") or {}
+    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == READY), {})
+    entry = PeerEntry(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        ready=ready.get("status") == "True",
+        reason=str(ready.get("reason", "")),
+        has_address=bool(status.get("address")),
+        server_revision=status.get("serverRevision"),
+        nudge=(meta.get("annotations") or {}).get(ANNOTATION_NUDGE),
+    )
+    return (ref.get("namespace") or meta["namespace"], str(ref.get("name", ""))), entry
+
+
+def _decode(secret: Obj | None, key: str) -> str | None:
+    value = ((secret or {}).get("data") or {}).get(key)
+    return base64.b64decode(value).decode() if value else None
+
+
+def _namespace_allowed(peer_ns: str, server_ns: str, spec: VpnServerSpec) -> bool:
+    return peer_ns == server_ns or "*" in spec.peer_namespaces or peer_ns in spec.peer_namespaces
+
+
+def _unrouted(spec: VpnPeerSpec, routes: list[str]) -> list[str]:
+    nets = [ipaddress.ip_network(r) for r in routes]
+    return [
+        d.cidr
+        for d in spec.allowed_destinations
+        if not any(
+            (dest := ipaddress.ip_network(d.cidr)).version == n.version and dest.subnet_of(n)  # type: ignore[arg-type]
+            for n in nets
+        )
+    ]
+
+
+class Verdict(Exception):  # noqa: N818 - not an error: how a reconcile stops early with what to report
+    """Ends a reconcile early with the outcome to report."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.message)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class Target:
+    """The server a peer connects to, as read for this reconcile."""
+
+    obj: Obj
+    spec: VpnServerSpec
+    status: VpnServerStatus
+
+    @property
+    def namespace(self) -> str:
+        return str(self.obj["metadata"]["namespace"])
+
+    @property
+    def name(self) -> str:
+        return str(self.obj["metadata"]["name"])
+
+
+def reconcile_peer(kube: Kube, books: AddressBooks, obj: Obj, *, now: dt.datetime) -> Report:
+    """Brings the peer's binding, config Secret and status in line with its spec and its server."""
+    peer = Peer.of(obj)
+    fields: dict[str, Any] = {}
+    try:
+        try:
+            spec = VpnPeerSpec.model_validate(obj.get("spec") or {})
+        except ValidationError as exc:
+            raise Verdict(Outcome.rejected("InvalidSpec", describe_validation_error(exc))) from None
+        target = _target(kube, peer, spec)
+        fields["server_revision"] = target.status.revision
+        _check_against(spec, target)
+        fields.update(_apply(kube, books, peer, spec, target, now=now))
+        if spec.disabled:
+            outcome = Outcome.waiting("Disabled", "spec.disabled is true: the gateways drop this peer's traffic")
+        elif _expired(spec, now):
+            outcome = Outcome.waiting("Expired", f"expired at {spec.expires_at}: the gateways drop its traffic")
+        else:
+            addresses = ", ".join(fields["addresses"])
+            outcome = Outcome.ready("Ready", f"address {addresses}; config in Secret {fields['config_secret_name']}")
+    except Verdict as verdict:
+        outcome = verdict.outcome
+    return _finish(kube, peer, outcome, now, fields)
+
+
+def _expired(spec: VpnPeerSpec, now: dt.datetime) -> bool:
+    return spec.expires_at is not None and spec.expires_at <= now
+
+
+def _target(kube: Kube, peer: Peer, spec: VpnPeerSpec) -> Target:
+    """The peer's server, if it exists, is valid and admits peers from the peer's namespace."""
+    server_ns = spec.server_ref.namespace or peer.namespace
+    server_id = f"{server_ns}/{spec.server_ref.name}"
+    server = kube.get(kvpn_path(Kind.VPN_SERVER, server_ns, spec.server_ref.name))
+    if server is None:
+        raise Verdict(
+            Outcome.rejected(
+                "ServerNotFound", f"VpnServer {server_id} does not exist; the peer becomes Ready once it does"
+            )
+        )
+    status = VpnServerStatus.model_validate(server.get("status") or {})
+    try:
+        target = Target(server, VpnServerSpec.model_validate(server.get("spec") or {}), status)
+    except ValidationError:
+        raise Verdict(
+            Outcome.waiting("ServerNotReady", f"VpnServer {server_id} has an invalid spec; see its Ready condition")
+        ) from None
+    if not _namespace_allowed(peer.namespace, server_ns, target.spec):
+        allowed = target.spec.peer_namespaces or [server_ns]
+        raise Verdict(
+            Outcome.rejected(
+                "NamespaceNotAllowed",
+                f"VpnServer {server_id} accepts peers from namespaces {allowed} only; "
+                f"ask its owner to add {peer.namespace!r} to spec.peerNamespaces",
+            )
+        )
+    ready = find(status.conditions, READY)
+    complete = status.public_key and status.endpoint and status.addresses and status.routes
+    if not (complete and ready and ready.status == "True"):
+        raise Verdict(
+            Outcome.waiting("ServerNotReady", f"VpnServer {server_id} is not Ready yet; see its Ready condition")
+        )
+    return target
+
+
+def _check_against(spec: VpnPeerSpec, target: Target) -> None:
+    """What the schema cannot say about a peer: a usable key, destinations inside the server's routes."""
+    if spec.public_key:
+        try:
+            keys.validate_public_key(spec.public_key)
+        except keys.InvalidKeyError as exc:
+            raise Verdict(Outcome.rejected("InvalidPublicKey", str(exc))) from None
+    if unrouted := _unrouted(spec, target.status.routes):
+        raise Verdict(
+            Outcome.rejected(
+                "DestinationNotRouted",
+                f"allowedDestinations {', '.join(unrouted)} lie outside the server's routes "
+                f"{', '.join(target.status.routes)}",
+            )
+        )
+
+
+def _apply(
+    kube: Kube, books: AddressBooks, peer: Peer, spec: VpnPeerSpec, target: Target, *, now: dt.datetime
+) -> dict[str, Any]:
+    """Claims the address, settles the keys, writes binding and config Secret; returns the status fields."""
+    config_path = core_path("secrets", peer.namespace, peer_config_secret_name(peer.name))
+    config_secret = kube.get(config_path)
+    if config_secret is not None and not builders.owned_by(config_secret, peer.uid):
+        refs = config_secret["metadata"].get("ownerReferences") or []
+        if any(r.get("kind") == Kind.VPN_PEER and r.get("name") == peer.name for r in refs):
+            raise Retry(f"Secret {config_path} of an earlier VpnPeer {peer.name} is still being deleted")
+        raise Verdict(
+            Outcome.rejected(
+                "SecretConflict",
+                f"Secret {peer_config_secret_name(peer.name)} exists and is not this peer's; rename or delete it",
+            )
+        )
+
+    # A generated private key is kept in the config Secret; the key is made only when the Secret lacks one.
+    private_key = None if spec.public_key else (_decode(config_secret, "privateKey") or keys.generate_private_key())
+    public_key = spec.public_key or keys.public_key_of(private_key or "")
+    preshared_key = None
+    if target.spec.preshared_keys:
+        preshared_key = _decode(config_secret, "presharedKey") or keys.generate_preshared_key()
+    book = books.get(
+        target.obj["metadata"]["uid"],
+        tuple(target.spec.address_pool),
+        lambda: kube.list(
+            core_path("secrets", target.namespace), label_selector=binding_selector(target.name), cached=True
+        ),
+    )
+
+    def binding_for(addresses: list[str]) -> PeerBinding:
+        return PeerBinding(
+            peer_namespace=peer.namespace,
+            peer_name=peer.name,
+            peer_uid=peer.uid,
+            public_key=public_key,
+            preshared_key=preshared_key,
+            addresses=addresses,
+            enabled=not (spec.disabled or _expired(spec, now)),
+            allowed_destinations=list(spec.allowed_destinations),
+        )
+
+    try:
+        binding = claim(kube, book, target.obj, peer, requested=spec.address, binding_for=binding_for)
+    except AllocationError as exc:
+        raise Verdict(Outcome.rejected(exc.reason, str(exc))) from None
+
+    status = target.status
+    config = render_client_config(
+        ClientConfig(
+            name=f"{peer.namespace}/{peer.name}",
+            private_key=private_key,
+            public_key=public_key,
+            addresses=binding.addresses,
+            dns_servers=[status.dns_nameserver] if status.dns_nameserver else [],
+            dns_search=status.dns_search,
+            mtu=target.spec.mtu,
+            server_public_key=status.public_key or "",
+            preshared_key=binding.preshared_key,
+            endpoint=status.endpoint or "",
+            allowed_ips=status.routes,
+            persistent_keepalive=target.spec.persistent_keepalive,
+        )
+    )
+    data = {"wg0.conf": config, "publicKey": public_key, "address": binding.addresses[0]}
+    if private_key:
+        data["privateKey"] = private_key
+    if binding.preshared_key:
+        data["presharedKey"] = binding.preshared_key
+    _ensure_config_secret(kube, peer, target.name, config_secret, data)
+    return {
+        "address": binding.addresses[0],
+        "addresses": binding.addresses,
+        "public_key": public_key,
+        "config_secret_name": peer_config_secret_name(peer.name),
+    }
+
+
+def claim(
+    kube: Kube,
+    book: AddressBook,
+    server: Obj,
+    peer: Peer,
+    *,
+    requested: str | None,
+    binding_for: Callable[[list[str]], PeerBinding],
+) -> PeerBinding:
+    """The peer's binding, with an address claimed for it: the one it holds, the requested one, or a free one.
+
+    The API server arbitrates: a claim is created under the address's name, and a 409 means the
+    address is someone else's (or this peer's, from before a restart: then it is adopted).
+    """
+    server_ns = server["metadata"]["namespace"]
+    current = book.index_of_peer(peer.uid)
+    if current is None and peer.status.address:
+        current = _adopt(kube, book, server, peer, peer.status.address)
+    if current is not None and (requested is None or book.pool.index_of(requested) == current):
+        return _update_binding(kube, server, binding_for(book.pool.addresses(current)))
+    while True:
+        index = book.reserve(peer.uid, requested)
+        binding: PeerBinding = binding_for(book.pool.addresses(index))
+        try:
+            kube.create(core_path("secrets", server_ns), builders.binding_secret(server, binding))
+        except ConflictError:
+            if _adopt(kube, book, server, peer, binding.addresses[0]) == index:
+                binding = _update_binding(kube, server, binding)
+                break
+            book.taken_by_other(index, "")
+            if requested:
+                raise AllocationError("AddressConflict", f"address {requested} is taken by another peer") from None
+            continue
+        except Exception:
+            book.release(peer.uid, index)
+            raise
+        book.confirm(peer.uid, index)
+        break
+    if current is not None and current != index:
+        _delete_binding(kube, book, server, peer.uid, current)
+    return binding
+
+
+def _adopt(kube: Kube, book: AddressBook, server: Obj, peer: Peer, address: str) -> int | None:
+    """The index of `address` if its binding exists and belongs to `peer` (recorded in the book)."""
+    try:
+        index = book.pool.index_of(address)
+    except AllocationError:
+        return None
+    meta = server["metadata"]
+    secret = kube.get(core_path("secrets", meta["namespace"], binding_secret_name(meta["name"], address)))
+    if secret is None or (secret["metadata"].get("labels") or {}).get(LABEL_PEER_UID) != peer.uid:
+        return None
+    book.confirm(peer.uid, index)
+    return index
+
+
+def _update_binding(kube: Kube, server: Obj, binding: PeerBinding) -> PeerBinding:
+    """Patches the binding's data where it differs; a preshared key already in it is kept."""
+    path = core_path("secrets", server["metadata"]["namespace"], binding.secret_name(server["metadata"]["name"]))
+    existing = kube.get(path)
+    if existing is None:
+        raise Retry(f"peer binding {path} disappeared; claiming again", delay=0.5)
+    stored = PeerBinding.from_secret(existing)
+    if stored.preshared_key and binding.preshared_key:
+        binding = binding.model_copy(update={"preshared_key": stored.preshared_key})
+    desired = builders.binding_secret(server, binding)["data"]
+    if existing.get("data") != desired:
+        kube.merge_patch(path, {"data": {**dict.fromkeys(existing.get("data") or {}), **desired}})
+    return binding
+
+
+def _delete_binding(kube: Kube, book: AddressBook, server: Obj, uid: str, index: int) -> None:
+    meta = server["metadata"]
+    path = core_path("secrets", meta["namespace"], binding_secret_name(meta["name"], book.pool.addresses(index)[0]))
+    secret = kube.get(path)
+    if secret and (secret["metadata"].get("labels") or {}).get(LABEL_PEER_UID) == uid:
+        kube.delete(path, uid=secret["metadata"]["uid"])
+    book.release(uid, index)
+
+
+def _ensure_config_secret(kube: Kube, peer: Peer, server: str, existing: Obj | None, data: dict[str, str]) -> None:
+    desired = builders.peer_config_secret(peer.obj, server, data)
+    if existing is None:
+        try:
+            kube.create(core_path("secrets", peer.namespace), desired)
+        except ConflictError as exc:
+            raise Retry(f"Secret {desired['metadata']['name']} appeared meanwhile", delay=0.5) from exc
+    elif existing.get("data") != desired["data"]:
+        stale = {k: None for k in existing.get("data") or {} if k not in desired["data"]}
+        kube.merge_patch(
+            core_path("secrets", peer.namespace, desired["metadata"]["name"]),
+            {"data": {**stale, **desired["data"]}},
+        )
+
+
+def _finish(kube: Kube, peer: Peer, outcome: Outcome, now: dt.datetime, fields: dict[str, Any] | None = None) -> Report:
+    previous = peer.status.conditions
+    conditions = set_condition(previous, type_=READY, outcome=outcome, generation=peer.generation, now=now)
+    status = peer.status.model_copy(
+        update={**(fields or {}), "conditions": conditions, "observed_generation": peer.generation}
+    )
+    desired = status.model_dump(by_alias=True, mode="json", include=set(_OWNED))
+    write_status(kube, kvpn_path(Kind.VPN_PEER, peer.namespace, peer.name, "status"), peer.obj, desired)
+    return Report.of(previous, conditions, outcome)
+
+
+def release_peer(kube: Kube, books: AddressBooks, obj: Obj) -> bool:
+    """Deletes the peer's binding, freeing its address. True when an address was released."""
+    peer = Peer.of(obj)
+    spec = obj.get("spec") or {}
+    ref = spec.get("serverRef") or {}
+    server_ns, server_name = ref.get("namespace") or peer.namespace, ref.get("name", "")
+    released = False
+    claims = kube.list(core_path("secrets", server_ns), label_selector=f"{LABEL_PEER_UID}={peer.uid}")
+    for secret in claims:
+        if (secret["metadata"].get("labels") or {}).get("kvpn.dev/server") == server_name:
+            released |= kube.delete(
+                core_path("secrets", server_ns, secret["metadata"]["name"]), uid=secret["metadata"]["uid"]
+            )
+    server = kube.get(kvpn_path(Kind.VPN_SERVER, server_ns, server_name))
+    if server is not None:
+        try:
+            pool = tuple(VpnServerSpec.model_validate(server.get("spec") or {}).address_pool)
+        except ValidationError:
+            return released
+        book = books.peek(server["metadata"]["uid"], pool)
+        if book is not None and (index := book.index_of_peer(peer.uid)) is not None:
+            book.release(peer.uid, index)
+    return released
+
+
+def waiting_for_addresses(peers: Iterable[PeerEntry]) -> list[PeerEntry]:
+    """Peers of a server that are waiting for a free address."""
+    return [p for p in peers if p.reason == "PoolExhausted"]
