@@ -14,6 +14,7 @@ import kopf
 
 from kvpn_operator import peer, server
 from kvpn_operator.api import GROUP, VERSION
+from kvpn_operator.contract import LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
 from kvpn_operator.kube import ForbiddenError, Kube, KubeError, Retry
 from kvpn_operator.reporting import Report
 from kvpn_operator.state import AddressBooks, PeerEntry
@@ -103,6 +104,13 @@ def reconcile_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
             now=now(),
         )
     post(body, report)
+
+
+@kopf.on.event("v1", "services", labels={LABEL_ROLE: "server", LABEL_MANAGED_BY: MANAGED_BY})
+def watch_server_service(body: kopf.Body, memo: Services, **_: Any) -> None:
+    """A cloud controller gives a LoadBalancer its address: the server learns its endpoint now, not at resync."""
+    with api_errors():
+        server.nudge_for_service(memo.kube, plain(body))
 
 
 @kopf.on.delete(*SERVERS, optional=True)

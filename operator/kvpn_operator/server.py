@@ -259,3 +259,23 @@ def nudge(kube: Kube, peers: Iterable[PeerEntry], token: str) -> int:
         except NotFoundError:
             continue
     return nudged
+
+
+def nudge_for_service(kube: Kube, service: Obj) -> bool:
+    """Nudges the Service's VpnServer when the Service's load-balancer address is not yet in its status."""
+    meta = service["metadata"]
+    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == Kind.VPN_SERVER), None)
+    ingress = (service.get("status") or {}).get("loadBalancer", {}).get("ingress") or []
+    if owner is None or not ingress:
+        return False
+    path = kvpn_path(Kind.VPN_SERVER, meta["namespace"], owner["name"])
+    vpn_server = kube.get(path)
+    if vpn_server is None or vpn_server["metadata"]["uid"] != owner["uid"]:
+        return False
+    hosts = [i.get("ip") or i.get("hostname") for i in ingress]
+    endpoint = (vpn_server.get("status") or {}).get("endpoint") or ""
+    if any(h and endpoint.startswith((f"{h}:", f"[{h}]:")) for h in hosts):
+        return False
+    token = hashlib.sha256(json.dumps(ingress, sort_keys=True).encode()).hexdigest()[:16]
+    kube.merge_patch(path, {"metadata": {"annotations": {ANNOTATION_NUDGE: token}}})
+    return True
