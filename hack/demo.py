@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.support.controlplane import ControlPlane, apply_crd_files  # noqa: E402
 from tests.support.kvpn import Kvpn, decode  # noqa: E402
-from tests.support.operator import OperatorProcess  # noqa: E402
+from tests.support.operator_process import OperatorProcess  # noqa: E402
 
 NAMESPACE = "demo"
 

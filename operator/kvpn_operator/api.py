@@ -43,9 +43,7 @@ def _check_cidr(value: str) -> str:
     try:
         ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
-        raise ValueError(
-            f"{value!r} is not a network in CIDR notation (for example 10.8.0.0/24): {exc}"
-        ) from exc
+        raise ValueError(f"{value!r} is not a network in CIDR notation (for example 10.8.0.0/24): {exc}") from exc
     return value
 
 
@@ -104,9 +102,7 @@ class VpnServerSpec(Model):
     mtu: Annotated[int, Field(ge=1280, le=9000)] = 1420
     """MTU of the tunnel interface, on the gateways and in peer configs."""
 
-    persistent_keepalive: Annotated[int, Field(ge=0, le=65535)] = Field(
-        default=25, alias="persistentKeepalive"
-    )
+    persistent_keepalive: Annotated[int, Field(ge=0, le=65535)] = Field(default=25, alias="persistentKeepalive")
     """Seconds between keepalives sent by peers (0 turns them off); keeps NAT mappings open."""
 
     preshared_keys: bool = Field(default=True, alias="presharedKeys")
@@ -115,9 +111,9 @@ class VpnServerSpec(Model):
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     """Labels of the nodes that act as gateways for this server; every agent node when empty."""
 
-    peer_namespaces: list[
-        Annotated[str, Field(pattern=r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$", max_length=63)]
-    ] = Field(default_factory=list, alias="peerNamespaces")
+    peer_namespaces: list[Annotated[str, Field(pattern=r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$", max_length=63)]] = (
+        Field(default_factory=list, alias="peerNamespaces")
+    )
     """Namespaces whose VpnPeers may use this server ("*" for all); by default only the server's own."""
 
     @field_validator("address_pool")
@@ -242,9 +238,7 @@ class VpnPeerSpec(Model):
     server_ref: ServerRef = Field(alias="serverRef")
     """The VpnServer this peer connects to."""
 
-    public_key: Annotated[str, Field(pattern=PUBLIC_KEY_PATTERN)] | None = Field(
-        default=None, alias="publicKey"
-    )
+    public_key: Annotated[str, Field(pattern=PUBLIC_KEY_PATTERN)] | None = Field(default=None, alias="publicKey")
     """Bring your own key: the device's WireGuard public key. The private key then never exists in the cluster. When empty, kvpn generates a key pair and writes the private key only to the peer's config Secret."""
 
     address: IPAddress | None = None

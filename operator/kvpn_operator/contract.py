@@ -46,9 +46,10 @@ ROLE_PEER = "peer"
 ROLE_SERVER_KEY = "server-key"
 ROLE_PEER_CONFIG = "peer-config"
 
-SECRET_TYPE_BINDING = "kvpn.dev/peer-binding"
-SECRET_TYPE_SERVER_KEY = "kvpn.dev/server-key"
-SECRET_TYPE_PEER_CONFIG = "kvpn.dev/peer-config"
+# Secret types (names of kinds of Secret, not secrets themselves).
+SECRET_TYPE_BINDING = "kvpn.dev/peer-binding"  # noqa: S105
+SECRET_TYPE_SERVER_KEY = "kvpn.dev/server-key"  # noqa: S105
+SECRET_TYPE_PEER_CONFIG = "kvpn.dev/peer-config"  # noqa: S105
 
 _destinations = TypeAdapter(list[AllowedDestination])
 

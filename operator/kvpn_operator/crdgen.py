@@ -205,9 +205,7 @@ def _keep_structural(
         if key not in _KEPT:
             raise CrdGenError(f"{where or '<root>'}: {key!r} has no structural form")
         if key == "properties":
-            out[key] = {
-                name: to_structural(sub, defs, f"{where}.{name}", refs) for name, sub in value.items()
-            }
+            out[key] = {name: to_structural(sub, defs, f"{where}.{name}", refs) for name, sub in value.items()}
         elif key in {"items", "additionalProperties"}:
             if not isinstance(value, Mapping):
                 raise CrdGenError(f"{where or '<root>'}: {key}: {value!r} has no structural form")
@@ -264,9 +262,7 @@ def _check_node(node: Mapping[str, Any], where: str) -> None:
     place = where or "<root>"
     kind = node.get("type")
     if kind not in _TYPES:
-        raise CrdGenError(
-            f"{place}: type {kind!r} has no structural form (every node needs one of {sorted(_TYPES)})"
-        )
+        raise CrdGenError(f"{place}: type {kind!r} has no structural form (every node needs one of {sorted(_TYPES)})")
     if "properties" in node and "additionalProperties" in node:
         raise CrdGenError(f"{place}: properties and additionalProperties exclude each other")
     if kind == "array" and "items" not in node:
@@ -303,9 +299,7 @@ class _Dumper(yaml.SafeDumper):
 
 def render(kind: Kind | str) -> str:
     """The CRD file of one kind, byte for byte."""
-    body = yaml.dump(
-        build_crd(kind), Dumper=_Dumper, sort_keys=True, default_flow_style=False, allow_unicode=True
-    )
+    body = yaml.dump(build_crd(kind), Dumper=_Dumper, sort_keys=True, default_flow_style=False, allow_unicode=True)
     return HEADER + body
 
 
@@ -318,9 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Writes crds/*.yaml, or with --check lists the files that differ from the models and fails."""
     parser = argparse.ArgumentParser(prog="python -m kvpn_operator.crdgen", description=__doc__)
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is stale")
-    parser.add_argument(
-        "--out-dir", type=Path, default=Path("crds"), help="where the CRDs live (default: crds)"
-    )
+    parser.add_argument("--out-dir", type=Path, default=Path("crds"), help="where the CRDs live (default: crds)")
     args = parser.parse_args(argv)
     out_dir: Path = args.out_dir
     if not out_dir.is_dir():

@@ -59,9 +59,7 @@ class Pool:
     def addresses(self, index: int) -> list[str]:
         """A peer's addresses at index, one per family, in pool order."""
         if not self.first_index <= index <= self.last_index:
-            raise ValueError(
-                f"index {index} is outside the peer range [{self.first_index}, {self.last_index}]"
-            )
+            raise ValueError(f"index {index} is outside the peer range [{self.first_index}, {self.last_index}]")
         return self._addresses(index)
 
     def index_of(self, address: str) -> int:
@@ -77,15 +75,11 @@ class Pool:
             raise AllocationError("AddressOutOfPool", f"address {ip} is outside the pool {self}")
         index = int(ip) - int(net.network_address)
         if index == 0:
-            raise AllocationError(
-                "AddressOutOfPool", f"address {ip} is the network address of {net}, reserved"
-            )
+            raise AllocationError("AddressOutOfPool", f"address {ip} is the network address of {net}, reserved")
         if index == SERVER_INDEX:
             raise AllocationError("AddressOutOfPool", f"address {ip} is the server's own address")
         if net.version == 4 and ip == net.broadcast_address:
-            raise AllocationError(
-                "AddressOutOfPool", f"address {ip} is the broadcast address of {net}, reserved"
-            )
+            raise AllocationError("AddressOutOfPool", f"address {ip} is the broadcast address of {net}, reserved")
         if index > self.last_index:
             first = net.network_address + self.first_index
             last = net.network_address + self.last_index
@@ -108,9 +102,7 @@ def choose_index(pool: Pool, taken: Collection[int], requested: str | None = Non
     taken = set(taken)  # O(1) membership: the scan may test every index of a pool of 10,000 peers
     free = next((i for i in range(pool.first_index, pool.last_index + 1) if i not in taken), None)
     if free is None:
-        raise AllocationError(
-            "PoolExhausted", f"pool {pool} is full: all {pool.capacity} peer addresses are taken"
-        )
+        raise AllocationError("PoolExhausted", f"pool {pool} is full: all {pool.capacity} peer addresses are taken")
     return free
 
 

@@ -40,9 +40,7 @@ def generate_preshared_key() -> str:
 def validate_public_key(value: str) -> str:
     """Return value if it is a WireGuard public key, else raise InvalidKeyError."""
     if not any(_decode(value, "publicKey")):
-        raise InvalidKeyError(
-            "publicKey is all zeros, which is not a usable key: paste the output of `wg pubkey`"
-        )
+        raise InvalidKeyError("publicKey is all zeros, which is not a usable key: paste the output of `wg pubkey`")
     return value
 
 
@@ -54,9 +52,7 @@ def _decode(value: str, what: str) -> bytes:
     # Messages never quote the value: a user who pastes their private key into publicKey must not
     # find it echoed into a condition, an Event or a log.
     if len(value) != KEY_CHARS:
-        raise InvalidKeyError(
-            f"{what} must be {KEY_CHARS} characters of base64 (a WireGuard key), got {len(value)}"
-        )
+        raise InvalidKeyError(f"{what} must be {KEY_CHARS} characters of base64 (a WireGuard key), got {len(value)}")
     try:
         raw = base64.b64decode(value, validate=True)
     except ValueError:  # binascii.Error, or non-ASCII characters
@@ -68,7 +64,5 @@ def _decode(value: str, what: str) -> bytes:
     # base64 decoders ignore the unused low bits of the last character, so several strings decode to
     # the same key; accept only the one wg prints, so a key has one spelling wherever it is compared.
     if _encode(raw) != value:
-        raise InvalidKeyError(
-            f"{what} is not a key as wg prints it: its last character before '=' is altered"
-        )
+        raise InvalidKeyError(f"{what} is not a key as wg prints it: its last character before '=' is altered")
     return raw

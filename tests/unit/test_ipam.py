@@ -119,9 +119,7 @@ def test_lowest_free_index_fills_holes() -> None:
 
 def test_exhaustion_names_the_pool_and_its_capacity() -> None:
     pool = Pool(["10.8.0.0/29"])
-    with pytest.raises(
-        AllocationError, match=r"^pool 10.8.0.0/29 is full: all 5 peer addresses are taken"
-    ) as e:
+    with pytest.raises(AllocationError, match=r"^pool 10.8.0.0/29 is full: all 5 peer addresses are taken") as e:
         choose_index(pool, range(2, 7))
     assert e.value.reason == "PoolExhausted"
 
@@ -197,9 +195,7 @@ class AllocateAndRelease(RuleBasedStateMachine):
         assert len(addresses) == len(set(addresses)), "duplicate address"
         reserved = {ipaddress.ip_address(a) for a in self.pool.server_addresses()}
         for net in self.pool.networks:
-            reserved |= (
-                {net.network_address, net.broadcast_address} if net.version == 4 else {net.network_address}
-            )
+            reserved |= {net.network_address, net.broadcast_address} if net.version == 4 else {net.network_address}
         for address in addresses:
             assert any(address in net for net in self.pool.networks), f"{address} outside the pool"
             assert address not in reserved, f"{address} is reserved"

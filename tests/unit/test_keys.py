@@ -35,9 +35,7 @@ BOB_PUBLIC = base64.b64encode(
 
 
 def wg(*args: str, stdin: str = "") -> str:
-    return subprocess.run(
-        ["wg", *args], input=stdin, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    return subprocess.run(["wg", *args], input=stdin, capture_output=True, text=True, check=True).stdout.strip()
 
 
 @pytest.mark.parametrize(("private", "public"), [(ALICE_PRIVATE, ALICE_PUBLIC), (BOB_PRIVATE, BOB_PUBLIC)])

@@ -72,9 +72,7 @@ def test_bring_your_own_key_tells_the_user_which_private_key_to_add() -> None:
         (["10.96.0.10"], ["10.96.0.10/32", "0.0.0.0/0"], "10.96.0.10/32, 0.0.0.0/0"),
     ],
 )
-def test_allowed_ips_add_uncovered_dns_servers(
-    dns_servers: list[str], allowed_ips: list[str], expected: str
-) -> None:
+def test_allowed_ips_add_uncovered_dns_servers(dns_servers: list[str], allowed_ips: list[str], expected: str) -> None:
     rendered = render_client_config(config(dns_servers=dns_servers, allowed_ips=allowed_ips))
     assert f"\nAllowedIPs = {expected}\n" in rendered
 
@@ -99,9 +97,7 @@ def test_wg_quick_strip_leaves_what_wg_reads(case: str, tmp_path: Path) -> None:
     path = tmp_path / "wg0.conf"
     path.write_text(render_client_config(cfg))
     path.chmod(0o600)  # else wg-quick warns that the file is world accessible
-    stripped = subprocess.run(
-        ["wg-quick", "strip", str(path)], capture_output=True, text=True, check=True
-    ).stdout
+    stripped = subprocess.run(["wg-quick", "strip", str(path)], capture_output=True, text=True, check=True).stdout
 
     expected_interface = {"PrivateKey": cfg.private_key} if cfg.private_key else {}
     expected_peer = {"PublicKey": SERVER_PUBLIC, "Endpoint": cfg.endpoint}
@@ -117,8 +113,6 @@ def test_wg_quick_strip_leaves_what_wg_reads(case: str, tmp_path: Path) -> None:
     # wg parses the whole file before it looks for the interface, so on an interface that does not exist
     # the only error left is about the interface, whether or not we may create one.
     path.write_text(stripped)
-    result = subprocess.run(
-        ["wg", "setconf", "kvpn-no-such0", str(path)], capture_output=True, text=True, check=False
-    )
+    result = subprocess.run(["wg", "setconf", "kvpn-no-such0", str(path)], capture_output=True, text=True, check=False)
     assert "Configuration parsing error" not in result.stderr
     assert "Unable to modify interface" in result.stderr
