@@ -1,0 +1,352 @@
+"""The operator against a real API server: what a user sees after applying VpnServers and VpnPeers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import secrets
+
+import pytest
+from kubernetes import client
+
+from kvpn_operator import keys
+from kvpn_operator.contract import PeerBinding, binding_selector
+from tests.support.kvpn import Kvpn, decode, ready, wait_for
+from tests.support.operator_process import OperatorProcess
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+SERVERS, PEERS = "vpnservers", "vpnpeers"
+
+
+@pytest.fixture
+def kvpn(api: client.ApiClient) -> Kvpn:
+    return Kvpn(api)
+
+
+def binding_of(kvpn: Kvpn, namespace: str, server: str, peer_name: str) -> PeerBinding | None:
+    for secret in kvpn.secrets(namespace, binding_selector(server)):
+        binding = PeerBinding.from_secret(client.ApiClient().sanitize_for_serialization(secret))
+        if binding.peer_name == peer_name:
+            return binding
+    return None
+
+
+def test_generated_key_gives_a_complete_config(kvpn: Kvpn, namespace: str, operator: OperatorProcess) -> None:
+    kvpn.server(namespace, "dev")
+    kvpn.peer(namespace, "alice")
+    peer = kvpn.wait_ready(PEERS, namespace, "alice")
+    server = kvpn.wait_ready(SERVERS, namespace, "dev")
+
+    status = peer["status"]
+    assert status["address"] == "10.8.0.2"
+    secret = kvpn.secret(namespace, status["configSecretName"])
+    assert secret is not None
+    assert secret.metadata.owner_references[0].uid == peer["metadata"]["uid"]
+    private_key = decode(secret, "privateKey")
+    assert private_key
+    assert keys.public_key_of(private_key) == status["publicKey"]
+    config = decode(secret, "wg0.conf") or ""
+    assert f"PrivateKey = {private_key}" in config
+    assert f"PublicKey = {server['status']['publicKey']}" in config
+    assert "Endpoint = vpn.example.com:51820" in config
+    assert "AllowedIPs = 10.96.0.0/16" in config
+    assert "Address = 10.8.0.2/32" in config
+
+    # The agent's view of the peer carries its public and preshared keys, never its private key.
+    binding = binding_of(kvpn, namespace, "dev", "alice")
+    assert binding is not None
+    assert binding.public_key == status["publicKey"]
+    assert binding.enabled
+    assert binding.preshared_key == decode(secret, "presharedKey")
+    assert private_key not in str(kvpn.secrets(namespace, binding_selector("dev")))
+    # ... and it is nowhere a person or a log collector looks.
+    assert private_key not in str(peer) + str(server)
+    assert private_key not in str(kvpn.events(namespace, "alice"))
+    assert private_key not in operator.log_text()
+
+
+def test_bring_your_own_key_keeps_the_private_key_out_of_the_cluster(
+    kvpn: Kvpn, namespace: str, api: client.ApiClient
+) -> None:
+    private_key = keys.generate_private_key()
+    public_key = keys.public_key_of(private_key)
+    kvpn.server(namespace, "dev")
+    kvpn.peer(namespace, "laptop", publicKey=public_key)
+    peer = kvpn.wait_ready(PEERS, namespace, "laptop")
+
+    assert peer["status"]["publicKey"] == public_key
+    secret = kvpn.secret(namespace, peer["status"]["configSecretName"])
+    assert secret is not None
+    assert decode(secret, "privateKey") is None
+    assert "PrivateKey =" not in (decode(secret, "wg0.conf") or "").replace("# PrivateKey", "")
+    every_secret = client.CoreV1Api(api).list_secret_for_all_namespaces().items
+    assert private_key not in str([s.data for s in every_secret])
+
+
+def test_static_address_and_conflict(kvpn: Kvpn, namespace: str) -> None:
+    kvpn.server(namespace, "dev")
+    kvpn.peer(namespace, "first", address="10.8.0.10")
+    assert kvpn.wait_ready(PEERS, namespace, "first")["status"]["address"] == "10.8.0.10"
+
+    kvpn.peer(namespace, "second", address="10.8.0.10")
+    second = kvpn.wait_ready(PEERS, namespace, "second", "False", "AddressConflict")
+    assert "10.8.0.10" in second["status"]["conditions"][0]["message"]
+    warning = wait_for(
+        "a Warning Event for the conflict",
+        lambda: [e for e in kvpn.events(namespace, "second") if e.type == "Warning" and e.reason == "AddressConflict"],
+    )
+    assert "taken" in warning[0].message
+
+    kvpn.peer(namespace, "outside", address="10.9.0.10")
+    outside = kvpn.wait_ready(PEERS, namespace, "outside", "False", "AddressOutOfPool")
+    assert "outside the pool" in outside["status"]["conditions"][0]["message"]
+
+    # The conflicting peer moves to a free static address when its owner fixes the spec.
+    kvpn.patch(PEERS, namespace, "second", {"address": "10.8.0.11"})
+    assert kvpn.wait_ready(PEERS, namespace, "second")["status"]["address"] == "10.8.0.11"
+
+
+def test_pool_exhaustion_then_reuse_after_delete(kvpn: Kvpn, namespace: str) -> None:
+    kvpn.server(namespace, "dev", addressPool=["10.8.0.0/29"])
+    for i in range(5):
+        kvpn.peer(namespace, f"p{i}")
+    addresses = {kvpn.wait_ready(PEERS, namespace, f"p{i}")["status"]["address"] for i in range(5)}
+    assert addresses == {f"10.8.0.{i}" for i in range(2, 7)}
+
+    kvpn.peer(namespace, "late")
+    late = kvpn.wait_ready(PEERS, namespace, "late", "False", "PoolExhausted")
+    assert "10.8.0.0/29" in late["status"]["conditions"][0]["message"]
+
+    freed = kvpn.get(PEERS, namespace, "p3")
+    assert freed is not None
+    config_name = freed["status"]["configSecretName"]
+    kvpn.delete(PEERS, namespace, "p3")
+    # The freed address goes to the waiting peer, without anyone touching it.
+    late = kvpn.wait_ready(PEERS, namespace, "late")
+    assert late["status"]["address"] == freed["status"]["address"]
+    # The deleted peer's config Secret is garbage-collected (owner reference).
+    wait_for("the deleted peer's config Secret to go", lambda: kvpn.secret(namespace, config_name) is None, 30)
+    owners = {b.peer_name for b in [binding_of(kvpn, namespace, "dev", f"p{i}") for i in range(5)] if b}
+    assert "p3" not in owners
+
+
+def test_invalid_public_key_is_reported(kvpn: Kvpn, namespace: str) -> None:
+    kvpn.server(namespace, "dev")
+    kvpn.peer(namespace, "zero", publicKey="A" * 43 + "=")  # passes the schema's pattern; all-zero key
+    peer = kvpn.wait_ready(PEERS, namespace, "zero", "False", "InvalidPublicKey")
+    assert "address" not in peer["status"]
+    wait_for(
+        "a Warning Event",
+        lambda: [e for e in kvpn.events(namespace, "zero") if e.reason == "InvalidPublicKey"],
+    )
+
+    with pytest.raises(client.ApiException) as refused:  # what the schema can say, the API server says
+        kvpn.peer(namespace, "short", publicKey="abc")
+    assert refused.value.status == 422
+
+
+def test_peer_before_its_server(kvpn: Kvpn, namespace: str) -> None:
+    kvpn.peer(namespace, "early", server="later")
+    kvpn.wait_ready(PEERS, namespace, "early", "False", "ServerNotFound")
+    kvpn.server(namespace, "later")
+    assert kvpn.wait_ready(PEERS, namespace, "early")["status"]["address"] == "10.8.0.2"
+
+
+def test_namespace_not_allowed_until_the_server_allows_it(kvpn: Kvpn, namespace: str, api: client.ApiClient) -> None:
+    other = f"{namespace[:50]}-dev"
+    client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
+    try:
+        kvpn.server(namespace, "dev")
+        kvpn.peer(other, "guest", serverRef={"name": "dev", "namespace": namespace})
+        guest = kvpn.wait_ready(PEERS, other, "guest", "False", "NamespaceNotAllowed")
+        assert "peerNamespaces" in guest["status"]["conditions"][0]["message"]
+
+        kvpn.patch(SERVERS, namespace, "dev", {"peerNamespaces": [other]})
+        guest = kvpn.wait_ready(PEERS, other, "guest")
+        # The config Secret lives with the peer; the binding (address claim) with the server.
+        assert kvpn.secret(other, guest["status"]["configSecretName"]) is not None
+        assert binding_of(kvpn, namespace, "dev", "guest") is not None
+    finally:
+        client.CoreV1Api(api).delete_namespace(other)
+
+
+def test_disable_and_expiry(kvpn: Kvpn, namespace: str) -> None:
+    kvpn.server(namespace, "dev")
+    kvpn.peer(namespace, "temp")
+    kvpn.wait_ready(PEERS, namespace, "temp")
+    kvpn.patch(PEERS, namespace, "temp", {"disabled": True})
+    kvpn.wait_ready(PEERS, namespace, "temp", "False", "Disabled")
+    assert wait_for(
+        "the binding to be disabled",
+        lambda: (b := binding_of(kvpn, namespace, "dev", "temp")) and not b.enabled,
+    )
+    kvpn.patch(PEERS, namespace, "temp", {"disabled": False})
+    kvpn.wait_ready(PEERS, namespace, "temp")
+
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    kvpn.patch(PEERS, namespace, "temp", {"expiresAt": soon})
+    expired = kvpn.wait_ready(PEERS, namespace, "temp", "False", "Expired", timeout=10)
+    seen = dt.datetime.now(dt.UTC)
+    assert seen >= dt.datetime.fromisoformat(soon)
+    assert (seen - dt.datetime.fromisoformat(soon)).total_seconds() < 3
+    assert expired["status"]["address"]  # switched off, not deleted: the address stays reserved
+    assert wait_for(
+        "the binding to be disabled",
+        lambda: (b := binding_of(kvpn, namespace, "dev", "temp")) and not b.enabled,
+    )
+
+
+def test_each_expose_type(kvpn: Kvpn, namespace: str, api: client.ApiClient) -> None:
+    core = client.CoreV1Api(api)
+    node = f"gw-{secrets.token_hex(3)}"
+    core.create_node(
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": node, "labels": {"kvpn-test-gateway": namespace}},
+            "spec": {"podCIDR": "10.244.7.0/24", "podCIDRs": ["10.244.7.0/24"]},
+        }
+    )
+    core.patch_node_status(
+        node,
+        {
+            "status": {
+                "addresses": [
+                    {"type": "InternalIP", "address": "192.0.2.10"},
+                    {"type": "ExternalIP", "address": "198.51.100.7"},
+                ]
+            }
+        },
+    )
+    try:
+        gateway = {"kvpn-test-gateway": namespace}
+        kvpn.server(namespace, "np", expose={"type": "NodePort", "nodePort": 31820}, nodeSelector=gateway)
+        np = kvpn.wait_ready(SERVERS, namespace, "np")
+        assert np["status"]["endpoint"] == "198.51.100.7:31820"
+        service = core.read_namespaced_service("kvpn-np", namespace)
+        assert service.spec.type == "NodePort"
+        assert service.spec.ports[0].protocol == "UDP"
+
+        kvpn.server(
+            namespace,
+            "hp",
+            expose={"type": "HostPort"},
+            nodeSelector=gateway,
+            listenPort=51999,
+            addressPool=["10.9.0.0/24"],
+            routes=[],
+        )
+        hp = kvpn.wait_ready(SERVERS, namespace, "hp")
+        assert hp["status"]["endpoint"] == "198.51.100.7:51999"
+        assert "10.244.7.0/24" in hp["status"]["routes"]  # discovered: pod network of the node
+        assert "10.96.0.0/16" in hp["status"]["routes"]  # discovered: the Service network
+        assert not [s for s in core.list_namespaced_service(namespace).items if s.metadata.name == "kvpn-hp"]
+
+        kvpn.server(namespace, "lb", expose={"type": "LoadBalancer"}, addressPool=["10.10.0.0/24"])
+        kvpn.wait_ready(SERVERS, namespace, "lb", "False", "EndpointPending")
+        # What a cloud's load-balancer controller does once it has an address:
+        core.patch_namespaced_service_status(
+            "kvpn-lb", namespace, {"status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}}}
+        )
+        lb = kvpn.wait_ready(SERVERS, namespace, "lb", timeout=30)
+        assert lb["status"]["endpoint"] == "203.0.113.5:51820"
+    finally:
+        core.delete_node(node)
+
+
+def test_concurrent_creates_get_distinct_addresses(kvpn: Kvpn, namespace: str) -> None:
+    kvpn.server(namespace, "dev", addressPool=["10.8.0.0/22"])
+    names = [f"c{i:03d}" for i in range(200)]
+    for name in names:
+        kvpn.peer(namespace, name)
+    peers = wait_for(
+        "200 Ready peers",
+        lambda: (
+            items
+            if len(items := [p for p in kvpn.list(PEERS, namespace) if ready(p) == ("True", "Ready")]) == 200
+            else None
+        ),
+        timeout=120,
+        interval=1,
+    )
+    addresses = [p["status"]["address"] for p in peers]
+    assert len(set(addresses)) == 200
+    assert all(ipaddress.ip_address(a) in ipaddress.ip_network("10.8.0.0/22") for a in addresses)
+    bindings = kvpn.secrets(namespace, binding_selector("dev"))
+    assert len(bindings) == 200
+
+
+def test_operator_killed_while_creating_peers(
+    kvpn: Kvpn, namespace: str, operator: OperatorProcess, api: client.ApiClient
+) -> None:
+    kvpn.server(namespace, "dev", addressPool=["10.8.0.0/22"])
+    kvpn.wait_ready(SERVERS, namespace, "dev")
+    rng = secrets.SystemRandom()
+    names = [f"k{i:03d}" for i in range(200)]
+    kill_at = sorted(rng.sample(range(10, 190), 4))
+    for i, name in enumerate(names):
+        kvpn.peer(namespace, name)
+        if i in kill_at:
+            operator.kill()
+            operator.start()
+    peers = wait_for(
+        "200 Ready peers after the restarts",
+        lambda: (
+            items
+            if len(items := [p for p in kvpn.list(PEERS, namespace) if ready(p) == ("True", "Ready")]) == 200
+            else None
+        ),
+        timeout=180,
+        interval=1,
+    )
+    by_uid = {p["metadata"]["uid"]: p for p in peers}
+    addresses = [p["status"]["address"] for p in peers]
+    assert len(set(addresses)) == 200
+
+    # No orphans: every binding belongs to a live peer at that peer's address, every config Secret to a peer.
+    bindings = [
+        PeerBinding.from_secret(api.sanitize_for_serialization(s))
+        for s in kvpn.secrets(namespace, binding_selector("dev"))
+    ]
+    assert len(bindings) == 200
+    for binding in bindings:
+        assert binding.peer_uid in by_uid
+        assert by_uid[binding.peer_uid]["status"]["address"] == binding.addresses[0]
+    configs = kvpn.secrets(namespace, "kvpn.dev/role=peer-config")
+    assert len(configs) == 200
+    assert {s.metadata.owner_references[0].uid for s in configs} == set(by_uid)
+
+
+def test_no_write_when_nothing_changed(kvpn: Kvpn, namespace: str, operator: OperatorProcess) -> None:
+    kvpn.server(namespace, "dev")
+    for name in ("a", "b"):
+        kvpn.peer(namespace, name)
+    for name in ("a", "b"):
+        kvpn.wait_ready(PEERS, namespace, name)
+    # Settle: the server's resync has counted the peers.
+    wait_for(
+        "peerCount 2",
+        lambda: (s := kvpn.get(SERVERS, namespace, "dev")) and s["status"]["peerCount"] == 2,
+        timeout=40,
+        interval=0.5,
+    )
+
+    def versions() -> dict[str, str]:
+        objs = [*kvpn.list(SERVERS, namespace), *kvpn.list(PEERS, namespace)]
+        found = {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in objs}
+        found.update({s.metadata.name: s.metadata.resource_version for s in kvpn.secrets(namespace)})
+        found["events"] = str(len(kvpn.core.list_namespaced_event(namespace).items))
+        return found
+
+    before = versions()
+    operator.restart()  # resume handlers run for every object
+    wait_for(
+        "a server resync after the restart",
+        lambda: (
+            "Timer 'reconcile_vpnserver" in operator.log_text() or "reconcile_vpnserver/timer" in operator.log_text()
+        ),
+        timeout=40,
+        interval=1,
+    )
+    assert versions() == before
