@@ -6,7 +6,7 @@ import ipaddress
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 GROUP = "kvpn.dev"
 VERSION = "v1alpha1"
@@ -19,7 +19,17 @@ PUBLIC_KEY_PATTERN = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw480]=$"
 ENDPOINT_PATTERN = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):[0-9]{1,5}$"
 DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
-Cidr = Annotated[str, Field(json_schema_extra={"format": "cidr"}, max_length=43)]
+
+def _check_cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a network in CIDR notation (for example 10.8.0.0/24): {exc}") from exc
+    return value
+
+
+# Checked per item, so an error names the item: spec.routes[1].
+Cidr = Annotated[str, AfterValidator(_check_cidr), Field(json_schema_extra={"format": "cidr"}, max_length=43)]
 IPAddress = Annotated[str, Field(max_length=39)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -37,14 +47,6 @@ class Model(BaseModel):
     def to_api(self) -> dict[str, Any]:
         """The JSON form the API server stores: aliases, no unset optional fields."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
-
-
-def _check_cidr(value: str) -> str:
-    try:
-        ipaddress.ip_network(value, strict=True)
-    except ValueError as exc:
-        raise ValueError(f"{value!r} is not a network in CIDR notation (for example 10.8.0.0/24): {exc}") from exc
-    return value
 
 
 class ExposeType(StrEnum):
@@ -119,18 +121,13 @@ class VpnServerSpec(Model):
     @field_validator("address_pool")
     @classmethod
     def _pool_networks(cls, value: list[str]) -> list[str]:
-        nets = [ipaddress.ip_network(_check_cidr(v)) for v in value]
+        nets = [ipaddress.ip_network(v) for v in value]
         if len({n.version for n in nets}) != len(nets):
             raise ValueError("addressPool takes at most one network per IP family")
         for net in nets:
             if net.num_addresses < 4:
                 raise ValueError(f"addressPool {net} is too small: it needs room for the server and a peer")
         return value
-
-    @field_validator("routes")
-    @classmethod
-    def _routes_networks(cls, value: list[str]) -> list[str]:
-        return [_check_cidr(v) for v in value]
 
 
 class Condition(Model):
@@ -169,7 +166,7 @@ class VpnServerStatus(Model):
     """host:port laptops dial."""
 
     addresses: list[str] = Field(default_factory=list)
-    """The server's own tunnel addresses, one per family of the pool."""
+    """The server's own tunnel addresses, one per family of the pool, plain IPs without a prefix."""
 
     routes: list[str] = Field(default_factory=list)
     """The routes in effect (spec.routes or the discovered cluster networks)."""
@@ -227,11 +224,6 @@ class AllowedDestination(Model):
 
     ports: list[PortRange] = Field(default_factory=list, max_length=32)
     """Only these destination ports; all when empty."""
-
-    @field_validator("cidr")
-    @classmethod
-    def _cidr(cls, value: str) -> str:
-        return _check_cidr(value)
 
 
 class VpnPeerSpec(Model):

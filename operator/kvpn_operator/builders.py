@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ from kvpn_operator.contract import (
     SECRET_TYPE_BINDING,
     SECRET_TYPE_PEER_CONFIG,
     SECRET_TYPE_SERVER_KEY,
+    SERVER_KEY_DATA,
     PeerBinding,
     encode_data,
     peer_config_secret_name,
@@ -61,8 +63,30 @@ def server_key_secret(server: Obj, private_key: str) -> Obj:
             "labels": _labels(name, ROLE_SERVER_KEY),
             "ownerReferences": [owner_reference(server)],
         },
-        "data": encode_data({"privateKey": private_key}),
+        "data": encode_data({SERVER_KEY_DATA: private_key}),
     }
+
+
+_DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_SERVER_NAME = 63 - len("kvpn-")
+MAX_PEER_NAME = 253 - len("kvpn-peer-")
+
+
+def server_name_problem(name: str) -> str | None:
+    """Why a VpnServer name cannot name its children, or None. Its Service is kvpn-<name>: a DNS-1035 label."""
+    if len(name) > MAX_SERVER_NAME or not _DNS_1035_LABEL.match(name):
+        return (
+            f"VpnServer name {name!r} cannot name its Service kvpn-{name}: use at most {MAX_SERVER_NAME} "
+            "lowercase letters, digits and '-', starting with a letter, and no dots"
+        )
+    return None
+
+
+def peer_name_problem(name: str) -> str | None:
+    """Why a VpnPeer name cannot name its config Secret kvpn-peer-<name>, or None."""
+    if len(name) > MAX_PEER_NAME:
+        return f"VpnPeer name is {len(name)} characters; its config Secret needs it at most {MAX_PEER_NAME}"
+    return None
 
 
 def service_name(server: str) -> str:

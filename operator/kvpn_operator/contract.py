@@ -42,6 +42,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kvpn"
 ANNOTATION_PEER = "kvpn.dev/peer"
 
+# The data key of the server key Secret that holds the server's private key (base64, as `wg genkey`).
+SERVER_KEY_DATA = "privateKey"
+
 ROLE_PEER = "peer"
 ROLE_SERVER_KEY = "server-key"
 ROLE_PEER_CONFIG = "peer-config"
@@ -95,11 +98,11 @@ class PeerBinding(Model):
     public_key: str | None = Field(default=None, alias="publicKey")
     """The peer's public key; empty while the key is still being set up (the agent skips such peers)."""
 
-    preshared_key: str | None = Field(default=None, alias="presharedKey")
+    preshared_key: str | None = Field(default=None, alias="presharedKey", repr=False)
     """The peer's preshared key, if the server uses them."""
 
     addresses: list[str] = Field(min_length=1)
-    """The peer's tunnel addresses; the agent allows exactly these as the peer's source (AllowedIPs)."""
+    """The peer's tunnel addresses, plain IPs without a prefix; the agent allows exactly these as the peer's source."""
 
     enabled: bool = True
     """False while the peer is disabled or expired: the agent removes it from the interface."""

@@ -19,8 +19,7 @@ _CIDR = re.compile(r"[0-9a-fA-F:.]+/\d{1,3}")
 
 def service_cidrs_from_error(message: str) -> list[str]:
     """The Service networks named in the API server's refusal of an out-of-range clusterIP."""
-    match = _VALID_RANGE.search(message)
-    return _CIDR.findall(match.group(1)) if match else []
+    return [cidr for match in _VALID_RANGE.finditer(message) for cidr in _CIDR.findall(match.group(1))]
 
 
 def service_cidrs_from_objects(service_cidrs: Iterable[Obj]) -> list[str]:

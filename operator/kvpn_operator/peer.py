@@ -132,6 +132,8 @@ def reconcile_peer(kube: Kube, books: AddressBooks, obj: Obj, *, now: dt.datetim
     """Brings the peer's binding, config Secret and status in line with its spec and its server."""
     peer = Peer.of(obj)
     fields: dict[str, Any] = {}
+    if problem := builders.peer_name_problem(peer.name):
+        return _finish(kube, peer, Outcome.rejected("InvalidName", problem), now, fields)
     try:
         try:
             spec = VpnPeerSpec.model_validate(obj.get("spec") or {})

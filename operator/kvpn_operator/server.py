@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from kvpn_operator import builders, discovery, keys
 from kvpn_operator.api import ExposeType, Kind, PeerCounts, VpnServerSpec, VpnServerStatus
 from kvpn_operator.conditions import READY, Outcome, set_condition
-from kvpn_operator.contract import server_key_secret_name
+from kvpn_operator.contract import SERVER_KEY_DATA, server_key_secret_name
 from kvpn_operator.ipam import Pool
 from kvpn_operator.kube import (
     ConflictError,
@@ -124,7 +124,7 @@ def ensure_server_key(kube: Kube, server: Obj) -> str:
             )
         except ConflictError:
             secret = kube.get(path)
-    encoded = ((secret or {}).get("data") or {}).get("privateKey")
+    encoded = ((secret or {}).get("data") or {}).get(SERVER_KEY_DATA)
     if not encoded:
         raise KubeError(0, f"Secret {meta['namespace']}/{server_key_secret_name(meta['name'])} holds no privateKey")
     return base64.b64decode(encoded).decode()
@@ -167,6 +167,8 @@ def reconcile_server(
     """Brings the server's key, Service and status in line with its spec; nudges peers whose config is stale."""
     meta = server["metadata"]
     status = VpnServerStatus.model_validate(server.get("status") or {})
+    if problem := builders.server_name_problem(meta["name"]):
+        return _finish(kube, server, status, Outcome.rejected("InvalidName", problem), now)
     try:
         spec = VpnServerSpec.model_validate(server.get("spec") or {})
     except ValidationError as exc:

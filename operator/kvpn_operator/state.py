@@ -44,12 +44,14 @@ class AddressBook:
         self._owner: dict[int, str] = {}
         self._index: dict[str, int] = {}
         for secret in bindings:
-            binding = PeerBinding.from_secret(secret)
-            uid = (secret["metadata"].get("labels") or {}).get(LABEL_PEER_UID, binding.peer_uid)
+            uid = (secret["metadata"].get("labels") or {}).get(LABEL_PEER_UID, "")
             try:
-                self._mark(pool.index_of(binding.addresses[0]), uid)
-            except AllocationError:
-                continue  # outside the current pool: its peer moves on its next reconcile
+                binding = PeerBinding.from_secret(secret)
+                self._mark(pool.index_of(binding.addresses[0]), uid or binding.peer_uid)
+            except (AllocationError, ValueError):
+                # Outside the current pool (its peer moves on its next reconcile), or not a binding we can
+                # read: skipping it is safe, since claiming its address still meets the API server's 409.
+                continue
 
     def _mark(self, index: int, uid: str) -> None:
         self._owner[index] = uid

@@ -1,0 +1,48 @@
+"""Packaging: the source roots never shadow the standard library's `operator`; the console script runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import kvpn_operator
+
+REPO = Path(__file__).resolve().parents[2]
+STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def test_operator_is_the_standard_library_module_in_this_process() -> None:
+    import operator  # noqa: PLC0415 - the import under test
+
+    assert Path(operator.__file__ or "").resolve().parent == STDLIB
+    assert callable(operator.itemgetter)
+
+
+def test_operator_is_the_standard_library_module_with_the_source_roots_first_on_the_path() -> None:
+    """From the repository root ('' first on sys.path) with operator/ and the root on PYTHONPATH."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO)])}
+    probe = "import operator, collections; print(operator.__file__); print(operator.itemgetter(1)([0, 42]))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    location, value = result.stdout.splitlines()
+    assert Path(location).resolve().parent == STDLIB
+    assert value == "42"
+
+
+def test_source_roots_are_not_packages() -> None:
+    source_root = Path(kvpn_operator.__file__ or "").resolve().parent.parent
+    assert source_root == REPO / "operator"
+    assert not (source_root / "__init__.py").exists()
+    assert not (REPO / "agent" / "__init__.py").exists()
+
+
+def test_console_script_help() -> None:
+    script = Path(sys.executable).with_name("kvpn-operator")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    for option in ("--all-namespaces", "--liveness-port", "--log-format"):
+        assert option in result.stdout
