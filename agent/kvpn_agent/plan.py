@@ -1,0 +1,234 @@
+"""The planner: (desired, observed) → the ordered actions that make the node match, and nothing more."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kvpn_agent.model import (
+    DesiredServer,
+    DeviceConfig,
+    Observed,
+    ObservedDevice,
+    ObservedLink,
+    PeerConfig,
+    host_prefix,
+    sort_networks,
+)
+from kvpn_agent.nft import ObservedRuleset, PeerUpdate, Ruleset
+from kvpn_operator.contract import PeerBinding
+
+# Server-side keepalive stays off: the laptop behind NAT sends them (spec.persistentKeepalive is
+# rendered into its config), and 10,000 idle peers should cost the gateway nothing.
+SERVER_KEEPALIVE = 0
+
+
+@dataclass(frozen=True)
+class CreateInterface:
+    interface: str
+
+
+@dataclass(frozen=True)
+class DeleteInterface:
+    interface: str
+
+
+@dataclass(frozen=True)
+class SetMtu:
+    interface: str
+    mtu: int
+
+
+@dataclass(frozen=True)
+class AddAddress:
+    interface: str
+    address: str
+
+
+@dataclass(frozen=True)
+class RemoveAddress:
+    interface: str
+    address: str
+
+
+@dataclass(frozen=True)
+class SetLinkUp:
+    interface: str
+
+
+@dataclass(frozen=True)
+class ConfigureDevice:
+    interface: str
+    device: DeviceConfig
+
+
+@dataclass(frozen=True)
+class RemovePeer:
+    interface: str
+    public_key: str
+
+
+@dataclass(frozen=True)
+class UpdatePeer:
+    interface: str
+    peer: PeerConfig
+    changed: tuple[str, ...] = ()
+    """What differs (for the log): preshared_key, allowed_ips, persistent_keepalive."""
+
+
+@dataclass(frozen=True)
+class AddPeer:
+    interface: str
+    peer: PeerConfig
+
+
+@dataclass(frozen=True)
+class ReplaceFirewall:
+    ruleset: Ruleset = field(repr=False)
+    reason: str
+
+
+@dataclass(frozen=True)
+class UpdateFirewall:
+    ruleset: Ruleset = field(repr=False)
+    update: PeerUpdate
+
+
+LinkAction = CreateInterface | DeleteInterface | SetMtu | AddAddress | RemoveAddress | SetLinkUp
+WireGuardAction = ConfigureDevice | RemovePeer | UpdatePeer | AddPeer
+FirewallAction = ReplaceFirewall | UpdateFirewall
+Action = LinkAction | WireGuardAction | FirewallAction
+
+
+def plan_server(desired: DesiredServer, observed: Observed, endpoints: Mapping[str, str] | None = None) -> list[Action]:
+    """Actions for one server's interface, in the order they must run.
+
+    Link first (the device must exist before it is configured), then the device's key and port,
+    then peers: removals before additions so an address moving between peers is never claimed twice.
+    ``endpoints`` are last known peer endpoints (public key → host:port), set only on peers being
+    added, so that after a restart the gateway can start the handshake itself.
+    """
+    ifname = desired.interface
+    actions: list[Action] = []
+    link, device = observed.link, observed.device
+    if link is None or device is None:
+        actions.append(CreateInterface(ifname))
+        link, device = None, ObservedDevice()
+    actions.extend(_plan_link(desired, link))
+    actions.extend(_plan_device(desired, device))
+    actions.extend(_plan_peers(desired, device, endpoints or {}))
+    return actions
+
+
+def _plan_link(desired: DesiredServer, link: ObservedLink | None) -> list[Action]:
+    ifname = desired.interface
+    actions: list[Action] = []
+    if link is None or link.mtu != desired.mtu:
+        actions.append(SetMtu(ifname, desired.mtu))
+    have = {str(ipaddress.ip_interface(a)) for a in (link.addresses if link else ()) if not _link_local(a)}
+    want = {str(ipaddress.ip_interface(a)) for a in desired.addresses}
+    actions.extend(RemoveAddress(ifname, a) for a in sorted(have - want))
+    actions.extend(AddAddress(ifname, a) for a in sorted(want - have))
+    if link is None or not link.up:
+        actions.append(SetLinkUp(ifname))
+    return actions
+
+
+def _link_local(address: str) -> bool:
+    # The kernel adds fe80:: addresses itself; they are not ours to remove.
+    return ipaddress.ip_interface(address).ip.is_link_local
+
+
+def _plan_device(desired: DesiredServer, device: ObservedDevice) -> list[Action]:
+    key = desired.private_key.get_secret_value()
+    change = DeviceConfig(
+        private_key=key if device.private_key != key else None,
+        listen_port=desired.listen_port if device.listen_port != desired.listen_port else None,
+    )
+    if change.private_key is None and change.listen_port is None:
+        return []
+    return [ConfigureDevice(desired.interface, change)]
+
+
+def allowed_ips(peer: PeerBinding) -> tuple[str, ...]:
+    """A peer's AllowedIPs on the gateway: exactly its tunnel addresses, so it cannot spoof another's."""
+    return sort_networks(host_prefix(a) for a in peer.addresses)
+
+
+def _plan_peers(desired: DesiredServer, device: ObservedDevice, endpoints: Mapping[str, str]) -> list[Action]:
+    ifname = desired.interface
+    wanted = {p.public_key: p for p in desired.peers if p.public_key}
+    removes: list[Action] = [RemovePeer(ifname, k) for k in sorted(device.peers) if k not in wanted]
+    updates: list[Action] = []
+    adds: list[Action] = []
+    for key, peer in wanted.items():
+        ips = allowed_ips(peer)
+        have = device.peers.get(key)
+        if have is None:
+            adds.append(
+                AddPeer(
+                    ifname,
+                    PeerConfig(
+                        public_key=key,
+                        preshared_key=peer.preshared_key,
+                        endpoint=endpoints.get(key),
+                        persistent_keepalive=SERVER_KEEPALIVE or None,
+                        replace_allowed_ips=True,
+                        allowed_ips=ips,
+                    ),
+                )
+            )
+            continue
+        changed = []
+        psk = None
+        if have.preshared_key != peer.preshared_key:
+            changed.append("preshared_key")
+            psk = peer.preshared_key or ""  # "" clears a key the binding no longer has
+        if have.allowed_ips != ips:
+            changed.append("allowed_ips")
+        if have.persistent_keepalive != SERVER_KEEPALIVE:
+            changed.append("persistent_keepalive")
+        if changed:
+            updates.append(
+                UpdatePeer(
+                    ifname,
+                    PeerConfig(
+                        public_key=key,
+                        update_only=True,
+                        preshared_key=psk,
+                        persistent_keepalive=SERVER_KEEPALIVE if "persistent_keepalive" in changed else None,
+                        replace_allowed_ips="allowed_ips" in changed,
+                        allowed_ips=ips if "allowed_ips" in changed else (),
+                    ),
+                    changed=tuple(changed),
+                )
+            )
+    return removes + updates + adds
+
+
+def plan_firewall(desired: Ruleset, observed: ObservedRuleset | None) -> list[Action]:
+    """Replace the table when its server-level part differs; otherwise only the peers' elements."""
+    if observed is None:
+        return [ReplaceFirewall(desired, reason="table missing")]
+    if observed.fingerprint != desired.fingerprint:
+        return [ReplaceFirewall(desired, reason="table differs")]
+    put_chains = tuple(
+        sorted(
+            name
+            for name, rules in desired.peer_chains.items()
+            if observed.peer_chains.get(name) != tuple(r["rule"]["comment"] for r in rules)
+        )
+    )
+    delete_elements = tuple(sorted(k for k, target in observed.peer_map.items() if desired.peer_map.get(k) != target))
+    add_elements = tuple(
+        sorted((k, target) for k, target in desired.peer_map.items() if observed.peer_map.get(k) != target)
+    )
+    delete_chains = tuple(sorted(name for name in observed.peer_chains if name not in desired.peer_chains))
+    update = PeerUpdate(put_chains, delete_elements, add_elements, delete_chains)
+    return [UpdateFirewall(desired, update)] if update else []
+
+
+def plan_remove(interface: str) -> list[Action]:
+    """A server this node no longer serves: its interface goes (its table part goes with the next ruleset)."""
+    return [DeleteInterface(interface)]

@@ -1,0 +1,194 @@
+"""One sync pass: read the node back, plan, apply; backends are injected so tests run real ones in a netns."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvpn_agent import nft as nftmod
+from kvpn_agent.model import DesiredServer, DeviceConfig, Observed, ObservedDevice, ObservedLink, PeerConfig
+from kvpn_agent.plan import (
+    Action,
+    AddAddress,
+    AddPeer,
+    ConfigureDevice,
+    CreateInterface,
+    DeleteInterface,
+    RemoveAddress,
+    RemovePeer,
+    ReplaceFirewall,
+    SetLinkUp,
+    SetMtu,
+    UpdateFirewall,
+    UpdatePeer,
+    plan_firewall,
+    plan_server,
+)
+from kvpn_agent.uapi import UapiClient, UapiError
+
+log = logging.getLogger(__name__)
+
+
+class LinkBackend(Protocol):
+    """The interface itself: created by the backend (wireguard-go or the kernel), configured by netlink."""
+
+    def observe(self, interface: str) -> ObservedLink | None: ...
+    def create(self, interface: str) -> None: ...
+    def delete(self, interface: str) -> None: ...
+    def set_mtu(self, interface: str, mtu: int) -> None: ...
+    def add_address(self, interface: str, address: str) -> None: ...
+    def remove_address(self, interface: str, address: str) -> None: ...
+    def set_up(self, interface: str) -> None: ...
+
+
+class WireGuardBackend(Protocol):
+    def get(self, interface: str) -> ObservedDevice | None: ...
+    def set(self, interface: str, device: DeviceConfig | None, peers: Sequence[PeerConfig]) -> None: ...
+
+
+class Firewall(Protocol):
+    def list_table(self) -> nftmod.ObservedRuleset | None: ...
+    def replace(self, ruleset: nftmod.Ruleset) -> None: ...
+    def update(self, ruleset: nftmod.Ruleset, update: nftmod.PeerUpdate) -> None: ...
+
+
+class UapiBackend:
+    """WireGuardBackend over wireguard-go's UAPI sockets."""
+
+    def __init__(self, client: type[UapiClient] = UapiClient) -> None:
+        self._client = client
+
+    def get(self, interface: str) -> ObservedDevice | None:
+        client = self._client(interface)
+        if not client.exists():
+            return None
+        try:
+            return client.get()
+        except UapiError as exc:
+            # A socket left behind by a killed wireguard-go refuses connections: the device is gone.
+            log.warning("wireguard device unreadable", extra={"interface": interface, "error": str(exc)})
+            return None
+
+    def set(self, interface: str, device: DeviceConfig | None, peers: Sequence[PeerConfig]) -> None:
+        self._client(interface).set(device, peers)
+
+
+@dataclass
+class SyncResult:
+    actions: list[Action] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def sync(
+    servers: Sequence[DesiredServer],
+    link: LinkBackend,
+    wireguard: WireGuardBackend,
+    firewall: Firewall,
+    *,
+    endpoints: Mapping[str, str] | None = None,
+    gone: Sequence[str] = (),
+) -> SyncResult:
+    """Makes the node match ``servers``; ``gone`` are interfaces of servers no longer served."""
+    started = time.perf_counter()
+    result = SyncResult()
+    for interface in gone:
+        if link.observe(interface) is not None:
+            _run([DeleteInterface(interface)], link, wireguard, firewall, result)
+    for server in servers:
+        observed = Observed(link=link.observe(server.interface), device=wireguard.get(server.interface))
+        _run(plan_server(server, observed, endpoints), link, wireguard, firewall, result)
+    ruleset = nftmod.build_ruleset(servers)
+    actions = plan_firewall(ruleset, firewall.list_table())
+    try:
+        _run(actions, link, wireguard, firewall, result)
+    except nftmod.NftError as exc:
+        if not any(isinstance(a, UpdateFirewall) for a in actions):
+            raise
+        # The table changed between read-back and update (a hand edit): swap the whole table.
+        log.warning("element update failed, replacing the table", extra={"error": str(exc)})
+        _run([ReplaceFirewall(ruleset, reason="element update failed")], link, wireguard, firewall, result)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _run(
+    actions: Sequence[Action],
+    link: LinkBackend,
+    wireguard: WireGuardBackend,
+    firewall: Firewall,
+    result: SyncResult,
+) -> None:
+    """Runs actions in order; consecutive WireGuard changes of one interface go out as one transaction."""
+    pending_if: str | None = None
+    device: DeviceConfig | None = None
+    peers: list[PeerConfig] = []
+
+    def flush() -> None:
+        nonlocal pending_if, device, peers
+        if pending_if is not None:
+            wireguard.set(pending_if, device, peers)
+        pending_if, device, peers = None, None, []
+
+    for action in actions:
+        _log(action)
+        result.actions.append(action)
+        if isinstance(action, ConfigureDevice | RemovePeer | UpdatePeer | AddPeer):
+            if pending_if not in (None, action.interface):
+                flush()
+            pending_if = action.interface
+            if isinstance(action, ConfigureDevice):
+                device = action.device
+            elif isinstance(action, RemovePeer):
+                peers.append(PeerConfig(public_key=action.public_key, remove=True))
+            else:
+                peers.append(action.peer)
+        else:
+            flush()
+            _run_other(action, link, firewall)
+    flush()
+
+
+def _run_other(action: Action, link: LinkBackend, firewall: Firewall) -> None:
+    match action:
+        case CreateInterface(interface):
+            link.create(interface)
+        case DeleteInterface(interface):
+            link.delete(interface)
+        case SetMtu(interface, mtu):
+            link.set_mtu(interface, mtu)
+        case AddAddress(interface, address):
+            link.add_address(interface, address)
+        case RemoveAddress(interface, address):
+            link.remove_address(interface, address)
+        case SetLinkUp(interface):
+            link.set_up(interface)
+        case ReplaceFirewall(ruleset, _):
+            firewall.replace(ruleset)
+        case UpdateFirewall(ruleset, update):
+            firewall.update(ruleset, update)
+
+
+def _log(action: Action) -> None:
+    # Keys never reach the log: PeerConfig and DeviceConfig hide them from repr, and only public
+    # keys are named here.
+    name = type(action).__name__
+    if isinstance(action, AddPeer | UpdatePeer):
+        log.info(name, extra={"interface": action.interface, "public_key": action.peer.public_key})
+    elif isinstance(action, RemovePeer):
+        log.info(name, extra={"interface": action.interface, "public_key": action.public_key})
+    elif isinstance(action, ConfigureDevice):
+        changed = [k for k in ("private_key", "listen_port") if getattr(action.device, k) is not None]
+        log.info(name, extra={"interface": action.interface, "changed": changed})
+    elif isinstance(action, UpdateFirewall):
+        u = action.update
+        log.info(
+            name,
+            extra={"add": len(u.add_elements), "delete": len(u.delete_elements), "chains": len(u.put_chains)},
+        )
+    elif isinstance(action, ReplaceFirewall):
+        log.info(name, extra={"reason": action.reason})
+    else:
+        log.info(name, extra={"interface": getattr(action, "interface", "")})

@@ -1,0 +1,210 @@
+"""A node, a laptop and a service in network namespaces: the node configured by the agent's own modules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvpn_agent.model import DesiredServer, build_desired
+from kvpn_agent.netlink import Netlink
+from kvpn_agent.nft import Nft
+from kvpn_agent.sync import SyncResult, UapiBackend, sync
+from kvpn_agent.wggo import UserspaceLink, WireGuardGo
+from kvpn_operator.api import AllowedDestination
+from kvpn_operator.contract import PeerBinding, encode_data
+from tests.dataplane.kit import Lab, binding_secret, keypair, run, wg_quick_config, whoami_server
+
+REQUIRED = ("ip", "nft", "wireguard-go", "wg", "wg-quick", "curl")
+
+# Addresses exist only inside the test's namespaces.
+UNDERLAY_NODE, UNDERLAY_LAPTOP = "192.168.237.1", "192.168.237.2"
+SERVICE_NET = "172.31.237.0/24"
+NODE_SIDE, SERVICE, OTHER_SERVICE = "172.31.237.1", "172.31.237.2", "172.31.237.3"
+POOL, SERVER_ADDRESS = "10.237.0.0/24", "10.237.0.1"
+PORT, OTHER_PORT, LISTEN_PORT = 8080, 8081, 51820
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/dataplane/" in str(item.path).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.root)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def dataplane_prerequisites() -> None:
+    """Root and the real binaries, or a failure that says so: this tier never skips, CI must run it."""
+    if os.geteuid() != 0:
+        pytest.fail("dataplane tests need root (network namespaces, TUN, nftables)", pytrace=False)
+    if missing := [b for b in REQUIRED if shutil.which(b) is None]:
+        pytest.fail(f"missing {', '.join(missing)}: run `make setup`", pytrace=False)
+
+
+@dataclass
+class Laptop:
+    interface: str
+    address: str
+    private_key: str
+    public_key: str
+    preshared_key: str
+    binding: PeerBinding
+
+
+@dataclass
+class Site:
+    """One VpnServer served by a node namespace, with a laptop and a service namespace around it."""
+
+    lab: Lab
+    tmp: Path
+    node: str
+    laptop_ns: str
+    service_ns: str
+    interface: str
+    server_key: str
+    server_public_key: str
+    masquerade: bool = True
+    bindings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    link: UserspaceLink = field(init=False)
+    firewall: Nft = field(init=False)
+    wireguard: UapiBackend = field(default_factory=UapiBackend)
+
+    def __post_init__(self) -> None:
+        wggo = WireGuardGo(prefix=("ip", "netns", "exec", self.node), log_dir=self.tmp)
+        self.link = UserspaceLink(Netlink(netns=self.node), wggo)
+        self.firewall = Nft(prefix=("ip", "netns", "exec", self.node))
+
+    def server_object(self) -> dict[str, Any]:
+        return {
+            "apiVersion": "kvpn.dev/v1alpha1",
+            "kind": "VpnServer",
+            "metadata": {"namespace": "team", "name": "office"},
+            "spec": {
+                "addressPool": [POOL],
+                "listenPort": LISTEN_PORT,
+                "routes": [SERVICE_NET],
+                "masquerade": self.masquerade,
+            },
+            "status": {"addresses": [SERVER_ADDRESS], "routes": [SERVICE_NET]},
+        }
+
+    def desired(self) -> DesiredServer:
+        key_secret = {"data": encode_data({"privateKey": self.server_key})}
+        return build_desired(self.server_object(), key_secret, self.bindings.values(), interface=self.interface)
+
+    def sync(self) -> SyncResult:
+        return sync([self.desired()], self.link, self.wireguard, self.firewall)
+
+    def bind(self, pb: PeerBinding) -> None:
+        self.bindings[pb.secret_name("office")] = binding_secret("office", pb)
+
+    def add_peer(self, host: int = 2, destinations: Sequence[AllowedDestination] = ()) -> Laptop:
+        """A VpnPeer as the node sees it: its binding (applied by the next sync)."""
+        private, public = keypair()
+        psk, _ = keypair()
+        address = f"10.237.0.{host}"
+        pb = PeerBinding(
+            peer_namespace="team",
+            peer_name=f"laptop{host}",
+            peer_uid=f"uid-{host}",
+            public_key=public,
+            preshared_key=psk,
+            addresses=[address],
+            allowed_destinations=list(destinations),
+        )
+        self.bind(pb)
+        return Laptop(self.lab.ifname(f"l{host}"), address, private, public, psk, pb)
+
+    def up(self, laptop: Laptop) -> None:
+        """`wg-quick up` on the laptop with the config a user would get.
+
+        Call it after the node knows the peer: with PersistentKeepalive the laptop sends its first
+        handshake at once, and if that is lost the next try comes only after 5 s (REKEY_TIMEOUT).
+        """
+        conf = self.tmp / f"{laptop.interface}.conf"
+        conf.write_text(
+            wg_quick_config(
+                laptop.private_key,
+                f"{laptop.address}/32",
+                self.server_public_key,
+                laptop.preshared_key,
+                f"{UNDERLAY_NODE}:{LISTEN_PORT}",
+                [SERVICE_NET],
+            )
+        )
+        conf.chmod(0o600)
+        with (self.tmp / "wg-quick.log").open("a") as log:
+            run(
+                "ip", "netns", "exec", self.laptop_ns, "wg-quick", "up", str(conf),
+                env={**os.environ, "WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"},
+                stdout=log, stderr=log,
+            )  # fmt: skip
+
+    def add_laptop(self, host: int = 2, destinations: Sequence[AllowedDestination] = ()) -> Laptop:
+        """A peer, synced to the node, and its laptop's tunnel up."""
+        laptop = self.add_peer(host, destinations)
+        self.sync()
+        self.up(laptop)
+        return laptop
+
+    def close(self) -> None:
+        self.link.wggo.stop_all()
+        self.link.netlink.close()
+
+    def diagnose(self) -> str:
+        """What a failing assertion shows: both ends' WireGuard state, the node's table and routes."""
+        parts = []
+        for ns, argv in (
+            (self.node, ["wg", "show", "all"]),
+            (self.laptop_ns, ["wg", "show", "all"]),
+            (self.node, ["nft", "list", "ruleset"]),
+            (self.node, ["ip", "addr"]),
+            (self.laptop_ns, ["ip", "route"]),
+        ):
+            proc = run("ip", "netns", "exec", ns, *argv, check=False)
+            parts.append(f"--- {ns}: {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
+        for log in sorted(self.tmp.glob("*.log")):
+            parts.append(f"--- {log.name}\n{log.read_text()[-3000:]}")
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture
+def site(lab: Lab, tmp_path: Path) -> Iterator[Site]:
+    made = make_site(lab, tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()  # before the lab removes the namespaces under it
+
+
+def make_site(lab: Lab, tmp_path: Path) -> Site:
+    node, laptop, service = lab.netns("node"), lab.netns("lap"), lab.netns("svc")
+    lab.veth(node, f"{UNDERLAY_NODE}/24", laptop, f"{UNDERLAY_LAPTOP}/24")
+    lab.veth(node, f"{NODE_SIDE}/24", service, f"{SERVICE}/24")
+    run("ip", "-n", service, "addr", "add", f"{OTHER_SERVICE}/24", "dev", _first_veth(service))
+    # Without masquerade the service needs the way back to the pool; with it, it never uses it.
+    run("ip", "-n", service, "route", "add", POOL, "via", NODE_SIDE)
+    run("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    for address in (SERVICE, OTHER_SERVICE):
+        for port in (PORT, OTHER_PORT):
+            whoami_server(lab, service, address, port)
+    server_key, server_public = keypair()
+    return Site(lab, tmp_path, node, laptop, service, lab.ifname("n"), server_key, server_public)
+
+
+def _first_veth(ns: str) -> str:
+    links = run("ip", "-n", ns, "-o", "link", "show", "type", "veth").stdout
+    return links.split(":")[1].strip().split("@")[0]

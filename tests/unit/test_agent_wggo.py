@@ -1,0 +1,64 @@
+"""wireguard-go supervision against a stand-in process, and IP forwarding against a fake /proc/sys."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvpn_agent.netlink import enable_forwarding
+from kvpn_agent.wggo import WireGuardGo, WireGuardGoError
+
+# Opens <dir>/<interface>.sock like wireguard-go and serves until terminated.
+FAKE = """
+import socket, sys, pathlib
+path = pathlib.Path(sys.argv[1]) / (sys.argv[-1] + ".sock")
+srv = socket.socket(socket.AF_UNIX); srv.bind(str(path)); srv.listen(4)
+while True:
+    srv.accept()[0].close()
+"""
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[WireGuardGo]:
+    script = tmp_path / "fake_wggo.py"
+    script.write_text(FAKE)
+    wggo = WireGuardGo(prefix=(sys.executable, str(script), str(tmp_path)), socket_dir=tmp_path, start_timeout=5)
+    yield wggo
+    wggo.stop_all()
+
+
+def test_start_waits_for_the_socket_and_stop_ends_the_process(fake: WireGuardGo, tmp_path: Path) -> None:
+    fake.start("kvt0")
+    assert fake.answers("kvt0")
+    proc = fake.procs["kvt0"]
+    fake.start("kvt0")  # already serving: nothing happens
+    assert fake.procs["kvt0"] is proc
+    fake.stop("kvt0")
+    assert proc.poll() is not None
+    assert not fake.answers("kvt0")
+
+
+def test_a_stale_socket_is_replaced(fake: WireGuardGo, tmp_path: Path) -> None:
+    (tmp_path / "kvt1.sock").write_text("")
+    fake.start("kvt1")
+    assert fake.answers("kvt1")
+
+
+def test_a_process_that_dies_at_once_is_an_error(tmp_path: Path) -> None:
+    wggo = WireGuardGo(prefix=(sys.executable, "-c", "raise SystemExit(3)"), socket_dir=tmp_path)
+    with pytest.raises(WireGuardGoError, match="exited with 3"):
+        wggo.start("kvt2")
+
+
+def test_forwarding_is_written_only_when_off(tmp_path: Path) -> None:
+    v4 = tmp_path / "net/ipv4/ip_forward"
+    v6 = tmp_path / "net/ipv6/conf/all/forwarding"
+    for path, value in ((v4, "0\n"), (v6, "1\n")):
+        path.parent.mkdir(parents=True)
+        path.write_text(value)
+    assert enable_forwarding((4, 6), proc_sys=tmp_path) == [str(v4)]
+    assert v4.read_text() == "1\n"
+    assert enable_forwarding((4, 6), proc_sys=tmp_path) == []
