@@ -10,7 +10,6 @@ from typing import Any
 from pyroute2 import WireGuard
 
 from kvpn_agent.model import (
-    KEY_BYTES,
     DeviceConfig,
     ObservedDevice,
     ObservedLink,
@@ -19,6 +18,7 @@ from kvpn_agent.model import (
     sort_networks,
 )
 from kvpn_agent.netlink import Netlink
+from kvpn_operator.keys import KEY_BYTES
 
 # UNTESTED ON THESE MACHINES: the kernel here has no WireGuard module. The request building and the
 # read-back parsing are unit-tested; the socket calls are not. Before trusting get() on a real

@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from kvpn_operator.api import VpnServerSpec, VpnServerStatus
 from kvpn_operator.contract import SERVER_KEY_DATA, PeerBinding
-
-# The contract names the server key Secret but not the data key inside it; this is the one the
-# operator writes (to be moved into kvpn_operator.contract).
+from kvpn_operator.keys import decode_key, public_key_of
 
 INTERFACE_PREFIX = "kvpn-"
 IFNAMSIZ = 15  # Linux interface names: 16 bytes including the terminating NUL
-
-KEY_BYTES = 32
 
 
 class DesiredStateError(Exception):
@@ -98,22 +91,6 @@ def interface_name(namespace: str, name: str) -> str:
     """
     digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()
     return INTERFACE_PREFIX + digest[: IFNAMSIZ - len(INTERFACE_PREFIX)]
-
-
-def decode_key(value: str) -> bytes:
-    """The 32 raw bytes of a base64 WireGuard key; ValueError that never echoes the value."""
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64") from None
-    if len(raw) != KEY_BYTES:
-        raise ValueError(f"decodes to {len(raw)} bytes, not {KEY_BYTES}")
-    return raw
-
-
-def public_key_of(private_key: str) -> str:
-    raw = X25519PrivateKey.from_private_bytes(decode_key(private_key)).public_key()
-    return base64.b64encode(raw.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
 
 
 def host_prefix(address: str) -> str:

@@ -8,14 +8,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from kvpn_agent.model import (
-    KEY_BYTES,
     DeviceConfig,
     ObservedDevice,
     ObservedPeer,
     PeerConfig,
-    decode_key,
     sort_networks,
 )
+from kvpn_operator.keys import KEY_BYTES, decode_key
 
 SOCKET_DIR = Path("/var/run/wireguard")
 _ZERO_KEY = "0" * (2 * KEY_BYTES)

@@ -27,7 +27,7 @@ def generate_private_key() -> str:
 
 def public_key_of(private_key: str) -> str:
     """The public key of a private key, as `wg pubkey` prints it."""
-    raw = _decode(private_key, "private key")
+    raw = decode_key(private_key, "private key")
     public = X25519PrivateKey.from_private_bytes(raw).public_key()
     return _encode(public.public_bytes_raw())
 
@@ -39,7 +39,7 @@ def generate_preshared_key() -> str:
 
 def validate_public_key(value: str) -> str:
     """Return value if it is a WireGuard public key, else raise InvalidKeyError."""
-    if not any(_decode(value, "publicKey")):
+    if not any(decode_key(value, "publicKey")):
         raise InvalidKeyError("publicKey is all zeros, which is not a usable key: paste the output of `wg pubkey`")
     return value
 
@@ -48,7 +48,8 @@ def _encode(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _decode(value: str, what: str) -> bytes:
+def decode_key(value: str, what: str = "key") -> bytes:
+    """The 32 bytes of a key in WireGuard's base64 form; InvalidKeyError (a ValueError) naming `what` if not."""
     # Messages never quote the value: a user who pastes their private key into publicKey must not
     # find it echoed into a condition, an Event or a log.
     if len(value) != KEY_CHARS:

@@ -12,8 +12,9 @@ import pytest
 from pydantic import SecretStr
 
 from kvpn_agent import nft
-from kvpn_agent.model import DesiredServer, public_key_of
+from kvpn_agent.model import DesiredServer
 from kvpn_operator.contract import PeerBinding
+from kvpn_operator.keys import public_key_of
 
 PRIVATE = base64.b64encode(hashlib.sha256(b"server").digest()).decode()
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from kvpn_agent import nft
-from kvpn_agent.model import DesiredServer, Observed, ObservedDevice, ObservedLink, ObservedPeer, public_key_of
+from kvpn_agent.model import DesiredServer, Observed, ObservedDevice, ObservedLink, ObservedPeer
 from kvpn_agent.plan import (
     Action,
     AddAddress,
@@ -34,6 +34,7 @@ from kvpn_agent.plan import (
 )
 from kvpn_operator.api import AllowedDestination
 from kvpn_operator.contract import PeerBinding
+from kvpn_operator.keys import public_key_of
 
 
 def det_key(seed: str) -> str:
