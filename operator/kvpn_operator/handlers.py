@@ -22,6 +22,7 @@ from kvpn_operator.state import AddressBooks, PeerEntry
 PEERS = (GROUP, VERSION, "vpnpeers")
 SERVERS = (GROUP, VERSION, "vpnservers")
 SERVER_RESYNC_SECONDS = 15.0
+WORKER_THREADS = 16
 
 log = logging.getLogger("kvpn.operator")
 
@@ -73,8 +74,16 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix="kvpn.dev", key="last-handled-configuration"
     )
     # Handlers are synchronous and spend their time waiting on the API server: more threads, more overlap.
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = WORKER_THREADS
+    # No batching.worker_limit: kopf's workers wait for the indexes to be complete, and with a limit
+    # below the number of objects at start-up, the objects that would complete them never get a worker.
     settings.posting.level = logging.INFO
+
+
+@kopf.index(*SERVERS)
+def servers_by_name(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every VpnServer as last seen, so a peer's reconcile need not read its server from the API."""
+    return {(body.metadata.namespace or "", body.metadata.name or ""): plain(body)}
 
 
 @kopf.index(*PEERS)
@@ -125,13 +134,16 @@ def forget_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
 @kopf.on.resume(*PEERS)
 @kopf.on.create(*PEERS)
 @kopf.on.update(*PEERS)
-def reconcile_vpnpeer(body: kopf.Body, memo: Services, **_: Any) -> None:
-    _reconcile_peer(body, memo)
+def reconcile_vpnpeer(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
+    _reconcile_peer(body, memo, kwargs["servers_by_name"])
 
 
-def _reconcile_peer(body: kopf.Body, memo: Services) -> None:
+def _reconcile_peer(body: kopf.Body, memo: Services, servers: kopf.Index[tuple[str, str], dict[str, Any]]) -> None:
+    def cached_server(namespace: str, name: str) -> dict[str, Any] | None:
+        return next(iter(servers.get((namespace, name), [])), None)
+
     with api_errors():
-        report = peer.reconcile_peer(memo.kube, memo.books, plain(body), now=now())
+        report = peer.reconcile_peer(memo.kube, memo.books, plain(body), now=now(), cached_server=cached_server)
     post(body, report)
 
 
@@ -160,7 +172,7 @@ def _has_expiry(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.daemon(*PEERS, when=_has_expiry, cancellation_timeout=2.0)
-async def expire_vpnpeer(body: kopf.Body, memo: Services, stopped: kopf.DaemonStopped, **_: Any) -> None:
+async def expire_vpnpeer(body: kopf.Body, memo: Services, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
     """Sleeps until the peer's expiresAt, then reconciles it, which switches it off within a second.
 
     The body is live: a changed expiresAt is picked up at the next wake-up, at most a minute away.
@@ -172,6 +184,6 @@ async def expire_vpnpeer(body: kopf.Body, memo: Services, stopped: kopf.DaemonSt
         remaining = (expires - dt.datetime.now(dt.UTC)).total_seconds()
         if remaining <= 0:
             # to_thread carries the context kopf.event needs; the reconcile is idempotent if already done.
-            await asyncio.to_thread(_reconcile_peer, body, memo)
+            await asyncio.to_thread(_reconcile_peer, body, memo, kwargs["servers_by_name"])
             return
         await stopped.wait(min(remaining, 60.0))

@@ -24,7 +24,7 @@ from kvpn_operator.contract import (
 from kvpn_operator.ipam import AllocationError
 from kvpn_operator.kube import ConflictError, Kube, Retry, core_path, kvpn_path
 from kvpn_operator.reporting import Report, describe_validation_error, write_status
-from kvpn_operator.state import ANNOTATION_NUDGE, AddressBook, AddressBooks, PeerEntry
+from kvpn_operator.state import ANNOTATION_NUDGE, AddressBook, AddressBooks, PeerEntry, is_revision
 from kvpn_operator.wgconfig import ClientConfig, render_client_config
 
 Obj = dict[str, Any]
@@ -51,6 +51,7 @@ class Peer:
     uid: str
     generation: int | None
     status: VpnPeerStatus
+    nudge: str | None
 
     @classmethod
     def of(cls, obj: Obj) -> Peer:
@@ -62,6 +63,7 @@ class Peer:
             meta["uid"],
             meta.get("generation"),
             VpnPeerStatus.model_validate(obj.get("status") or {}),
+            (meta.get("annotations") or {}).get(ANNOTATION_NUDGE),
         )
 
 
@@ -128,7 +130,17 @@ class Target:
         return str(self.obj["metadata"]["name"])
 
 
-def reconcile_peer(kube: Kube, books: AddressBooks, obj: Obj, *, now: dt.datetime) -> Report:
+ServerLookup = Callable[[str, str], Obj | None]
+"""The operator's cached copy of a VpnServer by (namespace, name), or None when it has none."""
+
+
+class SecretExists(Exception):  # noqa: N818 - a signal inside this module, not an error a caller sees
+    """A new peer's config Secret turned out to exist already (from before a restart): read it, redo."""
+
+
+def reconcile_peer(
+    kube: Kube, books: AddressBooks, obj: Obj, *, now: dt.datetime, cached_server: ServerLookup | None = None
+) -> Report:
     """Brings the peer's binding, config Secret and status in line with its spec and its server."""
     peer = Peer.of(obj)
     fields: dict[str, Any] = {}
@@ -139,10 +151,14 @@ def reconcile_peer(kube: Kube, books: AddressBooks, obj: Obj, *, now: dt.datetim
             spec = VpnPeerSpec.model_validate(obj.get("spec") or {})
         except ValidationError as exc:
             raise Verdict(Outcome.rejected("InvalidSpec", describe_validation_error(exc))) from None
-        target = _target(kube, peer, spec)
+        target = _target(kube, peer, spec, cached_server)
         fields["server_revision"] = target.status.revision
         _check_against(spec, target)
-        fields.update(_apply(kube, books, peer, spec, target, now=now))
+        try:
+            # A peer without a config Secret in its status is new: its Secret is created, not read first.
+            fields.update(_apply(kube, books, peer, spec, target, now=now, new=not peer.status.config_secret_name))
+        except SecretExists:
+            fields.update(_apply(kube, books, peer, spec, target, now=now, new=False))
         if spec.disabled:
             outcome = Outcome.waiting("Disabled", "spec.disabled is true: the gateways drop this peer's traffic")
         elif _expired(spec, now):
@@ -159,11 +175,30 @@ def _expired(spec: VpnPeerSpec, now: dt.datetime) -> bool:
     return spec.expires_at is not None and spec.expires_at <= now
 
 
-def _target(kube: Kube, peer: Peer, spec: VpnPeerSpec) -> Target:
+def _is_ready(server: Obj | None) -> bool:
+    conditions = ((server or {}).get("status") or {}).get("conditions") or []
+    return any(c.get("type") == READY and c.get("status") == "True" for c in conditions)
+
+
+def _find_server(kube: Kube, cached: ServerLookup | None, namespace: str, name: str, nudge: str | None) -> Obj | None:
+    """The server from the operator's index; from the API when the index may be behind.
+
+    A nudge carrying a newer revision than the cached copy means the server's status has been
+    written and its watch event has not arrived yet; a server that looks missing or not Ready is
+    read again so a peer never settles on a stale verdict.
+    """
+    server = cached(namespace, name) if cached else None
+    revision = ((server or {}).get("status") or {}).get("revision")
+    if server is not None and _is_ready(server) and (not is_revision(nudge) or nudge == revision):
+        return server
+    return kube.get(kvpn_path(Kind.VPN_SERVER, namespace, name))
+
+
+def _target(kube: Kube, peer: Peer, spec: VpnPeerSpec, cached: ServerLookup | None) -> Target:
     """The peer's server, if it exists, is valid and admits peers from the peer's namespace."""
     server_ns = spec.server_ref.namespace or peer.namespace
     server_id = f"{server_ns}/{spec.server_ref.name}"
-    server = kube.get(kvpn_path(Kind.VPN_SERVER, server_ns, spec.server_ref.name))
+    server = _find_server(kube, cached, server_ns, spec.server_ref.name, peer.nudge)
     if server is None:
         raise Verdict(
             Outcome.rejected(
@@ -213,11 +248,11 @@ def _check_against(spec: VpnPeerSpec, target: Target) -> None:
 
 
 def _apply(
-    kube: Kube, books: AddressBooks, peer: Peer, spec: VpnPeerSpec, target: Target, *, now: dt.datetime
+    kube: Kube, books: AddressBooks, peer: Peer, spec: VpnPeerSpec, target: Target, *, now: dt.datetime, new: bool
 ) -> dict[str, Any]:
     """Claims the address, settles the keys, writes binding and config Secret; returns the status fields."""
     config_path = core_path("secrets", peer.namespace, peer_config_secret_name(peer.name))
-    config_secret = kube.get(config_path)
+    config_secret = None if new else kube.get(config_path)
     if config_secret is not None and not builders.owned_by(config_secret, peer.uid):
         refs = config_secret["metadata"].get("ownerReferences") or []
         if any(r.get("kind") == Kind.VPN_PEER and r.get("name") == peer.name for r in refs):
@@ -282,7 +317,7 @@ def _apply(
         data["privateKey"] = private_key
     if binding.preshared_key:
         data["presharedKey"] = binding.preshared_key
-    _ensure_config_secret(kube, peer, target.name, config_secret, data)
+    _ensure_config_secret(kube, peer, target.name, config_secret, data, new=new)
     return {
         "address": binding.addresses[0],
         "addresses": binding.addresses,
@@ -372,12 +407,16 @@ def _delete_binding(kube: Kube, book: AddressBook, server: Obj, uid: str, index:
     book.release(uid, index)
 
 
-def _ensure_config_secret(kube: Kube, peer: Peer, server: str, existing: Obj | None, data: dict[str, str]) -> None:
+def _ensure_config_secret(
+    kube: Kube, peer: Peer, server: str, existing: Obj | None, data: dict[str, str], *, new: bool
+) -> None:
     desired = builders.peer_config_secret(peer.obj, server, data)
     if existing is None:
         try:
             kube.create(core_path("secrets", peer.namespace), desired)
         except ConflictError as exc:
+            if new:
+                raise SecretExists from exc
             raise Retry(f"Secret {desired['metadata']['name']} appeared meanwhile", delay=0.5) from exc
     elif existing.get("data") != desired["data"]:
         stale = {k: None for k in existing.get("data") or {} if k not in desired["data"]}

@@ -7,6 +7,7 @@ and the failed creates that would otherwise be needed to find a free address.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ Obj = dict[str, Any]
 # Not under kvpn.dev/: kopf stores its own state there and leaves those annotations out of the object's
 # essence, so a change to them would not wake the handlers, which is all a nudge is for.
 ANNOTATION_NUDGE = "reconcile.kvpn.dev/nudge"
+_REVISION = re.compile(r"^[0-9a-f]{16}$")
+
+
+def is_revision(nudge: str | None) -> bool:
+    """Whether a nudge names a server revision (other nudges say an address was freed or a server deleted)."""
+    return bool(nudge and _REVISION.match(nudge))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Benchmarks of the kvpn operator against a real control plane (figures, not pass/fail)."""
