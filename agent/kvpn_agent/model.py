@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,6 +198,28 @@ def _sort_key(secret: Mapping[str, Any]) -> tuple[str, str]:
     return (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
 
 
+# A running agent rebuilds a server's peers on every binding change; at 10,000 peers parsing
+# dominates that, so parsed bindings and addresses are kept. A binding is keyed by its
+# resourceVersion, which the API server changes on every write. Used from one thread (the sync loop).
+_BINDING_CACHE_SIZE = 1 << 17
+_bindings: OrderedDict[tuple[str, str, str], PeerBinding] = OrderedDict()
+_ip = functools.lru_cache(maxsize=_BINDING_CACHE_SIZE)(ipaddress.ip_address)
+
+
+def _parse_binding(secret: Mapping[str, Any]) -> PeerBinding:
+    meta = secret.get("metadata") or {}
+    version = str(meta.get("resourceVersion") or "")
+    if not version:
+        return PeerBinding.from_secret(dict(secret))
+    key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""), version)
+    binding = _bindings.get(key)
+    if binding is None:
+        binding = _bindings[key] = PeerBinding.from_secret(dict(secret))
+        if len(_bindings) > _BINDING_CACHE_SIZE:
+            _bindings.popitem(last=False)
+    return binding
+
+
 def _peers(
     secrets: Iterable[Mapping[str, Any]],
     pools: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
@@ -210,7 +234,7 @@ def _peers(
     for secret in sorted(secrets, key=_sort_key):
         secret_name = str((secret.get("metadata") or {}).get("name", ""))
         try:
-            binding = PeerBinding.from_secret(dict(secret))
+            binding = _parse_binding(secret)
         except (ValidationError, ValueError, UnicodeDecodeError) as exc:
             problems.append(PeerProblem(binding=secret_name, reason="InvalidBinding", message=_short(exc)))
             continue
@@ -230,7 +254,7 @@ def _peers(
         if not binding.enabled or not binding.public_key:
             continue  # not an error: disabled, expired, or the key is still being set up
         keys.add(binding.public_key)
-        taken.update(ipaddress.ip_address(a) for a in binding.addresses)
+        taken.update(_ip(a) for a in binding.addresses)
         kept = [d for d in binding.allowed_destinations if _inside(d.cidr, routes)]
         dropped = [d.cidr for d in binding.allowed_destinations if not _inside(d.cidr, routes)]
         if dropped:
@@ -246,7 +270,7 @@ def _peers(
             if not kept:
                 # Dropping every destination must not widen the peer to all routes.
                 continue
-        peers.append(binding.model_copy(update={"allowed_destinations": kept}))
+        peers.append(binding.model_copy(update={"allowed_destinations": kept}) if dropped else binding)
     peers.sort(key=lambda p: _address_key(p.addresses[0]))
     return tuple(peers), tuple(problems)
 
@@ -264,7 +288,7 @@ def _check(
             except ValueError as exc:
                 return ("InvalidPublicKey" if what == "publicKey" else "InvalidPresharedKey", f"{what} {exc}")
     try:
-        ips = [ipaddress.ip_address(a) for a in binding.addresses]
+        ips = [_ip(a) for a in binding.addresses]
     except ValueError as exc:
         return ("InvalidAddress", str(exc))
     for ip in ips:
@@ -281,7 +305,7 @@ def _check(
 
 
 def _address_key(address: str) -> tuple[int, int]:
-    ip = ipaddress.ip_address(address)
+    ip = _ip(address)
     return (ip.version, int(ip))
 
 

@@ -49,6 +49,11 @@ class Netlink:
             raise NetlinkError(errno.ENODEV, f"no interface {interface}")
         return index
 
+    def interfaces(self, prefix: str = "") -> list[str]:
+        """Names of the links whose name starts with ``prefix``."""
+        names = (str(link.get_attr("IFLA_IFNAME")) for link in self._sock().get_links())
+        return sorted(n for n in names if n.startswith(prefix))
+
     def observe(self, interface: str) -> ObservedLink | None:
         index = self.index(interface)
         if index is None:

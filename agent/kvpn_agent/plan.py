@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,10 @@ from kvpn_operator.contract import PeerBinding
 # Server-side keepalive stays off: the laptop behind NAT sends them (spec.persistentKeepalive is
 # rendered into its config), and 10,000 idle peers should cost the gateway nothing.
 SERVER_KEEPALIVE = 0
+# A peer added with a restored endpoint gets a keepalive interval: wireguard-go sends a keepalive
+# (so a handshake initiation) when the interval is switched on, or when the device comes up with
+# one set. The next read-back resync puts it back to SERVER_KEEPALIVE.
+RESTORE_KEEPALIVE = 25
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,13 @@ def _plan_device(desired: DesiredServer, device: ObservedDevice) -> list[Action]
 
 def allowed_ips(peer: PeerBinding) -> tuple[str, ...]:
     """A peer's AllowedIPs on the gateway: exactly its tunnel addresses, so it cannot spoof another's."""
-    return sort_networks(host_prefix(a) for a in peer.addresses)
+    return _host_networks(tuple(peer.addresses))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _host_networks(addresses: tuple[str, ...]) -> tuple[str, ...]:
+    # Memoized: every incremental sync plans all peers of a server, and parsing dominates that.
+    return sort_networks(host_prefix(a) for a in addresses)
 
 
 def _plan_peers(desired: DesiredServer, device: ObservedDevice, endpoints: Mapping[str, str]) -> list[Action]:
@@ -166,14 +177,15 @@ def _plan_peers(desired: DesiredServer, device: ObservedDevice, endpoints: Mappi
         ips = allowed_ips(peer)
         have = device.peers.get(key)
         if have is None:
+            endpoint = endpoints.get(key)
             adds.append(
                 AddPeer(
                     ifname,
                     PeerConfig(
                         public_key=key,
                         preshared_key=peer.preshared_key,
-                        endpoint=endpoints.get(key),
-                        persistent_keepalive=SERVER_KEEPALIVE or None,
+                        endpoint=endpoint,
+                        persistent_keepalive=(RESTORE_KEEPALIVE if endpoint else SERVER_KEEPALIVE) or None,
                         replace_allowed_ips=True,
                         allowed_ips=ips,
                     ),

@@ -1,4 +1,4 @@
-"""One sync pass: read the node back, plan, apply; backends are injected so tests run real ones in a netns."""
+"""One sync pass: read the node back (or trust a cached state), plan, apply; backends are injected."""
 
 from __future__ import annotations
 
@@ -8,9 +8,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from kvpn_agent import nft as nftmod
-from kvpn_agent.model import DesiredServer, DeviceConfig, Observed, ObservedDevice, ObservedLink, PeerConfig
+from kvpn_agent.model import (
+    DesiredServer,
+    DeviceConfig,
+    Observed,
+    ObservedDevice,
+    ObservedLink,
+    ObservedPeer,
+    PeerConfig,
+)
 from kvpn_agent.plan import (
+    SERVER_KEEPALIVE,
     Action,
     AddAddress,
     AddPeer,
@@ -24,10 +35,15 @@ from kvpn_agent.plan import (
     SetMtu,
     UpdateFirewall,
     UpdatePeer,
+    allowed_ips,
     plan_firewall,
     plan_server,
 )
 from kvpn_agent.uapi import UapiClient, UapiError
+from kvpn_agent.wggo import WireGuardGoError
+
+# What one server's link or device can fail with; the other servers are synced all the same.
+SERVER_ERRORS = (UapiError, WireGuardGoError, NetlinkError, OSError, ValueError)
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +92,28 @@ class UapiBackend:
         self._client(interface).set(device, peers)
 
 
+@dataclass(frozen=True)
+class NodeState:
+    """What the node holds after a sync, as that sync left it: trusted until the next read-back.
+
+    Planning against it instead of reading back makes a one-peer change cost one peer's apply
+    (a read-back of 10,000 peers costs most of a second); drift is caught by the periodic resync.
+    """
+
+    servers: Mapping[str, Observed]
+    """Per interface; an interface missing here is read back."""
+
+    ruleset: nftmod.ObservedRuleset
+
+
 @dataclass
 class SyncResult:
     actions: list[Action] = field(default_factory=list)
     seconds: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)
+    """Interface → why its actions failed; the other servers and the firewall were synced."""
+
+    state: NodeState | None = None
 
 
 def sync(
@@ -90,18 +124,30 @@ def sync(
     *,
     endpoints: Mapping[str, str] | None = None,
     gone: Sequence[str] = (),
+    known: NodeState | None = None,
 ) -> SyncResult:
-    """Makes the node match ``servers``; ``gone`` are interfaces of servers no longer served."""
+    """Makes the node match ``servers``; ``gone`` are interfaces of servers no longer served.
+
+    With ``known`` (the state of the previous sync) nothing is read back that it covers.
+    """
     started = time.perf_counter()
     result = SyncResult()
     for interface in gone:
         if link.observe(interface) is not None:
             _run([DeleteInterface(interface)], link, wireguard, firewall, result)
+    synced: dict[str, Observed] = {}
     for server in servers:
-        observed = Observed(link=link.observe(server.interface), device=wireguard.get(server.interface))
-        _run(plan_server(server, observed, endpoints), link, wireguard, firewall, result)
+        observed = known.servers.get(server.interface) if known is not None else None
+        if observed is None:
+            observed = Observed(link=link.observe(server.interface), device=wireguard.get(server.interface))
+        try:
+            _run(plan_server(server, observed, endpoints), link, wireguard, firewall, result)
+        except SERVER_ERRORS as exc:
+            result.errors[server.interface] = str(exc) or type(exc).__name__  # the caller logs and counts it
+            continue
+        synced[server.interface] = assumed(server)
     ruleset = nftmod.build_ruleset(servers)
-    actions = plan_firewall(ruleset, firewall.list_table())
+    actions = plan_firewall(ruleset, known.ruleset if known is not None else firewall.list_table())
     try:
         _run(actions, link, wireguard, firewall, result)
     except nftmod.NftError as exc:
@@ -110,8 +156,38 @@ def sync(
         # The table changed between read-back and update (a hand edit): swap the whole table.
         log.warning("element update failed, replacing the table", extra={"error": str(exc)})
         _run([ReplaceFirewall(ruleset, reason="element update failed")], link, wireguard, firewall, result)
+    result.state = NodeState(servers=synced, ruleset=assumed_ruleset(ruleset))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def assumed(server: DesiredServer) -> Observed:
+    """What a read-back of the server's interface shows once the plan for it has been applied."""
+    peers = {
+        p.public_key: ObservedPeer(
+            public_key=p.public_key,
+            preshared_key=p.preshared_key,
+            allowed_ips=allowed_ips(p),
+            persistent_keepalive=SERVER_KEEPALIVE,
+        )
+        for p in server.peers
+        if p.public_key
+    }
+    return Observed(
+        link=ObservedLink(mtu=server.mtu, up=True, addresses=server.addresses),
+        device=ObservedDevice(
+            private_key=server.private_key.get_secret_value(), listen_port=server.listen_port, peers=peers
+        ),
+    )
+
+
+def assumed_ruleset(ruleset: nftmod.Ruleset) -> nftmod.ObservedRuleset:
+    """What ``nft list table`` shows once ``ruleset`` is loaded."""
+    return nftmod.ObservedRuleset(
+        fingerprint=ruleset.fingerprint,
+        peer_chains={name: tuple(r["rule"]["comment"] for r in rules) for name, rules in ruleset.peer_chains.items()},
+        peer_map=dict(ruleset.peer_map),
+    )
 
 
 def _run(

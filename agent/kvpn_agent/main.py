@@ -1,0 +1,175 @@
+"""kvpn-agent: the command line of the node agent (`run`, the default, and `cleanup`)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import kubernetes
+
+from kvpn_agent.metrics import serve
+from kvpn_agent.runner import (
+    WIREGUARD_GO_LOGS,
+    Agent,
+    Settings,
+    build_dataplane,
+    cleanup,
+    kernel_wireguard_works,
+)
+from kvpn_agent.state import StateFile
+
+log = logging.getLogger("kvpn_agent")
+
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_extras(record),
+        }
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+class PlainFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        pairs = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        return super().format(record) + (f" {pairs}" if pairs else "")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "run")
+    parser = argparse.ArgumentParser(prog="kvpn-agent", description="The kvpn node agent.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="make this node's dataplane match its VpnServers (the default)")
+    run.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""), help="this node (default: $NODE_NAME)")
+    run.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="serve the VpnServers of this namespace (repeatable; default: every namespace it may list)",
+    )
+    run.add_argument(
+        "--metrics-port", type=int, default=9586, help="/metrics, /healthz, /readyz (default 9586; 0: off)"
+    )
+    run.add_argument("--metrics-address", default="0.0.0.0", help="address to serve them on (default 0.0.0.0)")  # noqa: S104 - a DaemonSet pod is scraped from the network
+    run.add_argument("--resync-seconds", type=float, default=30.0, help="full read-back and repair (default 30)")
+    run.add_argument(
+        "--report-seconds", type=float, default=5.0, help="read peer handshakes and bytes this often (default 5)"
+    )
+    run.add_argument(
+        "--start-timeout",
+        type=float,
+        default=10.0,
+        help="wait this long for the API server at start before serving the state file (default 10)",
+    )
+    run.add_argument("--backend", choices=["auto", "kernel", "userspace"], default="auto")
+    for sub in (run, commands.add_parser("cleanup", help="remove every interface, process, table and file it made")):
+        sub.add_argument("--state-dir", type=Path, default=Path("/var/lib/kvpn"), help="default /var/lib/kvpn")
+        sub.add_argument(
+            "--netns",
+            metavar="NAME",
+            help="TEST AND DEMO AID: put the dataplane (wireguard-go, links, nftables) in this existing network "
+            "namespace; the agent itself, its API connection and its metrics stay where it runs",
+        )
+        sub.add_argument("--log-format", choices=["plain", "json"], default="plain")
+        sub.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def setup_logging(fmt: str, verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    # Each retry against an unreachable API server would log a warning of its own.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+
+
+def api_client() -> kubernetes.client.ApiClient | None:
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        try:
+            kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+        except (kubernetes.config.ConfigException, OSError) as exc:
+            log.warning(
+                "no cluster to talk to (in-cluster or KUBECONFIG): serving the state file only",
+                extra={"error": str(exc)},
+            )
+            return None
+    return kubernetes.client.ApiClient()
+
+
+def choose_backend(requested: str, netns: str | None) -> str:
+    if netns:
+        if requested == "kernel":
+            raise SystemExit("kvpn-agent: --netns runs the userspace backend only")
+        return "userspace"
+    if requested != "auto":
+        return requested
+    return "kernel" if kernel_wireguard_works() else "userspace"
+
+
+def run(args: argparse.Namespace) -> None:
+    backend = choose_backend(args.backend, args.netns)
+    log.info("starting", extra={"backend": backend, "node": args.node_name, "netns": args.netns or ""})
+    dataplane = build_dataplane(backend, args.netns, args.state_dir / WIREGUARD_GO_LOGS)
+    settings = Settings(
+        node_name=args.node_name,
+        namespaces=tuple(args.namespace),
+        resync_seconds=args.resync_seconds,
+        report_seconds=args.report_seconds,
+        start_timeout=args.start_timeout,
+    )
+    agent = Agent(settings, dataplane, StateFile(args.state_dir), api_client())
+    if args.metrics_port:
+        serve(agent.metrics, args.metrics_address, args.metrics_port, agent.healthy, agent.ready.is_set)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping; the dataplane stays in place", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.run(stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.log_format, args.verbose)
+    if args.command == "cleanup":
+        for line in cleanup(args.netns, StateFile(args.state_dir)):
+            log.info(line)
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,582 @@
+"""The running agent: desired state from watches (or the state file), applied per change, resynced, reported."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes.client import ApiClient
+from pyroute2.netlink.exceptions import NetlinkError
+
+from kvpn_agent.kernel import KernelLink, KernelWireGuard
+from kvpn_agent.metrics import Metrics, PeerStats
+from kvpn_agent.model import INTERFACE_PREFIX, DesiredServer, DesiredStateError, PeerProblem, interface_name
+from kvpn_agent.netlink import Netlink, enable_forwarding
+from kvpn_agent.nft import Nft, NftError
+from kvpn_agent.report import StatusReporter
+from kvpn_agent.state import ServerInputs, StateFile, selected
+from kvpn_agent.sync import SERVER_ERRORS, Firewall, LinkBackend, NodeState, UapiBackend, WireGuardBackend, sync
+from kvpn_agent.uapi import SOCKET_DIR
+from kvpn_agent.watch import Informer, Key, Obj, key_of
+from kvpn_operator.api import API_VERSION
+from kvpn_operator.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, server_key_secret_name
+from kvpn_operator.kube import Kube, KubeError, core_path
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERFACE = "kvpn-probe"
+WIREGUARD_GO_LOGS = "wireguard-go"
+
+
+@dataclass(frozen=True)
+class Settings:
+    node_name: str = ""
+    namespaces: tuple[str, ...] = ()
+    """Namespaces holding the VpnServers to serve; empty: every namespace."""
+
+    resync_seconds: float = 30.0
+    report_seconds: float = 5.0
+    start_timeout: float = 10.0
+    """How long to wait for the API server at start before serving the state file."""
+
+
+@dataclass
+class Dataplane:
+    """The node's WireGuard, links and firewall, behind the interfaces the sync module drives."""
+
+    backend: str
+    link: LinkBackend
+    wireguard: WireGuardBackend
+    reader: WireGuardBackend
+    """A second client for the reporter's thread (the kernel backend's socket is not thread-safe)."""
+
+    firewall: Firewall
+    netlink: Netlink
+    forwarding: Callable[[tuple[int, ...]], list[str]]
+    processes: Callable[[], dict[str, subprocess.Popen[bytes]]] = dict
+
+
+def kernel_wireguard_works(netns: str | None = None) -> bool:
+    """Whether `ip link add type wireguard` works here: the kernel module is present."""
+    try:
+        with Netlink(netns) as netlink:
+            netlink.add_wireguard(PROBE_INTERFACE)
+            netlink.delete(PROBE_INTERFACE)
+    except (NetlinkError, OSError):
+        return False
+    return True
+
+
+def build_dataplane(backend: str, netns: str | None, log_dir: Path | None) -> Dataplane:
+    """The backends for ``backend`` (kernel or userspace), in ``netns`` when given (tests, demo)."""
+    # Imported here: wggo is what needs the binary, and cleanup without it must still work.
+    from kvpn_agent.wggo import UserspaceLink, WireGuardGo  # noqa: PLC0415
+
+    prefix = ("ip", "netns", "exec", netns) if netns else ()
+    netlink = Netlink(netns)
+    firewall = Nft(prefix)
+    forwarding = _netns_forwarding(netns) if netns else enable_forwarding
+    if backend == "kernel":
+        return Dataplane(
+            "kernel", KernelLink(netlink), KernelWireGuard(), KernelWireGuard(), firewall, netlink, forwarding
+        )
+    if log_dir is not None:
+        log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    wggo = WireGuardGo(prefix=prefix, log_dir=log_dir)
+    link = UserspaceLink(netlink, wggo)
+    return Dataplane("userspace", link, UapiBackend(), UapiBackend(), firewall, netlink, forwarding, lambda: wggo.procs)
+
+
+def _netns_forwarding(netns: str) -> Callable[[tuple[int, ...]], list[str]]:
+    def forwarding(families: tuple[int, ...]) -> list[str]:
+        changed = []
+        for family in families:
+            key = "net.ipv4.ip_forward" if family == 4 else "net.ipv6.conf.all.forwarding"
+            argv = ["ip", "netns", "exec", netns, "sysctl", "-n", key]
+            if subprocess.run(argv, capture_output=True, text=True, check=True, timeout=10).stdout.strip() != "1":
+                subprocess.run([*argv[:-2], "-qw", f"{key}=1"], check=True, timeout=10)
+                changed.append(key)
+        return changed
+
+    return forwarding
+
+
+class Agent:
+    """One node's agent. ``run`` is the sync loop (the caller's thread); watches and reports run in threads.
+
+    Desired state per served server is kept as the inputs that last built successfully and the
+    DesiredServer built from them: a server whose objects turn bad keeps being served as it was.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        dataplane: Dataplane,
+        state_file: StateFile,
+        api: ApiClient | None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.dp = dataplane
+        self.state_file = state_file
+        self.metrics = metrics or Metrics()
+        self.metrics.backend.info({"backend": dataplane.backend})
+        self.ready = threading.Event()
+        self.heartbeat = time.monotonic()
+        self._cond = threading.Condition()
+        self._dirty: set[Key] = set()
+        self._lock = threading.Lock()  # _good and _endpoints, shared with the reporter
+        self._good: dict[Key, tuple[ServerInputs, DesiredServer]] = {}
+        self._endpoints: dict[str, str] = {}
+        self._unsaved = False
+        self._save_lock = threading.Lock()
+        self._problems: dict[Key, tuple[tuple[str, str] | None, frozenset[PeerProblem]]] = {}
+        self._gone: set[str] = set()
+        self._known: NodeState | None = None
+        self._node_labels: dict[str, str] | None = None
+        self._have_desired = False
+        self._from_api = False
+        self._dead_pids: set[int] = set()
+        self.kube = Kube(api, timeout=10.0) if api is not None else None
+        self.status = StatusReporter(self.kube) if self.kube is not None else None
+        self.server_watches: dict[str, Informer] = {}
+        self.secret_watches: dict[str, Informer] = {}
+        if api is not None:
+            for ns in settings.namespaces or ("",):
+                self.server_watches[ns] = Informer(api, _servers_path(ns), self._server_changed)
+                self.secret_watches[ns] = Informer(
+                    api,
+                    core_path("secrets", ns or None),
+                    self._secret_changed,
+                    label_selector=f"{LABEL_ROLE} in ({ROLE_PEER},{ROLE_SERVER_KEY})",
+                    index=secret_index,
+                )
+
+    # --- events --------------------------------------------------------------------------------
+
+    def notify(self, key: Key) -> None:
+        with self._cond:
+            self._dirty.add(key)
+            self._cond.notify()
+
+    def _server_changed(self, obj: Obj) -> None:
+        self.notify(key_of(obj))
+
+    def _secret_changed(self, obj: Obj) -> None:
+        if (key := secret_index(obj)) is not None:
+            self.notify(key)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        saved = self.state_file.load()
+        if saved is not None:
+            self._endpoints = dict(saved.endpoints)
+        for watch in self._watches():
+            watch.start()
+        threading.Thread(target=self._report_loop, args=(stop,), name="report", daemon=True).start()
+        deadline = time.monotonic() + self.settings.start_timeout
+        while not stop.is_set() and not self._api_synced() and time.monotonic() < deadline:
+            stop.wait(0.1)
+        if self._api_synced():
+            self._use_api()
+        elif saved is not None:
+            log.warning(
+                "API server unreachable: serving the last good state",
+                extra={"path": str(self.state_file.path), "servers": len(saved.servers)},
+            )
+            for inputs in saved.servers:
+                self._build(inputs.key, inputs)
+            self._have_desired = True
+        else:
+            log.warning("API server unreachable and no saved state: leaving the dataplane as it is until it answers")
+        self._loop(stop)
+
+    def _loop(self, stop: threading.Event) -> None:
+        next_full, delay = time.monotonic(), 1.0
+        while not stop.is_set():
+            self.heartbeat = now = time.monotonic()
+            if not self._from_api and self._api_synced():
+                log.info("API server reachable: desired state from the API from now on")
+                self._use_api()
+            if self._wireguard_go_died():
+                next_full = now
+            with self._cond:
+                if not self._have_desired:
+                    self._cond.wait(0.5)  # nothing to serve yet: only the API server's answer can change that
+                elif not self._dirty and now < next_full:
+                    self._cond.wait(min(next_full - now, 1.0))
+                dirty, self._dirty = self._dirty, set()
+            if not self._have_desired:
+                continue
+            full = time.monotonic() >= next_full
+            if full:
+                self._fetch_node_labels()
+                dirty |= set(self._good) | self._api_keys()
+            changed = self._recompute(dirty)
+            if full or changed or self._gone:
+                ok = self._sync(full)
+                if ok:
+                    self._save()
+                if full or not ok:
+                    next_full = time.monotonic() + (self.settings.resync_seconds if ok else delay)
+                    delay = 1.0 if ok else min(delay * 2, self.settings.resync_seconds)
+
+    def _watches(self) -> list[Informer]:
+        return [*self.server_watches.values(), *self.secret_watches.values()]
+
+    def _api_synced(self) -> bool:
+        watches = self._watches()
+        if not watches or not all(w.synced.is_set() for w in watches):
+            return False
+        if self._node_labels is None:
+            self._fetch_node_labels()
+        return self._node_labels is not None
+
+    def _use_api(self) -> None:
+        self._from_api = self._have_desired = True
+        with self._cond:
+            self._dirty |= set(self._good) | self._api_keys()
+
+    def _api_keys(self) -> set[Key]:
+        """Every VpnServer the watches know (selected or not), once the API is the source."""
+        if not self._from_api:
+            return set()
+        return {k for w in self.server_watches.values() for k in w.store.names()}
+
+    def _fetch_node_labels(self) -> None:
+        if self._node_labels is not None and not all(w.connected for w in self._watches()):
+            return  # the API server is away: keep the labels known, and do not hold up the resync
+        if self.kube is None:
+            self._node_labels = {}
+            return
+        if not self.settings.node_name:
+            if self._node_labels is None:
+                log.warning("no node name (--node-name or NODE_NAME): serving only servers without a nodeSelector")
+            self._node_labels = {}
+            return
+        try:
+            node = self.kube.get(core_path("nodes", name=self.settings.node_name))
+        except KubeError as exc:
+            log.debug("node not read", extra={"error": str(exc)})  # keep the labels known so far
+            return
+        if node is None and self._node_labels != {}:
+            log.warning(
+                "node not found: serving only servers without a nodeSelector", extra={"node": self.settings.node_name}
+            )
+        self._node_labels = dict(((node or {}).get("metadata") or {}).get("labels") or {})
+
+    def _wireguard_go_died(self) -> bool:
+        dead = {p.pid for p in self.dp.processes().values() if p.poll() is not None} - self._dead_pids
+        if dead:
+            self._dead_pids |= dead
+            log.warning("wireguard-go exited; resyncing now", extra={"pids": sorted(dead)})
+        return bool(dead)
+
+    # --- desired state -------------------------------------------------------------------------
+
+    def _inputs(self, key: Key) -> ServerInputs | None:
+        """The server's current objects from the watches, or None when this node does not serve it."""
+        ns, name = key
+        servers = self.server_watches.get(ns) or self.server_watches.get("")
+        secrets = self.secret_watches.get(ns) or self.secret_watches.get("")
+        server = servers.store.get(key) if servers else None
+        if server is None or secrets is None or not selected(server, self._node_labels or {}):
+            return None
+        key_secret = secrets.store.get((ns, server_key_secret_name(name)))
+        bindings = tuple(
+            s
+            for s in secrets.store.indexed(key)
+            if ((s.get("metadata") or {}).get("labels") or {}).get(LABEL_ROLE) == ROLE_PEER
+        )
+        return ServerInputs(server, key_secret, bindings)
+
+    def _recompute(self, keys: set[Key]) -> bool:
+        """Rebuilds the desired state of ``keys`` from the watches; True when any of it changed."""
+        if not self._from_api:
+            return False  # serving the state file: nothing newer to build from
+        changed = False
+        for key in sorted(keys):
+            inputs = self._inputs(key)
+            old = self._good.get(key)
+            if inputs is None:
+                if old is not None:
+                    log.info("server no longer served here", extra={"namespace": key[0], "server": key[1]})
+                    with self._lock:
+                        del self._good[key]
+                    self._gone.add(old[1].interface)
+                    changed = self._unsaved = True
+                self._set_problems(key, None, ())
+            elif old is None or old[0].version() != inputs.version():
+                changed = self._build(key, inputs) or changed
+        return changed
+
+    def _build(self, key: Key, inputs: ServerInputs) -> bool:
+        try:
+            desired = inputs.build()
+        except DesiredStateError as exc:
+            self._set_problems(key, (exc.reason, exc.message), ())
+            return False
+        if key not in self._good:
+            log.info("serving server", extra={"namespace": key[0], "server": key[1], "interface": desired.interface})
+        with self._lock:
+            self._good[key] = (inputs, desired)
+        self._gone.discard(desired.interface)
+        self._unsaved = True
+        self._set_problems(key, None, desired.problems)
+        return True
+
+    def _set_problems(self, key: Key, server: tuple[str, str] | None, peers: Sequence[PeerProblem]) -> None:
+        """Logs what is new or resolved, once per change; the metric counts what stands."""
+        new = (server, frozenset(peers))
+        old_server, old_peers = self._problems.get(key, (None, frozenset()))
+        if new == (old_server, old_peers):
+            return
+        ns, name = key
+        if server is not None and server != old_server:
+            log.error(
+                "server's desired state is unusable",
+                extra={
+                    "namespace": ns,
+                    "server": name,
+                    "reason": server[0],
+                    "detail": server[1],
+                    "serving": "its last good state" if key in self._good else "nothing",
+                },
+            )
+        for p in sorted(new[1] - old_peers, key=lambda p: p.binding):
+            log.warning(
+                "peer left out of the dataplane",
+                extra={
+                    "namespace": ns,
+                    "server": name,
+                    "binding": p.binding,
+                    "peer_namespace": p.peer_namespace,
+                    "peer": p.peer_name,
+                    "reason": p.reason,
+                    "detail": p.message,
+                },
+            )
+        for p in sorted(old_peers - new[1], key=lambda p: p.binding):
+            log.info("peer problem resolved", extra={"namespace": ns, "server": name, "binding": p.binding})
+        if server is None and new[1] == frozenset():
+            self._problems.pop(key, None)
+        else:
+            self._problems[key] = new
+        counts: dict[tuple[str, str, str], int] = {}
+        for (pns, pname), (srv, prs) in self._problems.items():
+            for reason in [srv[0]] if srv else []:
+                counts[(pns, pname, reason)] = counts.get((pns, pname, reason), 0) + 1
+            for p in prs:
+                counts[(pns, pname, p.reason)] = counts.get((pns, pname, p.reason), 0) + 1
+        self.metrics.set_problems(counts)
+
+    # --- applying ------------------------------------------------------------------------------
+
+    def _sync(self, full: bool) -> bool:
+        mode = "full" if full else "incremental"
+        servers = [desired for _, desired in self._good.values()]
+        gone = set(self._gone)
+        with self._lock:
+            endpoints = dict(self._endpoints)
+        try:
+            if full:
+                # Interfaces of servers deleted while the agent was away are found by their prefix.
+                ours = {s.interface for s in servers}
+                gone |= {i for i in self.dp.netlink.interfaces(INTERFACE_PREFIX) if i not in ours}
+                families = {ipaddress.ip_interface(a).version for s in servers for a in s.addresses}
+                for setting in self.dp.forwarding(tuple(sorted(families))):
+                    log.info("IP forwarding turned on", extra={"setting": setting})
+            result = sync(
+                servers,
+                self.dp.link,
+                self.dp.wireguard,
+                self.dp.firewall,
+                endpoints=endpoints,
+                gone=sorted(gone),
+                known=None if full else self._known,
+            )
+        except (NftError, subprocess.SubprocessError, *SERVER_ERRORS) as exc:
+            self._known = None  # read everything back next time
+            self.metrics.sync_errors.labels(mode).inc()
+            log.error("sync failed", extra={"mode": mode, "error": str(exc) or type(exc).__name__})  # noqa: TRY400 - expected: no traceback
+            return False
+        self._known = result.state
+        self._gone -= gone
+        self.metrics.sync_duration.labels(mode).observe(result.seconds)
+        for interface, error in result.errors.items():
+            self.metrics.sync_errors.labels(mode).inc()
+            log.error("server sync failed", extra={"mode": mode, "interface": interface, "error": error})
+        level = logging.INFO if result.actions or not self.ready.is_set() else logging.DEBUG
+        log.log(
+            level,
+            "synced",
+            extra={
+                "mode": mode,
+                "actions": len(result.actions),
+                "seconds": round(result.seconds, 4),
+                "servers": len(servers),
+                "peers": sum(len(s.peers) for s in servers),
+            },
+        )
+        if not self.ready.is_set():
+            self._unsaved = True  # a state file right after start, whatever else happens
+        self.ready.set()
+        return not result.errors
+
+    def _save(self) -> None:
+        """The last good state, after each sync and when endpoints change."""
+        with self._save_lock:
+            if not self._unsaved or not self.ready.is_set():
+                return
+            with self._lock:
+                self._unsaved = False
+                inputs = [i for i, _ in self._good.values()]
+                keys = {p.public_key for _, d in self._good.values() for p in d.peers}
+                endpoints = {k: v for k, v in self._endpoints.items() if k in keys}
+            try:
+                self.state_file.save(inputs, endpoints)
+            except OSError as exc:
+                log.error("state file not written", extra={"path": str(self.state_file.path), "error": str(exc)})  # noqa: TRY400 - expected: no traceback
+
+    # --- reporting -----------------------------------------------------------------------------
+
+    def _report_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.settings.report_seconds):
+            try:
+                self.report_once()
+            except Exception:
+                # Reporting is best effort; the dataplane does not depend on it, so it must not stop.
+                log.exception("report failed")
+
+    def report_once(self) -> list[PeerStats]:
+        with self._lock:
+            servers = [d for _, d in self._good.values()]
+        stats = []
+        for server in servers:
+            try:
+                device = self.dp.reader.get(server.interface)
+            except SERVER_ERRORS as exc:
+                log.debug("device not read", extra={"interface": server.interface, "error": str(exc)})
+                continue
+            peers = {p.public_key: p for p in server.peers}
+            for public_key, seen in (device.peers if device else {}).items():
+                if (binding := peers.get(public_key)) is not None:
+                    stats.append(
+                        PeerStats(
+                            server.name,
+                            binding.peer_namespace,
+                            binding.peer_name,
+                            public_key,
+                            seen.last_handshake,
+                            seen.rx_bytes,
+                            seen.tx_bytes,
+                            seen.endpoint,
+                        )
+                    )
+        self.metrics.peers.update(stats)
+        with self._lock:
+            fresh = {
+                s.public_key: s.endpoint
+                for s in stats
+                if s.endpoint and self._endpoints.get(s.public_key) != s.endpoint
+            }
+            self._endpoints.update(fresh)
+            self._unsaved = self._unsaved or bool(fresh)
+        if fresh:
+            self._save()
+        reachable = bool(self._watches()) and all(w.connected for w in self._watches())
+        self.metrics.api_reachable.set(1 if reachable else 0)
+        if self.status is not None and reachable:
+            try:
+                self.status.report(stats)
+            except KubeError as exc:
+                log.warning("peer status not written", extra={"error": str(exc)})
+        return stats
+
+    def healthy(self) -> bool:
+        return time.monotonic() - self.heartbeat < max(120.0, 4 * self.settings.resync_seconds)
+
+
+def _servers_path(namespace: str) -> str:
+    return f"/apis/{API_VERSION}" + (f"/namespaces/{namespace}" if namespace else "") + "/vpnservers"
+
+
+def secret_index(secret: Obj) -> Key | None:
+    """The server a key Secret or binding belongs to (both carry its name as a label)."""
+    meta = secret.get("metadata") or {}
+    server = (meta.get("labels") or {}).get(LABEL_SERVER)
+    return (str(meta.get("namespace") or ""), str(server)) if server else None
+
+
+# --- cleanup ---------------------------------------------------------------------------------------
+
+
+def socket_owner(path: Path) -> int | None:
+    """The pid of the process serving a UAPI socket (SO_PEERCRED): exactly our wireguard-go, no guessing."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1)
+        try:
+            sock.connect(str(path))
+            pid, _, _ = struct.unpack(
+                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            )
+        except OSError:
+            return None
+    return int(pid) or None
+
+
+def cleanup(netns: str | None, state_file: StateFile, socket_dir: Path = SOCKET_DIR, timeout: float = 5.0) -> list[str]:
+    """Removes what the agent created: kvpn-* interfaces with their wireguard-go, the table, the state file."""
+    done = []
+    saved = state_file.load()
+    with Netlink(netns) as netlink:
+        names = set(netlink.interfaces(INTERFACE_PREFIX))
+        names |= {interface_name(*s.key) for s in saved.servers} if saved else set()
+        for name in sorted(names):
+            sock = socket_dir / f"{name}.sock"
+            pid = socket_owner(sock)
+            if pid is not None:
+                _terminate(pid, timeout)
+                done.append(f"stopped wireguard-go {pid} ({name})")
+            if netlink.index(name) is not None:
+                netlink.delete(name)
+                done.append(f"deleted interface {name}")
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+    firewall = Nft(("ip", "netns", "exec", netns) if netns else ())
+    if firewall.list_table() is not None:
+        firewall.delete()
+        done.append("deleted table inet kvpn")
+    if state_file.remove():
+        done.append(f"removed {state_file.path}")
+    logs = state_file.directory / WIREGUARD_GO_LOGS
+    if logs.is_dir():
+        shutil.rmtree(logs, ignore_errors=True)
+        done.append(f"removed {logs}")
+    return done
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    # wireguard-go removes its socket and TUN device on SIGTERM.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
