@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -12,6 +13,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kvpn_agent.model import ObservedLink
+
+log = logging.getLogger(__name__)
 
 IFF_UP = 0x1
 
@@ -111,7 +114,18 @@ def enable_forwarding(families: tuple[int, ...] = (4, 6), proc_sys: Path = Path(
     changed = []
     for family in families:
         path = paths[family]
-        if path.read_text().strip() != "1":
+        if path.read_text().strip() == "1":
+            continue
+        try:
             path.write_text("1\n")
-            changed.append(str(path))
+        except OSError as exc:
+            # An unprivileged container sees /proc/sys read-only. The interface and firewall are still worth
+            # programming; the message says what the node needs.
+            log.error(  # noqa: TRY400 - a fact about the node, not a bug: no traceback
+                "IP forwarding is off and cannot be turned on here (%s): set %s=1 on the node",
+                exc.strerror,
+                str(path.relative_to(proc_sys)).replace("/", "."),
+            )
+            continue
+        changed.append(str(path))
     return changed

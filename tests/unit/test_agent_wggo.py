@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,3 +64,19 @@ def test_forwarding_is_written_only_when_off(tmp_path: Path) -> None:
     assert enable_forwarding((4, 6), proc_sys=tmp_path) == [str(v4)]
     assert v4.read_text() == "1\n"
     assert enable_forwarding((4, 6), proc_sys=tmp_path) == []
+
+
+def test_forwarding_that_cannot_be_written_is_reported_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v4 = tmp_path / "net/ipv4/ip_forward"
+    v4.parent.mkdir(parents=True)
+    v4.write_text("0\n")
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> int:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))  # what an unprivileged container sees
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with caplog.at_level("ERROR"):
+        assert enable_forwarding((4,), proc_sys=tmp_path) == []
+    assert "set net.ipv4.ip_forward=1 on the node" in caplog.text
