@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from kvpn_operator.api import VpnServerSpec, VpnServerStatus
 from kvpn_operator.contract import SERVER_KEY_DATA, PeerBinding
-from kvpn_operator.keys import decode_key, public_key_of
+from kvpn_operator.keys import clamped, decode_key, public_key_of
 
 INTERFACE_PREFIX = "kvpn-"
 IFNAMSIZ = 15  # Linux interface names: 16 bytes including the terminating NUL
@@ -122,7 +122,7 @@ def build_desired(
     except ValidationError as exc:
         raise DesiredStateError("InvalidSpec", f"VpnServer {namespace}/{name}: {exc}") from None
 
-    private_key = _server_private_key(key_secret)
+    private_key = clamped(_server_private_key(key_secret))
     pools = [ipaddress.ip_network(p) for p in spec.address_pool]
     addresses = _server_addresses(status.addresses, pools)
     routes = _collapse(status.routes or spec.routes)

@@ -17,9 +17,22 @@ class InvalidKeyError(ValueError):
 
 def generate_private_key() -> str:
     """A new X25519 private key, in the format of `wg genkey`."""
-    raw = bytearray(X25519PrivateKey.generate().private_bytes_raw())
+    return _clamp(X25519PrivateKey.generate().private_bytes_raw())
+
+
+def clamped(private_key: str) -> str:
+    """The private key as WireGuard stores and reports it (clamped); the same public key.
+
+    A key written by hand may be unclamped: compared with what a device reports, it would always
+    look changed.
+    """
+    return _clamp(decode_key(private_key, "private key"))
+
+
+def _clamp(key: bytes) -> str:
     # Clamp as `wg genkey` does (RFC 7748 section 5). X25519 clamps on use anyway, so this changes no
     # public key; it makes our keys byte-for-byte the kind wg produces.
+    raw = bytearray(key)
     raw[0] &= 248
     raw[31] = (raw[31] & 127) | 64
     return _encode(bytes(raw))

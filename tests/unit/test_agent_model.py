@@ -11,14 +11,14 @@ import pytest
 from kvpn_agent.model import DesiredStateError, build_desired, interface_name, sort_networks
 from kvpn_operator.api import AllowedDestination
 from kvpn_operator.contract import PeerBinding, encode_data
-from kvpn_operator.keys import decode_key, public_key_of
+from kvpn_operator.keys import decode_key, generate_private_key, public_key_of
 
 
 def key() -> str:
     return base64.b64encode(os.urandom(32)).decode()
 
 
-SERVER_KEY = key()
+SERVER_KEY = generate_private_key()
 
 
 def server(**spec: Any) -> dict[str, Any]:
@@ -238,3 +238,14 @@ def test_sort_networks_normalizes_and_orders() -> None:
         "10.8.0.10/32",
         "fd00::1/128",
     )
+
+
+def test_an_unclamped_server_key_is_held_as_the_device_reports_it() -> None:
+    raw = bytearray(decode_key(SERVER_KEY))
+    raw[0] |= 7  # the low bits X25519 clears: same key to WireGuard, different bytes
+    unclamped = base64.b64encode(bytes(raw)).decode()
+    secret = key_secret()
+    secret["data"] = encode_data({"privateKey": unclamped})
+    desired = build_desired(server(), secret, [])
+    assert desired.private_key.get_secret_value() == SERVER_KEY
+    assert desired.public_key == public_key_of(unclamped)
