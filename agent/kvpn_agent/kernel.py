@@ -12,12 +12,11 @@ from pyroute2 import WireGuard
 from kvpn_agent.model import (
     DeviceConfig,
     ObservedDevice,
-    ObservedLink,
     ObservedPeer,
     PeerConfig,
     sort_networks,
 )
-from kvpn_agent.netlink import Netlink
+from kvpn_agent.netlink import Netlink, NetlinkConfigured
 from kvpn_operator.keys import KEY_BYTES
 
 # UNTESTED ON THESE MACHINES: the kernel here has no WireGuard module. The request building and the
@@ -158,14 +157,11 @@ class KernelWireGuard:
             self._wg.set(interface, peer=peer_request(peer))
 
 
-class KernelLink:
+class KernelLink(NetlinkConfigured):
     """LinkBackend for kernel WireGuard: the link is created by netlink, nothing to supervise."""
 
     def __init__(self, netlink: Netlink) -> None:
         self.netlink = netlink
-
-    def observe(self, interface: str) -> ObservedLink | None:
-        return self.netlink.observe(interface)
 
     def create(self, interface: str) -> None:
         self.netlink.delete(interface)
@@ -173,15 +169,3 @@ class KernelLink:
 
     def delete(self, interface: str) -> None:
         self.netlink.delete(interface)
-
-    def set_mtu(self, interface: str, mtu: int) -> None:
-        self.netlink.set_mtu(interface, mtu)
-
-    def add_address(self, interface: str, address: str) -> None:
-        self.netlink.add_address(interface, address)
-
-    def remove_address(self, interface: str, address: str) -> None:
-        self.netlink.remove_address(interface, address)
-
-    def set_up(self, interface: str) -> None:
-        self.netlink.set_up(interface)

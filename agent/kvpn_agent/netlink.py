@@ -129,3 +129,24 @@ def enable_forwarding(families: tuple[int, ...] = (4, 6), proc_sys: Path = Path(
             continue
         changed.append(str(path))
     return changed
+
+
+class NetlinkConfigured:
+    """What both WireGuard backends do the same way once the link exists: look at it and configure it."""
+
+    netlink: Netlink
+
+    def observe(self, interface: str) -> ObservedLink | None:
+        return self.netlink.observe(interface)
+
+    def set_mtu(self, interface: str, mtu: int) -> None:
+        self.netlink.set_mtu(interface, mtu)
+
+    def add_address(self, interface: str, address: str) -> None:
+        self.netlink.add_address(interface, address)
+
+    def remove_address(self, interface: str, address: str) -> None:
+        self.netlink.remove_address(interface, address)
+
+    def set_up(self, interface: str) -> None:
+        self.netlink.set_up(interface)

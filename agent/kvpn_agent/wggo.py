@@ -11,8 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvpn_agent.model import ObservedLink
-from kvpn_agent.netlink import Netlink
+from kvpn_agent.netlink import Netlink, NetlinkConfigured
 from kvpn_agent.uapi import SOCKET_DIR
 
 log = logging.getLogger(__name__)
@@ -110,15 +109,12 @@ class WireGuardGo:
             self.stop(interface)
 
 
-class UserspaceLink:
+class UserspaceLink(NetlinkConfigured):
     """LinkBackend for wireguard-go: the process creates the TUN device, netlink configures it."""
 
     def __init__(self, netlink: Netlink, wggo: WireGuardGo) -> None:
         self.netlink = netlink
         self.wggo = wggo
-
-    def observe(self, interface: str) -> ObservedLink | None:
-        return self.netlink.observe(interface)
 
     def create(self, interface: str) -> None:
         # A link without a live device is a leftover (or a kernel link of the same name): start clean.
@@ -131,15 +127,3 @@ class UserspaceLink:
         self.netlink.delete(interface)
         with contextlib.suppress(FileNotFoundError):
             self.wggo.socket(interface).unlink()
-
-    def set_mtu(self, interface: str, mtu: int) -> None:
-        self.netlink.set_mtu(interface, mtu)
-
-    def add_address(self, interface: str, address: str) -> None:
-        self.netlink.add_address(interface, address)
-
-    def remove_address(self, interface: str, address: str) -> None:
-        self.netlink.remove_address(interface, address)
-
-    def set_up(self, interface: str) -> None:
-        self.netlink.set_up(interface)
