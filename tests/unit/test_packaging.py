@@ -38,6 +38,7 @@ def test_source_roots_are_not_packages() -> None:
     assert source_root == REPO / "operator"
     assert not (source_root / "__init__.py").exists()
     assert not (REPO / "agent" / "__init__.py").exists()
+    assert not (REPO / "cli" / "__init__.py").exists()
 
 
 def test_console_script_help() -> None:

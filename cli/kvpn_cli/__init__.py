@@ -1,0 +1,1 @@
+"""kubectl-vpn: the developer's kubectl plugin for kvpn."""

@@ -1,0 +1,112 @@
+"""kubectl-vpn: parse the command line, run one command, turn every failure into one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvpn_cli import join, peers, tunnel, wgquick
+from kvpn_cli.cluster import CliError, connect
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="kubectl vpn", description="Join a kvpn VPN and see your tunnels.")
+    top.add_argument("--context", help="the kubeconfig context to use (default: the current one)")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str, namespaced: bool = True) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        if namespaced:
+            cmd.add_argument("-n", "--namespace", help="namespace (default: the context's)")
+        cmd.add_argument("--context", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return cmd
+
+    def route_options(cmd: argparse.ArgumentParser, what: str = "write the config") -> None:
+        cmd.add_argument("--force", action="store_true", help=f"{what} even if it overlaps local routes")
+        # Tests (and a check on behalf of another machine) feed `ip -j route` output instead of this host's.
+        cmd.add_argument("--routes-from", type=Path, help=argparse.SUPPRESS)
+
+    j = command("join", "Create a VpnPeer with a key made here and write its wg-quick file (mode 0600).")
+    j.add_argument("server", metavar="SERVER")
+    j.add_argument("--name", default=None, help="VpnPeer name (default: user-host)")
+    j.add_argument("--dns", choices=[m.value for m in wgquick.DnsMode], default="split")
+    j.add_argument("-o", "--output", type=Path, help="file to write (default: ~/.config/kvpn/kvpn-SERVER.conf)")
+    j.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for Ready (default 60)")
+    route_options(j, "write the config (over an existing file, too)")
+
+    c = command("config", "Write the config of a peer whose key the cluster generated.")
+    c.add_argument("peer", metavar="PEER")
+    c.add_argument("-o", "--output", type=Path, help="file to write (mode 0600); standard output by default")
+    route_options(c)
+
+    q = command("qr", "Show a peer's config as a QR code for the WireGuard mobile apps.")
+    q.add_argument("peer", metavar="PEER")
+    q.add_argument("--png", type=Path, help="write a PNG instead of printing to the terminal")
+
+    s = command("status", "List VpnPeers: address, handshake, traffic, readiness.")
+    s.add_argument("-A", "--all-namespaces", action="store_true")
+    s.add_argument("-o", "--output", choices=["json", "yaml"])
+
+    for name, text in (("up", "Bring a tunnel up with wg-quick (Linux)."), ("down", "Take a tunnel down (Linux).")):
+        t = command(name, text, namespaced=False)
+        t.add_argument("target", nargs="?", metavar="SERVER|FILE", help="a config file, or the server it was joined to")
+        if name == "up":
+            route_options(t, "bring it up")
+    return top
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command in ("up", "down"):
+        tunnel.wg_quick(args.command, args.target, getattr(args, "force", False), getattr(args, "routes_from", None))
+        return
+    cluster, default_namespace = connect(args.context)
+    namespace: str = args.namespace or default_namespace
+    if args.command == "join":
+        join.join(cluster, _join_request(args, namespace))
+    elif args.command in ("config", "qr"):
+        config = peers.peer_config(cluster, namespace, args.peer)
+        if args.command == "qr":
+            peers.show_qr(config, args.png)
+        elif args.output is None:
+            print(config, end="")
+        else:
+            join.check_routes(wgquick.allowed_ips(config), args.output.stem, args.force, args.routes_from)
+            wgquick.write_private(args.output, config)
+            print(f"wrote {args.output}")
+    elif args.command == "status":
+        peers.show_status(cluster, None if args.all_namespaces else namespace, args.output)
+
+
+def _join_request(args: argparse.Namespace, namespace: str) -> join.JoinRequest:
+    return join.JoinRequest(
+        server=args.server,
+        name=args.name or join.default_peer_name(),
+        namespace=namespace,
+        dns_mode=wgquick.DnsMode(args.dns),
+        output=args.output or join.config_dir() / f"{wgquick.interface_name(args.server)}.conf",
+        timeout=args.timeout,
+        force=args.force,
+        routes_file=args.routes_from,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except CliError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:  # files we were told to read or write
+        print(f"error: {error.strerror}: {error.filename}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
