@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := wireguard-tools wireguard-go nftables iproute2 iperf3 curl dnsmasq-base zbar-tools
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup venv debs control-plane helm kind-e2e demo test test-unit test-integration lint crds bench clean
+.PHONY: setup venv debs control-plane helm kind-e2e demo demo-down test test-unit test-integration lint crds bench clean
 
 setup: venv control-plane debs helm
 
@@ -41,9 +41,13 @@ debs:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-# The local demo (see README.md): stays up until Ctrl-C, then removes everything it started.
+# The local demo (see README.md): a control plane, the operator, two gateway nodes with agents, a pod
+# network and a laptop, left running in the background; demo-down removes all of it.
 demo:
-	$(PY) hack/demo.py
+	$(SUDO) $(PY) hack/demo.py up
+
+demo-down:
+	$(SUDO) $(PY) hack/demo.py down
 
 test:
 	$(VENV)/bin/pytest -q --durations=15 tests

@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kvpn_operator.contract import binding_selector
 from tests.conftest import TEST_NAMESPACE_LABEL
+from tests.support import chart
 from tests.support.controlplane import ControlPlane, log_tail
 from tests.support.kvpn import Kvpn, wait_for
 from tests.support.operator_process import OperatorProcess
@@ -43,10 +44,10 @@ Doc = dict[str, Any]
 @pytest.fixture(scope="session")
 def tool_dir() -> Path:
     """hack/helm.sh's folder with helm (v4) and kubectl; downloaded once, then cached."""
-    result = subprocess.run([str(REPO / "hack" / "helm.sh")], capture_output=True, text=True, timeout=600, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"hack/helm.sh failed ({result.returncode}):\n{result.stderr}", pytrace=False)
-    return Path(result.stdout.strip().splitlines()[-1])
+    try:
+        return chart.tool_dir()
+    except RuntimeError as error:
+        pytest.fail(str(error), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -378,17 +379,6 @@ def adopt_existing_crds(api: client.ApiClient, release: str, namespace: str) -> 
     return first
 
 
-class _AsServiceAccount:
-    """What OperatorProcess needs of a control plane, with KUBECONFIG pointing at a ServiceAccount's."""
-
-    def __init__(self, plane: ControlPlane, kubeconfig: Path) -> None:
-        self.run_dir = plane.run_dir
-        self._kubeconfig = kubeconfig
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "KUBECONFIG": str(self._kubeconfig)}
-
-
 @pytest.fixture(scope="module")
 def release(
     control_plane: ControlPlane, api: client.ApiClient, helm: Helm, tmp_path_factory: pytest.TempPathFactory
@@ -423,12 +413,12 @@ def release(
 
     folder = tmp_path_factory.mktemp("chart-release")
     kubeconfigs = {
-        role: token_kubeconfig(api, control_plane, namespace, sa, folder / f"{role}.kubeconfig")
+        role: chart.token_kubeconfig(api, control_plane, namespace, sa, folder / f"{role}.kubeconfig")
         for role, sa in (("operator", operator_sa(name)), ("agent", agent_sa(name)))
     }
     # The Deployment's own arguments; OperatorProcess appends its liveness port and log format, which win.
     operator_args = container(one(docs, "Deployment"))["args"]
-    plane: Any = _AsServiceAccount(control_plane, kubeconfigs["operator"])  # duck-typed for OperatorProcess
+    plane: Any = chart.AsServiceAccount(control_plane, kubeconfigs["operator"])  # duck-typed for OperatorProcess
     operator = OperatorProcess(plane, args=operator_args, log_path=folder / "operator.log")
     operator.start()
     try:
@@ -485,28 +475,6 @@ def test_install_creates_the_chart_objects(release: Release, api: client.ApiClie
 
 
 # --- RBAC: enough, and no more ---------------------------------------------------------------------
-
-
-def token_kubeconfig(api: client.ApiClient, control_plane: ControlPlane, namespace: str, sa: str, path: Path) -> Path:
-    """A kubeconfig that authenticates with a fresh TokenRequest token of the ServiceAccount."""
-    request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))
-    token = client.CoreV1Api(api).create_namespaced_service_account_token(sa, namespace, request).status.token
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "test",
-                "cluster": {"server": control_plane.server, "certificate-authority": str(control_plane.ca_file)},
-            }
-        ],
-        "users": [{"name": sa, "user": {"token": token}}],
-        "contexts": [{"name": sa, "context": {"cluster": "test", "user": sa, "namespace": namespace}}],
-        "current-context": sa,
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
 
 
 def can_i(kubectl: str, kubeconfig: Path, check: str) -> bool:
@@ -573,6 +541,7 @@ AGENT_MAY = [
     "get vpnpeers.kvpn.dev -n {peers}",
     "list vpnpeers.kvpn.dev -n {peers}",
     "patch vpnpeers.kvpn.dev -n {peers} --subresource=status",
+    "patch vpnservers.kvpn.dev -n {ns} --subresource=status",  # its Dataplane condition
 ]
 AGENT_MAY_NOT = [
     "get secrets -n {peers}",
@@ -584,7 +553,7 @@ AGENT_MAY_NOT = [
     "delete secrets -n {ns}",
     "watch vpnservers.kvpn.dev -n {elsewhere}",
     "patch vpnservers.kvpn.dev -n {ns}",
-    "patch vpnservers.kvpn.dev -n {ns} --subresource=status",
+    "patch vpnservers.kvpn.dev -n {elsewhere} --subresource=status",
     "patch vpnpeers.kvpn.dev -n {peers}",
     "delete vpnpeers.kvpn.dev -n {peers}",
     "list nodes",
