@@ -23,6 +23,8 @@ Obj = dict[str, Any]
 @dataclass(frozen=True)
 class JoinRequest:
     server: str
+    """The VpnServer: NAME in the peer's namespace, or NAMESPACE/NAME (servers often have a namespace of their own)."""
+
     name: str
     namespace: str
     dns_mode: wgquick.DnsMode
@@ -30,6 +32,14 @@ class JoinRequest:
     timeout: float
     force: bool
     routes_file: Path | None = None
+
+    @property
+    def server_namespace(self) -> str:
+        return self.server.partition("/")[0] if "/" in self.server else self.namespace
+
+    @property
+    def server_name(self) -> str:
+        return self.server.rpartition("/")[2]
 
 
 def default_peer_name() -> str:
@@ -65,9 +75,9 @@ def check_routes(tunnelled: list[str], interface: str, force: bool, routes_file:
 
 
 def join(cluster: Cluster, req: JoinRequest) -> None:
-    server = cluster.get_kvpn(Kind.VPN_SERVER, req.namespace, req.server)
+    server = cluster.get_kvpn(Kind.VPN_SERVER, req.server_namespace, req.server_name)
     if server is None:
-        raise CliError(missing_server_message(cluster, req.namespace, req.server))
+        raise CliError(missing_server_message(cluster, req.server_namespace, req.server_name))
     status = server.get("status") or {}
     if status.get("dnsNameserver"):  # a server that pushes no DNS needs no DNS handling here
         dns.check_mode(req.dns_mode)
@@ -84,7 +94,10 @@ def join(cluster: Cluster, req: JoinRequest) -> None:
 
     private_key = keys.generate_private_key()  # stays in this process and the file it writes
     public_key = keys.public_key_of(private_key)
-    spec = {"serverRef": {"name": req.server}, "publicKey": public_key}
+    ref = {"name": req.server_name}
+    if req.server_namespace != req.namespace:
+        ref["namespace"] = req.server_namespace
+    spec = {"serverRef": ref, "publicKey": public_key}
     cluster.create_kvpn(Kind.VPN_PEER, req.namespace, req.name, spec)
     try:
         peer = wait_ready(cluster, req, public_key)

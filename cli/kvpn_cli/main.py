@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--routes-from", type=Path, help=argparse.SUPPRESS)
 
     j = command("join", "Create a VpnPeer with a key made here and write its wg-quick file (mode 0600).")
-    j.add_argument("server", metavar="SERVER")
+    j.add_argument("server", metavar="SERVER", help="the VpnServer: NAME in the peer's namespace, or NAMESPACE/NAME")
     j.add_argument("--name", default=None, help="VpnPeer name (default: user-host)")
     j.add_argument("--dns", choices=[m.value for m in wgquick.DnsMode], default="split")
     j.add_argument("-o", "--output", type=Path, help="file to write (default: ~/.config/kvpn/kvpn-SERVER.conf)")
@@ -85,7 +85,7 @@ def _join_request(args: argparse.Namespace, namespace: str) -> join.JoinRequest:
         name=args.name or join.default_peer_name(),
         namespace=namespace,
         dns_mode=wgquick.DnsMode(args.dns),
-        output=args.output or join.config_dir() / f"{wgquick.interface_name(args.server)}.conf",
+        output=args.output or join.config_dir() / f"{wgquick.interface_name(args.server.rpartition('/')[2])}.conf",
         timeout=args.timeout,
         force=args.force,
         routes_file=args.routes_from,

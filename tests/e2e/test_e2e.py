@@ -9,15 +9,20 @@ namespace, bounded by curl's --max-time. The tests run in file order and build o
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.support.kvpn import wait_for
 from tests.support.world import (
     DNS_CLUSTER_IP,
     HELLO_CLUSTER_IP,
@@ -33,6 +38,7 @@ from tests.support.world import (
     TrafficLoop,
     World,
     in_ns,
+    run,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.apiserver]
@@ -178,6 +184,31 @@ def test_disabling_a_peer_cuts_it_off_within_two_seconds(world: World, alice: La
     world.kvpn.patch("vpnpeers", PEER_NAMESPACE, "alice", {"disabled": False})
     back = seconds_until(lambda: alice.curl(HELLO_URL, max_time=1) is not None, 15, "alice back")
     print(f"re-enabled -> answering again after {back:.2f} s")
+
+
+def test_kubectl_vpn_join_gives_a_working_tunnel_and_status_shows_its_handshake(world: World) -> None:
+    carol = world.add_laptop("carol", join=True)  # the key pair is made by `kubectl vpn join`, on the laptop
+    match = re.search(r"^PrivateKey = (\S+)$", carol.config, re.M)
+    assert match, carol.config
+    secrets_data = str([s.data for s in world.core.list_secret_for_all_namespaces().items])
+    assert match.group(1) not in secrets_data  # the private key never reached the cluster
+    assert "hello from pod" in curl_ok(carol)  # by name, through cluster DNS pushed by the server
+
+    plugin = str(Path(sys.executable).with_name("kubectl-vpn"))
+    assert world.plane is not None
+
+    def carol_row() -> dict[str, Any] | None:
+        out = run(plugin, "status", "-n", PEER_NAMESPACE, "-o", "json", env=world.plane.env()).stdout  # type: ignore[union-attr]
+        row = next((r for r in json.loads(out) if r["name"] == "carol"), None)
+        return row if row and row["connected"] and row["rx_bytes"] else None
+
+    # The agents report at most every 15 s per peer: the live handshake shows within that.
+    row = wait_for("carol's handshake in `kubectl vpn status`", carol_row, timeout=40, interval=1)
+    assert row["ready"]
+    table = run(plugin, "status", "-n", PEER_NAMESPACE, env=world.plane.env()).stdout
+    line = next(li for li in table.splitlines() if li.split()[:1] == ["carol"])
+    assert "ago" in line
+    assert "yes" in line
 
 
 def test_deleting_a_peer_cuts_it_off_within_two_seconds(world: World) -> None:

@@ -751,8 +751,26 @@ class World:
             )
         return peer, config
 
-    def add_laptop(self, name: str, **spec: Any) -> Laptop:
-        """A VpnPeer, a laptop namespace on the underlay, and wg-quick up there on the peer's config."""
+    def join(self, name: str) -> str:
+        """What a developer does: `kubectl vpn join`, with the key pair made on the laptop; the file it writes."""
+        assert self.plane is not None
+        path = self.run_dir / f"{name}-joined.conf"
+        plugin = str(Path(sys.executable).with_name("kubectl-vpn"))
+        argv = [plugin, "join", f"{CHART_NAMESPACE}/{SERVER}", "-n", PEER_NAMESPACE, "--name", name]
+        # --dns full: the DNS line, which Laptop.up turns into the namespace's resolv.conf (no resolvconf here).
+        run(*argv, "--dns", "full", "-o", str(path), "--timeout", "30", env=self.plane.env())
+        public_key = self.kvpn.get("vpnpeers", PEER_NAMESPACE, name)["status"]["publicKey"]  # type: ignore[index]
+        for agent in self.agents.values():
+            wait_for(
+                f"the agent on {agent.node} to add {name}",
+                lambda a=agent: public_key in a.uapi(self.interface).get().peers,  # type: ignore[misc]
+                timeout=10,
+            )
+        return path.read_text()
+
+    def add_laptop(self, name: str, *, join: bool = False, **spec: Any) -> Laptop:
+        """A laptop namespace on the underlay running wg-quick on a VpnPeer's config: the one the operator
+        wrote, or with `join` the one `kubectl vpn join` wrote with a key made on the laptop."""
         index = len(self.laptops) + 1
         ns = self._netns(f"laptop{index}" if index > 1 else "laptop")
         lan = self.netns["lan"]
@@ -765,7 +783,7 @@ class World:
         self.manifest.save()
         laptop = Laptop(self, name, ns, address, interface)
         self.laptops[name] = laptop
-        _, config = self.add_peer(name, **spec)
+        config = self.join(name) if join else self.add_peer(name, **spec)[1]
         laptop.up(config)
         return laptop
 
