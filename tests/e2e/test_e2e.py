@@ -14,10 +14,8 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +31,7 @@ from tests.support.world import (
     NODE_POD_SIDE,
     NODE_UNDERLAY,
     PEER_NAMESPACE,
+    PLUGIN,
     POD_CIDRS,
     Laptop,
     TrafficLoop,
@@ -194,21 +193,30 @@ def test_kubectl_vpn_join_gives_a_working_tunnel_and_status_shows_its_handshake(
     assert match.group(1) not in secrets_data  # the private key never reached the cluster
     assert "hello from pod" in curl_ok(carol)  # by name, through cluster DNS pushed by the server
 
-    plugin = str(Path(sys.executable).with_name("kubectl-vpn"))
     assert world.plane is not None
 
     def carol_row() -> dict[str, Any] | None:
-        out = run(plugin, "status", "-n", PEER_NAMESPACE, "-o", "json", env=world.plane.env()).stdout  # type: ignore[union-attr]
+        out = run(PLUGIN, "status", "-n", PEER_NAMESPACE, "-o", "json", env=world.plane.env()).stdout  # type: ignore[union-attr]
         row = next((r for r in json.loads(out) if r["name"] == "carol"), None)
         return row if row and row["connected"] and row["rx_bytes"] else None
 
     # The agents report at most every 15 s per peer: the live handshake shows within that.
     row = wait_for("carol's handshake in `kubectl vpn status`", carol_row, timeout=40, interval=1)
     assert row["ready"]
-    table = run(plugin, "status", "-n", PEER_NAMESPACE, env=world.plane.env()).stdout
+    table = run(PLUGIN, "status", "-n", PEER_NAMESPACE, env=world.plane.env()).stdout
     line = next(li for li in table.splitlines() if li.split()[:1] == ["carol"])
     assert "ago" in line
     assert "yes" in line
+
+
+def test_kubectl_vpn_up_and_down_bring_the_tunnel_up_and_down(world: World) -> None:
+    dave = world.add_laptop("dave", plugin_up=True)  # joined with --dns none, then `kubectl vpn up`
+    assert "hello from pod" in curl_ok(dave, HELLO_CLUSTER_IP_URL)
+    dave.plugin("down")
+    assert in_ns(dave.netns, "ip", "link", "show", dave.interface, check=False).returncode != 0
+    assert dave.curl(HELLO_CLUSTER_IP_URL, max_time=1) is None
+    dave.plugin("up")
+    assert "hello from pod" in curl_ok(dave, HELLO_CLUSTER_IP_URL)
 
 
 def test_deleting_a_peer_cuts_it_off_within_two_seconds(world: World) -> None:

@@ -66,6 +66,7 @@ ETC_NETNS = Path("/etc/netns")
 CLUSTER_DOMAIN = "cluster.local"
 CHART_NAMESPACE = "kvpn-system"  # the release, its ServiceAccounts, the VpnServer
 PEER_NAMESPACE = "dev"  # the developers' VpnPeers
+PLUGIN = str(Path(sys.executable).with_name("kubectl-vpn"))  # installed with the project into the venv
 SERVER = "cluster"
 LISTEN_PORT = 51820
 POOL = "10.8.0.0/24"
@@ -321,7 +322,7 @@ class Laptop:
         folder.mkdir(parents=True, exist_ok=True)
         lines = [*(f"nameserver {s}" for s in servers), *([f"search {' '.join(search)}"] if search else [])]
         (folder / "resolv.conf").write_text("\n".join([*lines, "options timeout:1 attempts:2"]) + "\n")
-        path = self.world.run_dir / f"{self.interface}.conf"
+        path = self.config_path
         path.write_text(re.sub(r"^DNS = .*\n", "", config, flags=re.M))
         path.chmod(0o600)
         with (self.world.run_dir / "wg-quick.log").open("a") as log:
@@ -330,6 +331,16 @@ class Laptop:
                 env={**os.environ, "WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"},
                 stdout=log, stderr=log,
             )  # fmt: skip
+
+    @property
+    def config_path(self) -> Path:
+        """wg-quick names the interface after the file: the laptop's unique interface name."""
+        return self.world.run_dir / f"{self.interface}.conf"
+
+    def plugin(self, action: str) -> None:
+        """`kubectl vpn up|down` inside the laptop's namespace, as the developer runs it."""
+        env = {**os.environ, "WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"}
+        in_ns(self.netns, PLUGIN, action, str(self.config_path), env=env)
 
     def curl(self, url: str = HELLO_URL, max_time: float = 3) -> str | None:
         return curl(self.netns, url, max_time)
@@ -751,14 +762,15 @@ class World:
             )
         return peer, config
 
-    def join(self, name: str) -> str:
-        """What a developer does: `kubectl vpn join`, with the key pair made on the laptop; the file it writes."""
+    def join(self, name: str, path: Path, dns: str = "full") -> str:
+        """What a developer does: `kubectl vpn join`, with the key pair made on the laptop; the file it wrote.
+
+        --dns full gives the DNS line, which Laptop.up turns into the namespace's resolv.conf (this machine
+        has no resolvconf); --dns none leaves DNS alone.
+        """
         assert self.plane is not None
-        path = self.run_dir / f"{name}-joined.conf"
-        plugin = str(Path(sys.executable).with_name("kubectl-vpn"))
-        argv = [plugin, "join", f"{CHART_NAMESPACE}/{SERVER}", "-n", PEER_NAMESPACE, "--name", name]
-        # --dns full: the DNS line, which Laptop.up turns into the namespace's resolv.conf (no resolvconf here).
-        run(*argv, "--dns", "full", "-o", str(path), "--timeout", "30", env=self.plane.env())
+        argv = [PLUGIN, "join", f"{CHART_NAMESPACE}/{SERVER}", "-n", PEER_NAMESPACE, "--name", name]
+        run(*argv, "--dns", dns, "-o", str(path), "--timeout", "30", env=self.plane.env())
         public_key = self.kvpn.get("vpnpeers", PEER_NAMESPACE, name)["status"]["publicKey"]  # type: ignore[index]
         for agent in self.agents.values():
             wait_for(
@@ -768,9 +780,10 @@ class World:
             )
         return path.read_text()
 
-    def add_laptop(self, name: str, *, join: bool = False, **spec: Any) -> Laptop:
+    def add_laptop(self, name: str, *, join: bool = False, plugin_up: bool = False, **spec: Any) -> Laptop:
         """A laptop namespace on the underlay running wg-quick on a VpnPeer's config: the one the operator
-        wrote, or with `join` the one `kubectl vpn join` wrote with a key made on the laptop."""
+        wrote, or with `join` the one `kubectl vpn join` wrote with a key made on the laptop. With
+        `plugin_up` the laptop joins without DNS and brings the tunnel up with `kubectl vpn up`."""
         index = len(self.laptops) + 1
         ns = self._netns(f"laptop{index}" if index > 1 else "laptop")
         lan = self.netns["lan"]
@@ -783,8 +796,11 @@ class World:
         self.manifest.save()
         laptop = Laptop(self, name, ns, address, interface)
         self.laptops[name] = laptop
-        config = self.join(name) if join else self.add_peer(name, **spec)[1]
-        laptop.up(config)
+        if plugin_up:
+            laptop.config = self.join(name, laptop.config_path, dns="none")
+            laptop.plugin("up")
+        else:
+            laptop.up(self.join(name, self.run_dir / f"{name}-joined.conf") if join else self.add_peer(name, **spec)[1])
         return laptop
 
     def wait_reachable(self, laptop: Laptop, url: str = HELLO_URL, timeout: float = 15) -> str:
