@@ -1,7 +1,12 @@
-"""VpnPeer status from what a gateway sees: last handshake, bytes, endpoint; the freshest gateway wins."""
+"""VpnPeer status from what a gateway sees: last handshake, bytes, endpoint; the freshest gateway wins.
+
+And the agent's own condition, Dataplane, on the VpnPeers and VpnServers whose desired state it
+cannot program (False, with the reason); removed when the problem is gone.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -9,8 +14,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
 from kvpn_agent.metrics import PeerStats
-from kvpn_operator.api import Kind
+from kvpn_agent.model import PeerProblem
+from kvpn_operator.api import API_VERSION, PLURALS, Condition, Kind
+from kvpn_operator.conditions import Outcome, set_condition
 from kvpn_operator.kube import ConflictError, Kube, KubeError, NotFoundError, kvpn_path
 
 log = logging.getLogger(__name__)
@@ -99,15 +108,7 @@ class StatusReporter:
         return writes
 
     def _fetch(self, namespace: str, names: list[str]) -> dict[str, Obj]:
-        if len(names) > LIST_ABOVE:
-            items = self.kube.list(kvpn_path(Kind.VPN_PEER, namespace))
-            return {str(o["metadata"]["name"]): o for o in items}
-        found = {}
-        for name in names:
-            obj = self.kube.get(kvpn_path(Kind.VPN_PEER, namespace, name))
-            if obj is not None:
-                found[name] = obj
-        return found
+        return _fetch(self.kube, Kind.VPN_PEER, namespace, names)
 
     def _write(self, obj: Obj, mine: PeerStats) -> str:
         patch = status_patch(obj.get("status") or {}, mine)
@@ -135,3 +136,236 @@ class StatusReporter:
 
 def _values(s: PeerStats) -> tuple[object, ...]:
     return (s.last_handshake, s.rx_bytes, s.tx_bytes, s.endpoint)
+
+
+# --- the Dataplane condition -----------------------------------------------------------------------
+
+DATAPLANE = "Dataplane"
+"""The agent's own condition type on VpnPeers and VpnServers; Ready stays the operator's."""
+
+RECHECK = 120.0
+"""Seconds between two reads of an object that has a problem: a condition removed by someone else
+(another gateway whose problem went away first, an operator write that raced ours) comes back."""
+
+Target = tuple[Kind, str, str]
+"""A VpnPeer or VpnServer: kind, namespace, name."""
+
+Problem = tuple[str, str]
+"""A condition's reason and message."""
+
+
+def dataplane_problems(
+    problems: Mapping[tuple[str, str], tuple[Problem | None, Iterable[PeerProblem]]], node: str
+) -> dict[Target, Problem]:
+    """What this node has to say, per object: the server-level problems on their VpnServer, the
+    per-peer ones on their VpnPeer. A binding too broken to name its peer is only logged."""
+    out: dict[Target, list[Problem]] = {}
+    where = f"(gateway node {node})"
+    for (namespace, server), (server_problem, peer_problems) in problems.items():
+        if server_problem is not None:
+            reason, message = server_problem
+            out.setdefault((Kind.VPN_SERVER, namespace, server), []).append((reason, f"{message} {where}"))
+        for p in sorted(peer_problems, key=lambda p: p.binding):
+            if p.peer_namespace and p.peer_name:
+                out.setdefault((Kind.VPN_PEER, p.peer_namespace, p.peer_name), []).append(
+                    (p.reason, f"{p.message} {where}")
+                )
+    return {t: (found[0][0], "; ".join(m for _, m in found)) for t, found in out.items()}
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def conditions_update(current: list[Obj], problem: Problem | None, now: dt.datetime) -> list[Obj] | None:
+    """The whole conditions list with only the Dataplane condition set (False) or removed; None when
+    the list already says that. Every other condition is kept exactly as read."""
+    mine = next((c for c in current if c.get("type") == DATAPLANE), None)
+    if problem is None:
+        return [c for c in current if c.get("type") != DATAPLANE] if mine is not None else None
+    reason, message = problem
+    if mine is not None and (mine.get("status"), mine.get("reason"), mine.get("message")) == ("False", *problem):
+        return None
+    previous: list[Condition] = []
+    if mine is not None:
+        with contextlib.suppress(ValidationError):  # a hand-written, malformed one is replaced
+            previous = [Condition.model_validate(mine)]
+    condition = set_condition(
+        previous, type_=DATAPLANE, outcome=Outcome.waiting(reason, message), generation=None, now=now
+    )[0]
+    entry = condition.model_dump(by_alias=True, mode="json", exclude_none=True)
+    if mine is None:
+        return [*current, entry]
+    return [entry if c is mine else c for c in current]
+
+
+class ConditionReporter:
+    """Keeps this node's Dataplane conditions in line with its problems, in the reporter's pass.
+
+    Only problems are written (a True condition per peer would be a write storm at 10,000 peers);
+    the condition goes when the problem goes. Writes happen only on change, at most once per object
+    per ``min_interval``, and carry the resourceVersion read: the conditions list is written whole
+    (a merge patch cannot change one element of a list), so a concurrent writer is a 409, answered
+    by reading again. With several gateways the condition holds the latest report from any node:
+    they build from the same objects, so they agree but for a moment.
+    """
+
+    def __init__(
+        self,
+        kube: Kube,
+        min_interval: float = MIN_INTERVAL,
+        recheck: float = RECHECK,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        self.kube = kube
+        self.min_interval = min_interval
+        self.recheck = recheck
+        self.clock = clock
+        self.now = now
+        self._said: dict[Target, Problem] = {}
+        """The problem each object was last found or made to hold, for objects with a problem."""
+        self._looked: dict[Target, float] = {}
+        self._wrote: dict[Target, float] = {}
+        self._swept = False
+        self._unswept: set[Target] = set()
+        """VpnPeers found with a Dataplane condition at start and not looked at since."""
+
+    def report(self, wanted: Mapping[Target, Problem], servers: Iterable[Obj] = ()) -> int:
+        """Sets and removes conditions as needed; returns the number of writes.
+
+        ``servers`` are the VpnServers this node serves, as last read: one still holding a Dataplane
+        condition this node has no problem for gets it removed. The VpnPeers are looked at once per
+        start (one LIST), for a condition whose problem went away while no agent was running.
+        Raises KubeError when the API server cannot be reached.
+        """
+        clock = self.clock()
+        stale = self._stale(wanted, servers)
+        due = {
+            t
+            for t in (set(wanted) | set(self._said) | stale)
+            if clock - self._wrote.get(t, -math.inf) >= self.min_interval
+            and (
+                t in stale
+                or self._said.get(t) != wanted.get(t)
+                or clock - self._looked.get(t, -math.inf) >= self.recheck
+            )
+        }
+        writes = 0
+        by_place: dict[tuple[Kind, str], list[str]] = {}
+        for kind, namespace, name in due:
+            by_place.setdefault((kind, namespace), []).append(name)
+        for (kind, namespace), names in sorted(by_place.items()):
+            objects = _fetch(self.kube, kind, namespace, sorted(names))
+            for name in sorted(names):
+                target = (kind, namespace, name)
+                outcome = self._write(target, objects.get(name), wanted.get(target))
+                if outcome == "failed":
+                    continue  # looked at again in the next pass
+                writes += outcome == "written"
+                self._unswept.discard(target)
+                self._looked[target] = clock
+                if outcome == "written":
+                    self._wrote[target] = clock
+                if target in wanted:  # gone too: a binding whose VpnPeer is gone is looked for again later
+                    self._said[target] = wanted[target]
+                else:
+                    self._said.pop(target, None)
+        self._forget(wanted, clock)
+        return writes
+
+    def _stale(self, wanted: Mapping[Target, Problem], servers: Iterable[Obj]) -> set[Target]:
+        """Objects holding a Dataplane condition this node has no problem for."""
+        served: set[tuple[str, str]] = set()
+        stale: set[Target] = set()
+        for server in servers:
+            meta = server.get("metadata") or {}
+            target = (Kind.VPN_SERVER, str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+            served.add(target[1:])
+            if _has_dataplane(server):
+                stale.add(target)
+        if not self._swept:
+            self._unswept = self._sweep_peers(served)
+            self._swept = True
+        return (stale | self._unswept) - set(wanted)
+
+    def _forget(self, wanted: Mapping[Target, Problem], clock: float) -> None:
+        """Drops what is known of objects without a problem, once their write interval is over."""
+        for target in set(self._looked) - set(wanted) - set(self._said):
+            self._looked.pop(target)
+        for target in set(self._wrote) - set(wanted) - set(self._said):
+            if clock - self._wrote[target] >= self.min_interval:
+                self._wrote.pop(target)
+
+    def _sweep_peers(self, served: set[tuple[str, str]]) -> set[Target]:
+        if not served:
+            return set()
+        try:
+            peers = self.kube.list(f"/apis/{API_VERSION}/{PLURALS[Kind.VPN_PEER]}")
+        except KubeError as exc:
+            if exc.status == 0:
+                raise
+            log.warning("VpnPeers not listed: stale Dataplane conditions stay", extra={"error": str(exc)})
+            return set()
+        found = set()
+        for peer in peers:
+            meta, ref = peer.get("metadata") or {}, (peer.get("spec") or {}).get("serverRef") or {}
+            namespace = str(meta.get("namespace") or "")
+            if _has_dataplane(peer) and (ref.get("namespace") or namespace, ref.get("name")) in served:
+                found.add((Kind.VPN_PEER, namespace, str(meta.get("name"))))
+        return found
+
+    def _write(self, target: Target, obj: Obj | None, problem: Problem | None) -> str:
+        kind, namespace, name = target
+        path = kvpn_path(kind, namespace, name, "status")
+        for _ in range(3):
+            if obj is None:
+                return "gone"
+            conditions = conditions_update(list((obj.get("status") or {}).get("conditions") or []), problem, self.now())
+            if conditions is None:
+                return "unchanged"
+            body = {
+                "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
+                "status": {"conditions": conditions},
+            }
+            try:
+                self.kube.merge_patch(path, body)
+            except ConflictError:
+                obj = self.kube.get(kvpn_path(kind, namespace, name))
+                continue
+            except NotFoundError:
+                return "gone"
+            except KubeError as exc:
+                if exc.status == 0:
+                    raise
+                log.warning(
+                    "Dataplane condition not written",
+                    extra={"kind": kind.value, "namespace": namespace, "object": name, "error": str(exc)},
+                )
+                return "failed"
+            log.info(
+                "Dataplane condition set" if problem else "Dataplane condition removed",
+                extra={
+                    "kind": kind.value,
+                    "namespace": namespace,
+                    "object": name,
+                    "reason": problem[0] if problem else "",
+                },
+            )
+            return "written"
+        return "failed"
+
+
+def _has_dataplane(obj: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == DATAPLANE for c in (obj.get("status") or {}).get("conditions") or [])
+
+
+def _fetch(kube: Kube, kind: Kind, namespace: str, names: list[str]) -> dict[str, Obj]:
+    if len(names) > LIST_ABOVE:
+        return {str(o["metadata"]["name"]): o for o in kube.list(kvpn_path(kind, namespace))}
+    found = {}
+    for name in names:
+        obj = kube.get(kvpn_path(kind, namespace, name))
+        if obj is not None:
+            found[name] = obj
+    return found

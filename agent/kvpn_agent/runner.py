@@ -25,7 +25,7 @@ from kvpn_agent.metrics import Metrics, PeerStats
 from kvpn_agent.model import INTERFACE_PREFIX, DesiredServer, DesiredStateError, PeerProblem, interface_name
 from kvpn_agent.netlink import Netlink, enable_forwarding
 from kvpn_agent.nft import Nft, NftError
-from kvpn_agent.report import StatusReporter
+from kvpn_agent.report import ConditionReporter, StatusReporter, dataplane_problems
 from kvpn_agent.state import ServerInputs, StateFile, selected
 from kvpn_agent.sync import SERVER_ERRORS, Firewall, LinkBackend, NodeState, UapiBackend, WireGuardBackend, sync
 from kvpn_agent.uapi import SOCKET_DIR
@@ -151,6 +151,9 @@ class Agent:
         self._dead_pids: set[int] = set()
         self.kube = Kube(api, timeout=10.0) if api is not None else None
         self.status = StatusReporter(self.kube) if self.kube is not None else None
+        self.conditions = ConditionReporter(self.kube) if self.kube is not None else None
+        self.node = settings.node_name or socket.gethostname()
+        """How this gateway names itself in Dataplane conditions."""
         self.server_watches: dict[str, Informer] = {}
         self.secret_watches: dict[str, Informer] = {}
         if api is not None:
@@ -371,10 +374,11 @@ class Agent:
             )
         for p in sorted(old_peers - new[1], key=lambda p: p.binding):
             log.info("peer problem resolved", extra={"namespace": ns, "server": name, "binding": p.binding})
-        if server is None and new[1] == frozenset():
-            self._problems.pop(key, None)
-        else:
-            self._problems[key] = new
+        with self._lock:  # the reporter's thread turns them into Dataplane conditions
+            if server is None and new[1] == frozenset():
+                self._problems.pop(key, None)
+            else:
+                self._problems[key] = new
         counts: dict[tuple[str, str, str], int] = {}
         for (pns, pname), (srv, prs) in self._problems.items():
             for reason in [srv[0]] if srv else []:
@@ -504,6 +508,15 @@ class Agent:
                 self.status.report(stats)
             except KubeError as exc:
                 log.warning("peer status not written", extra={"error": str(exc)})
+        if self.conditions is not None and reachable and self._from_api and self.ready.is_set():
+            # Only once the desired state comes from the API: before that every problem looks solved.
+            with self._lock:
+                problems = dict(self._problems)
+                served = [inputs.server for inputs, _ in self._good.values()]
+            try:
+                self.conditions.report(dataplane_problems(problems, self.node), served)
+            except KubeError as exc:
+                log.warning("Dataplane conditions not written", extra={"error": str(exc)})
         return stats
 
     def healthy(self) -> bool:

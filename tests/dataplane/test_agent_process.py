@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import json
@@ -25,6 +26,7 @@ from kubernetes import client
 
 from kvpn_agent.model import interface_name
 from kvpn_agent.uapi import UapiClient
+from kvpn_operator.contract import binding_secret_name
 from tests.dataplane.conftest import LISTEN_PORT, NODE_SIDE, POOL, PORT, SERVICE, SERVICE_NET, UNDERLAY_NODE, Site
 from tests.dataplane.kit import Lab, curl, run, wait_for
 from tests.support.controlplane import ControlPlane, die_with_parent, free_port
@@ -344,6 +346,49 @@ def wait_for_value(probe: Any, timeout: float, what: str) -> Any:
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def dataplane_condition(world: World, peer: str) -> dict[str, Any] | None:
+    conditions = ((world.kvpn.get("vpnpeers", world.namespace, peer) or {}).get("status") or {}).get("conditions")
+    return next((c for c in conditions or [] if c["type"] == "Dataplane"), None)
+
+
+def test_a_bad_binding_is_a_dataplane_condition_on_its_peer_and_the_rest_keeps_working(world: World) -> None:
+    connected(world)
+    world.kvpn.peer(world.namespace, "tablet", server=SERVER)
+    tablet = world.kvpn.wait_ready("vpnpeers", world.namespace, "tablet")["status"]
+    wait_for(lambda: tablet["publicKey"] in world.uapi().get().peers, 10, "the agent to add the tablet")
+    assert dataplane_condition(world, "tablet") is None  # no problem, no condition
+    assert dataplane_condition(world, "laptop") is None
+
+    # A malformed key that slipped through into the binding (the operator would never write it).
+    core = client.CoreV1Api(world.kvpn.core.api_client)
+    binding = binding_secret_name(SERVER, tablet["address"])
+    good_key = core.read_namespaced_secret(binding, world.namespace).data["publicKey"]
+    core.patch_namespaced_secret(
+        binding, world.namespace, {"data": {"publicKey": base64.b64encode(b"garbage").decode()}}
+    )
+    condition = wait_for_value(lambda: dataplane_condition(world, "tablet"), 10, "the Dataplane condition")
+    assert condition["status"] == "False"
+    assert condition["reason"] == "InvalidPublicKey"
+    assert f"gateway node kvt-{world.site.lab.token}" in condition["message"], condition
+    assert tablet["publicKey"] not in world.uapi().get().peers
+    assert world.reach() == NODE_SIDE, world.diagnose()  # the other peer keeps working
+    peer = world.kvpn.get("vpnpeers", world.namespace, "tablet") or {}
+    ready = next(c for c in peer["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"  # the operator's, untouched
+    assert peer["status"]["address"] == tablet["address"]
+    assert dataplane_condition(world, "laptop") is None
+
+    started = time.monotonic()
+    core.patch_namespaced_secret(binding, world.namespace, {"data": {"publicKey": good_key}})
+    wait_for(lambda: tablet["publicKey"] in world.uapi().get().peers, 5, "the tablet to come back")
+    # At most one write per peer per 15 s: the removal may wait for that.
+    wait_for(lambda: dataplane_condition(world, "tablet") is None, 20, "the Dataplane condition to go")
+    print(f"binding fixed -> Dataplane condition removed: {time.monotonic() - started:.1f} s")
+    peer = world.kvpn.get("vpnpeers", world.namespace, "tablet") or {}
+    assert [c["type"] for c in peer["status"]["conditions"]] == ["Ready"]
+    assert world.reach() == NODE_SIDE, world.diagnose()
 
 
 def test_disabling_the_peer_cuts_it_off_within_two_seconds(world: World) -> None:

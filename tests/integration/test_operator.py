@@ -350,3 +350,39 @@ def test_no_write_when_nothing_changed(kvpn: Kvpn, namespace: str, operator: Ope
         interval=1,
     )
     assert versions() == before
+
+
+def test_a_condition_of_another_type_survives_a_reconcile(kvpn: Kvpn, namespace: str) -> None:
+    """The agent writes its own Dataplane condition into the list the operator writes Ready into."""
+    kvpn.server(namespace, "dev")
+    kvpn.peer(namespace, "alice")
+    peer = kvpn.wait_ready(PEERS, namespace, "alice")
+    server = kvpn.wait_ready(SERVERS, namespace, "dev")
+    dataplane = {
+        "type": "Dataplane",
+        "status": "False",
+        "reason": "InvalidPublicKey",
+        "message": "publicKey is not 32 bytes (gateway node gw-1)",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    for plural, obj in ((PEERS, peer), (SERVERS, server)):
+        kvpn.custom.patch_namespaced_custom_object_status(
+            "kvpn.dev", "v1alpha1", namespace, plural, obj["metadata"]["name"],
+            {"status": {"conditions": [*obj["status"]["conditions"], dataplane]}},
+        )  # fmt: skip
+
+    # A spec change of each: the operator reconciles both and rewrites Ready.
+    kvpn.patch(PEERS, namespace, "alice", {"disabled": True})
+    kvpn.patch(SERVERS, namespace, "dev", {"mtu": 1380})
+    peer = kvpn.wait_ready(PEERS, namespace, "alice", status="False", reason="Disabled")
+
+    def reconciled() -> dict[str, object] | None:
+        found = kvpn.get(SERVERS, namespace, "dev") or {}
+        status = found.get("status") or {}
+        return found if status.get("observedGeneration") == found["metadata"]["generation"] else None
+
+    server = wait_for("the server's reconcile", reconciled)
+    for obj in (peer, server):
+        by_type = {c["type"]: c for c in obj["status"]["conditions"]}
+        assert set(by_type) == {"Ready", "Dataplane"}, obj["status"]
+        assert by_type["Dataplane"] == dataplane
