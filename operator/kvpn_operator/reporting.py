@@ -44,11 +44,25 @@ def _same(current: Obj, desired: Obj) -> bool:
     return all(current.get(k) == v for k, v in desired.items())
 
 
+def _with_their_conditions(desired: Obj, current: Obj) -> Obj:
+    """`desired` with the conditions of types the operator does not own taken from `current`.
+
+    Others write conditions too (the agents' Dataplane): a list built from a stale copy must not
+    undo what they wrote since.
+    """
+    if "conditions" not in desired:
+        return desired
+    ours = [c for c in desired["conditions"] or [] if c.get("type") == READY]
+    theirs = [c for c in current.get("conditions") or [] if c.get("type") != READY]
+    return {**desired, "conditions": ours + theirs}
+
+
 def write_status(kube: Kube, status_path: str, obj: Obj, desired: Obj) -> bool:
     """Merge-patches the status fields in `desired` (None deletes one), unless they already hold.
 
     The patch carries the resourceVersion it was computed from, so a reconcile working from a stale
-    copy cannot overwrite a newer status: on conflict it reads the object again and compares again.
+    copy cannot overwrite a newer status: on conflict it reads the object again, keeps the conditions
+    others wrote meanwhile, and compares again.
     """
     for _ in range(3):
         if _same(obj.get("status") or {}, desired):
@@ -63,6 +77,7 @@ def write_status(kube: Kube, status_path: str, obj: Obj, desired: Obj) -> bool:
             if fresh is None:
                 return False
             obj = fresh
+            desired = _with_their_conditions(desired, obj.get("status") or {})
             continue
         return True
     raise ConflictError(409, f"status of {obj['metadata'].get('name')} kept changing under three attempts")

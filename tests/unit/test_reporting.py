@@ -185,3 +185,21 @@ def test_three_conflicts_raise_conflict_error() -> None:
     with pytest.raises(ConflictError, match="office"):
         write_status(cast(Kube, kube), STATUS_PATH, server("7", {}), {"endpoint": "new:1"})
     assert [p["metadata"]["resourceVersion"] for _, p in kube.patches] == ["7", "8", "9"]
+
+
+def test_conflict_keeps_a_condition_another_writer_added_meanwhile() -> None:
+    """An agent wrote its Dataplane condition between the operator's read and its patch."""
+    ready = {"type": "Ready", "status": "True", "reason": "Ready", "message": "", "lastTransitionTime": "T1"}
+    dataplane = {
+        "type": "Dataplane",
+        "status": "False",
+        "reason": "InvalidPublicKey",
+        "message": "m",
+        "lastTransitionTime": "T2",
+    }
+    stale_ready = {**ready, "status": "False", "reason": "ServerNotReady"}
+    kube = FakeKube(conflicts=1, fresh=[server("8", {"conditions": [stale_ready, dataplane]})])
+    assert write_status(
+        cast(Kube, kube), STATUS_PATH, server("7", {"conditions": [stale_ready]}), {"conditions": [ready]}
+    )
+    assert kube.patches[-1][1]["status"]["conditions"] == [ready, dataplane]
