@@ -55,6 +55,7 @@ def test_ipv6_ranges_compare_only_with_ipv6_routes() -> None:
     assert [(t, r.dev) for t, r in find_conflicts(["fd00:10::/64"], routes, "kvpn-dev")] == [("fd00:10::/64", "wg1")]
 
 
-@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2")
 def test_this_machines_routes_parse() -> None:
+    if shutil.which("ip") is None:
+        pytest.fail("needs iproute2's ip (make setup)", pytrace=False)
     assert all(r.network.prefixlen > 0 for r in read_routes())
