@@ -365,7 +365,11 @@ def claim(
         book.confirm(peer.uid, index)
         break
     if current is not None and current != index:
-        _delete_binding(kube, book, server, peer.uid, current)
+        _delete_binding(kube, server, peer.uid, book.pool.addresses(current)[0])
+        book.release(peer.uid, current)
+    elif current is None and peer.status.address and peer.status.address != binding.addresses[0]:
+        # The address it held is no longer in the pool (the server's addressPool changed): free its name too.
+        _delete_binding(kube, server, peer.uid, peer.status.address)
     return binding
 
 
@@ -398,13 +402,13 @@ def _update_binding(kube: Kube, server: Obj, binding: PeerBinding) -> PeerBindin
     return binding
 
 
-def _delete_binding(kube: Kube, book: AddressBook, server: Obj, uid: str, index: int) -> None:
+def _delete_binding(kube: Kube, server: Obj, uid: str, address: str) -> None:
+    """Deletes the binding named after `address` if it is this peer's (by UID), and only then."""
     meta = server["metadata"]
-    path = core_path("secrets", meta["namespace"], binding_secret_name(meta["name"], book.pool.addresses(index)[0]))
+    path = core_path("secrets", meta["namespace"], binding_secret_name(meta["name"], address))
     secret = kube.get(path)
     if secret and (secret["metadata"].get("labels") or {}).get(LABEL_PEER_UID) == uid:
         kube.delete(path, uid=secret["metadata"]["uid"])
-    book.release(uid, index)
 
 
 def _ensure_config_secret(

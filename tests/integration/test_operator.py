@@ -386,3 +386,29 @@ def test_a_condition_of_another_type_survives_a_reconcile(kvpn: Kvpn, namespace:
         by_type = {c["type"]: c for c in obj["status"]["conditions"]}
         assert set(by_type) == {"Ready", "Dataplane"}, obj["status"]
         assert by_type["Dataplane"] == dataplane
+
+
+def test_a_changed_pool_moves_peers_and_frees_their_old_bindings(kvpn: Kvpn, namespace: str) -> None:
+    kvpn.server(namespace, "dev", addressPool=["10.8.0.0/24"])
+    kvpn.peer(namespace, "mover")
+    assert kvpn.wait_ready(PEERS, namespace, "mover")["status"]["address"] == "10.8.0.2"
+
+    kvpn.patch(SERVERS, namespace, "dev", {"addressPool": ["10.9.0.0/24"]})
+    moved = wait_for(
+        "the peer at an address of the new pool",
+        lambda: (
+            p
+            if (p := kvpn.get(PEERS, namespace, "mover"))
+            and p["status"].get("address", "").startswith("10.9.")
+            and ready(p) == ("True", "Ready")
+            else None
+        ),
+        timeout=30,
+    )
+    assert moved["status"]["address"] == "10.9.0.2"
+    bindings = wait_for(
+        "one binding, at the new address",
+        lambda: b if len(b := kvpn.secrets(namespace, binding_selector("dev"))) == 1 else None,
+        timeout=10,
+    )
+    assert bindings[0].metadata.name == "kvpn-dev-10-9-0-2"
