@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import bisect
+import contextlib
 import functools
 import hashlib
 import ipaddress
@@ -28,6 +30,10 @@ class DesiredStateError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+Claim = str | ipaddress.IPv4Address | ipaddress.IPv6Address
+"""What a binding competes for with the others: its public key and its addresses."""
 
 
 class PeerProblem(BaseModel):
@@ -107,6 +113,7 @@ def build_desired(
     bindings: Iterable[Mapping[str, Any]],
     *,
     interface: str | None = None,
+    judged: dict[str, Judged] | None = None,
 ) -> DesiredServer:
     """The desired state of one server from the objects of the operator→agent contract.
 
@@ -130,7 +137,7 @@ def build_desired(
     dns = tuple(status.dns_nameserver.split(",")) if spec.dns.enabled and status.dns_nameserver else ()
     public_key = public_key_of(private_key)
     server_ips = {ipaddress.ip_interface(a).ip for a in addresses}
-    peers, problems = _peers(bindings, pools, route_nets, public_key, server_ips)
+    peers, problems = _peers(bindings, pools, route_nets, public_key, server_ips, judged=judged)
     return DesiredServer(
         namespace=namespace,
         name=name,
@@ -226,53 +233,67 @@ def _peers(
     routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
     server_public_key: str,
     server_ips: set[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    *,
+    judged: dict[str, Judged] | None = None,
 ) -> tuple[tuple[PeerBinding, ...], tuple[PeerProblem, ...]]:
+    """The accepted peers and the problems; ``judged`` gets each binding's outcome by Secret name."""
     peers: list[PeerBinding] = []
     problems: list[PeerProblem] = []
     keys: set[str] = {server_public_key}
     taken = set(server_ips)
     for secret in sorted(secrets, key=_sort_key):
-        secret_name = str((secret.get("metadata") or {}).get("name", ""))
-        try:
-            binding = _parse_binding(secret)
-        except (ValidationError, ValueError, UnicodeDecodeError) as exc:
-            problems.append(PeerProblem(binding=secret_name, reason="InvalidBinding", message=_short(exc)))
-            continue
-        reject = _check(binding, pools, keys, taken)
-        if reject is not None:
-            reason, message = reject
-            problems.append(
-                PeerProblem(
-                    binding=secret_name,
-                    peer_namespace=binding.peer_namespace,
-                    peer_name=binding.peer_name,
-                    reason=reason,
-                    message=message,
-                )
-            )
-            continue
-        if not binding.enabled or not binding.public_key:
-            continue  # not an error: disabled, expired, or the key is still being set up
-        keys.add(binding.public_key)
-        taken.update(_ip(a) for a in binding.addresses)
-        kept = [d for d in binding.allowed_destinations if _inside(d.cidr, routes)]
-        dropped = [d.cidr for d in binding.allowed_destinations if not _inside(d.cidr, routes)]
-        if dropped:
-            problems.append(
-                PeerProblem(
-                    binding=secret_name,
-                    peer_namespace=binding.peer_namespace,
-                    peer_name=binding.peer_name,
-                    reason="DestinationOutsideRoutes",
-                    message=f"allowedDestinations outside the server's routes: {', '.join(dropped)}",
-                )
-            )
-            if not kept:
-                # Dropping every destination must not widen the peer to all routes.
-                continue
-        peers.append(binding.model_copy(update={"allowed_destinations": kept}) if dropped else binding)
+        peer, problem = _judge(secret, pools, routes, keys, taken)
+        if judged is not None:
+            judged[str((secret.get("metadata") or {}).get("name", ""))] = (_sort_key(secret), peer, problem)
+        if problem is not None:
+            problems.append(problem)
+        if peer is not None:
+            peers.append(peer)
     peers.sort(key=lambda p: _address_key(p.addresses[0]))
     return tuple(peers), tuple(problems)
+
+
+def _judge(
+    secret: Mapping[str, Any],
+    pools: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    keys: set[str],
+    taken: set[ipaddress.IPv4Address | ipaddress.IPv6Address],
+) -> tuple[PeerBinding | None, PeerProblem | None]:
+    """One binding against the keys and addresses older bindings hold (both updated when it is accepted)."""
+    secret_name = str((secret.get("metadata") or {}).get("name", ""))
+    try:
+        binding = _parse_binding(secret)
+    except (ValidationError, ValueError, UnicodeDecodeError) as exc:
+        return None, PeerProblem(binding=secret_name, reason="InvalidBinding", message=_short(exc))
+    reject = _check(binding, pools, keys, taken)
+    if reject is not None:
+        reason, message = reject
+        return None, PeerProblem(
+            binding=secret_name,
+            peer_namespace=binding.peer_namespace,
+            peer_name=binding.peer_name,
+            reason=reason,
+            message=message,
+        )
+    if not binding.enabled or not binding.public_key:
+        return None, None  # not an error: disabled, expired, or the key is still being set up
+    keys.add(binding.public_key)
+    taken.update(_ip(a) for a in binding.addresses)
+    kept = [d for d in binding.allowed_destinations if _inside(d.cidr, routes)]
+    dropped = [d.cidr for d in binding.allowed_destinations if not _inside(d.cidr, routes)]
+    if not dropped:
+        return binding, None
+    problem = PeerProblem(
+        binding=secret_name,
+        peer_namespace=binding.peer_namespace,
+        peer_name=binding.peer_name,
+        reason="DestinationOutsideRoutes",
+        message=f"allowedDestinations outside the server's routes: {', '.join(dropped)}",
+    )
+    if not kept:
+        return None, problem  # dropping every destination must not widen the peer to all routes
+    return binding.model_copy(update={"allowed_destinations": kept}), problem
 
 
 def _check(
@@ -312,6 +333,141 @@ def _address_key(address: str) -> tuple[int, int]:
 def _short(exc: Exception) -> str:
     text = str(exc).splitlines()
     return text[0] if text else type(exc).__name__
+
+
+Judged = tuple[tuple[str, str], PeerBinding | None, PeerProblem | None]
+"""A binding's sort key (its age), the peer it became (or None) and its problem (or None)."""
+
+
+class DesiredBuilder:
+    """One server's desired state kept current one binding change at a time (the watch-event path).
+
+    ``apply`` gives exactly what ``build_desired`` over the current bindings gives. A binding's
+    outcome depends on the others only through the public key and addresses it claims (older
+    bindings win), so a change whose claims no other binding shares is patched in and out alone;
+    any other change rebuilds from all bindings. Not thread-safe: used by the sync loop only.
+    """
+
+    def __init__(
+        self,
+        server: Mapping[str, Any],
+        key_secret: Mapping[str, Any] | None,
+        bindings: Iterable[Mapping[str, Any]],
+        *,
+        interface: str | None = None,
+    ) -> None:
+        self._server, self._key_secret, self._interface = server, key_secret, interface
+        self.secrets: dict[str, Mapping[str, Any]] = {_secret_name(b): b for b in bindings}
+        self.desired = self._rebuild()  # raises DesiredStateError like build_desired
+        self._pools = [ipaddress.ip_network(p) for p in self.desired.pools]
+        self._routes = [ipaddress.ip_network(r) for r in self.desired.routes]
+        self._server_ips = {ipaddress.ip_interface(a).ip for a in self.desired.addresses}
+
+    def _rebuild(self) -> DesiredServer:
+        judged: dict[str, Judged] = {}
+        desired = build_desired(
+            self._server, self._key_secret, self.secrets.values(), interface=self._interface, judged=judged
+        )
+        self._claims = {name: _claims(secret) for name, secret in self.secrets.items()}
+        self._count: dict[Claim, int] = {}
+        for claims in self._claims.values():
+            for claim in claims:
+                self._count[claim] = self._count.get(claim, 0) + 1
+        self._peer = {name: peer for name, (_, peer, _) in judged.items() if peer is not None}
+        self._problem = {name: (age, problem) for name, (age, _, problem) in judged.items() if problem is not None}
+        self._keys = [_address_key(p.addresses[0]) for p in desired.peers]
+        self._peers = list(desired.peers)
+        return desired
+
+    def apply(self, changes: Mapping[str, Mapping[str, Any] | None]) -> DesiredServer:
+        """Binding Secret name → its new version, or None when it is gone; the new desired state."""
+        full = False
+        for name, secret in changes.items():
+            old = self._claims.pop(name, ())
+            for claim in old:
+                self._count[claim] -= 1
+                if not self._count[claim]:
+                    del self._count[claim]
+            self.secrets.pop(name, None)
+            new = _claims(secret) if secret is not None else ()
+            full = full or any(c in self._count for c in (*old, *new))
+            if secret is not None:
+                self.secrets[name] = secret
+                self._claims[name] = new
+                for claim in new:
+                    self._count[claim] = self._count.get(claim, 0) + 1
+            if not full:
+                self._patch(name, secret)
+        if full:
+            self.desired = self._rebuild()
+            return self.desired
+        problems = sorted(self._problem.values(), key=lambda item: item[0])
+        self.desired = self.desired.model_copy(
+            update={"peers": tuple(self._peers), "problems": tuple(p for _, p in problems)}
+        )
+        return self.desired
+
+    def _patch(self, name: str, secret: Mapping[str, Any] | None) -> None:
+        if (gone := self._peer.pop(name, None)) is not None:
+            i = bisect.bisect_left(self._keys, _address_key(gone.addresses[0]))
+            del self._keys[i], self._peers[i]
+        self._problem.pop(name, None)
+        if secret is None:
+            return
+        peer, problem = _judge(secret, self._pools, self._routes, {self.desired.public_key}, set(self._server_ips))
+        if problem is not None:
+            self._problem[name] = (_sort_key(secret), problem)
+        if peer is not None:
+            self._peer[name] = peer
+            key = _address_key(peer.addresses[0])
+            i = bisect.bisect_left(self._keys, key)
+            self._keys.insert(i, key)
+            self._peers.insert(i, peer)
+
+
+def changed_peers(
+    old: DesiredServer | None, new: DesiredServer | None
+) -> tuple[tuple[PeerBinding, ...], tuple[PeerBinding, ...]]:
+    """The peers only ``old`` has and those only ``new`` has, by identity, each in its server's order.
+
+    A peer kept by a DesiredBuilder is the same object in both; an equal but rebuilt one counts as
+    changed, which costs planning it again and nothing else.
+    """
+    global _last_change  # noqa: PLW0603 - one sync asks three times (plan, assumed state, ruleset)
+    if _last_change is not None and _last_change[0] is old and _last_change[1] is new:
+        return _last_change[2]
+    old_peers, new_peers = (old.peers if old else ()), (new.peers if new else ())
+    # Set operations over ids run in C: at 10,000 peers a Python loop over them is most of the cost.
+    before, after = (
+        dict(zip(map(id, old_peers), old_peers, strict=True)),
+        dict(zip(map(id, new_peers), new_peers, strict=True)),
+    )
+    gone = sorted((before[i] for i in before.keys() - after.keys()), key=lambda p: _address_key(p.addresses[0]))
+    added = sorted((after[i] for i in after.keys() - before.keys()), key=lambda p: _address_key(p.addresses[0]))
+    result = (tuple(gone), tuple(added))
+    _last_change = (old, new, result)
+    return result
+
+
+_last_change: (
+    tuple[DesiredServer | None, DesiredServer | None, tuple[tuple[PeerBinding, ...], tuple[PeerBinding, ...]]] | None
+) = None
+
+
+def _secret_name(secret: Mapping[str, Any]) -> str:
+    return str((secret.get("metadata") or {}).get("name", ""))
+
+
+def _claims(secret: Mapping[str, Any]) -> tuple[Claim, ...]:
+    try:
+        binding = _parse_binding(secret)
+    except (ValidationError, ValueError, UnicodeDecodeError):
+        return ()  # refused whatever the others hold
+    claims: list[Claim] = [binding.public_key] if binding.public_key else []
+    for address in binding.addresses:
+        with contextlib.suppress(ValueError):
+            claims.append(_ip(address))
+    return tuple(claims)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpn_agent.model import DesiredServer, host_prefix
+from kvpn_agent.model import DesiredServer, changed_peers, host_prefix
 from kvpn_operator.api import AllowedDestination, Protocol
+from kvpn_operator.contract import PeerBinding
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,8 @@ class ObservedRuleset:
     peer_map: Mapping[MapKey, str]
 
 
-def build_ruleset(servers: Sequence[DesiredServer]) -> Ruleset:
-    """The whole `inet kvpn` table for the servers this node serves."""
+def build_ruleset(servers: Sequence[DesiredServer], *, with_peers: bool = True) -> Ruleset:
+    """The whole `inet kvpn` table for the servers this node serves (``with_peers=False``: no per-peer part)."""
     sets: list[Json] = []
     chains: list[Json] = [_obj("chain", **c) for c in _BASE_CHAINS]
     elements: list[Json] = []
@@ -178,20 +179,83 @@ def build_ruleset(servers: Sequence[DesiredServer]) -> Ruleset:
                     )
                 )
         rules.extend(_server_rules(server, sid))
-        for peer in server.peers:
-            if peer.allowed_destinations:
-                digest_src = json.dumps(
-                    [sid, peer.addresses, [d.to_api() for d in peer.allowed_destinations]], sort_keys=True
-                )
-                chain = f"{PEER_CHAIN_PREFIX}{sid}_{hashlib.sha256(digest_src.encode()).hexdigest()[:12]}"
-                peer_chains[chain] = tuple(_rule(chain, _destination_expr(d)) for d in peer.allowed_destinations)
-            else:
-                chain = f"routes_{sid}"
-            for address in peer.addresses:
-                ip = ipaddress.ip_address(address)
-                peer_map[(f"peers{ip.version}_{sid}", str(ip))] = chain
+        if with_peers:
+            for peer in server.peers:
+                _add_peer(sid, peer, peer_chains, peer_map)
     base = (_obj("table"), *sets, *chains, *elements, *rules)
     return Ruleset(base=base, peer_chains=peer_chains, peer_map=peer_map, fingerprint=_fingerprint(base))
+
+
+def _peer_entries(sid: str, peer: PeerBinding) -> tuple[str, tuple[Json, ...] | None, list[MapKey]]:
+    """A peer's verdict chain, its rules (None: the server's routes chain) and its map keys."""
+    rules = None
+    if peer.allowed_destinations:
+        digest_src = json.dumps([sid, peer.addresses, [d.to_api() for d in peer.allowed_destinations]], sort_keys=True)
+        chain = f"{PEER_CHAIN_PREFIX}{sid}_{hashlib.sha256(digest_src.encode()).hexdigest()[:12]}"
+        rules = tuple(_rule(chain, _destination_expr(d)) for d in peer.allowed_destinations)
+    else:
+        chain = f"routes_{sid}"
+    keys = []
+    for address in peer.addresses:
+        ip = ipaddress.ip_address(address)
+        keys.append((f"peers{ip.version}_{sid}", str(ip)))
+    return chain, rules, keys
+
+
+def _add_peer(
+    sid: str, peer: PeerBinding, peer_chains: dict[str, tuple[Json, ...]], peer_map: dict[MapKey, str]
+) -> tuple[str, list[MapKey]]:
+    chain, rules, keys = _peer_entries(sid, peer)
+    if rules is not None:
+        peer_chains[chain] = rules
+    for key in keys:
+        peer_map[key] = chain
+    return chain, keys
+
+
+@dataclass(frozen=True)
+class RulesetChange:
+    """A ruleset patched from the previous one, and the per-peer part that may differ from it."""
+
+    ruleset: Ruleset
+    chains: frozenset[str]
+    elements: frozenset[MapKey]
+
+
+def patch_ruleset(
+    previous: Ruleset, previous_servers: Mapping[str, DesiredServer], servers: Sequence[DesiredServer]
+) -> RulesetChange:
+    """``build_ruleset(servers)`` from the ruleset of ``previous_servers``, touching only the peers that changed.
+
+    Peers are compared by identity (a DesiredBuilder keeps unchanged ones); the server-level part is
+    rebuilt, it does not grow with peers.
+    """
+    fresh = build_ruleset(servers, with_peers=False)
+    peer_chains, peer_map = dict(previous.peer_chains), dict(previous.peer_map)
+    chains: set[str] = set()
+    elements: set[MapKey] = set()
+    now = {s.interface: s for s in servers}
+    for interface in sorted(previous_servers.keys() | now.keys()):
+        old, new = previous_servers.get(interface), now.get(interface)
+        if old is new:
+            continue
+        gone, added = changed_peers(old, new)
+        for server, peers, adding in ((old, gone, False), (new, added, True)):
+            if server is None:
+                continue
+            sid = server_id(server)
+            for peer in peers:
+                if adding:
+                    chain, keys = _add_peer(sid, peer, peer_chains, peer_map)
+                else:
+                    chain, _, keys = _peer_entries(sid, peer)
+                    peer_chains.pop(chain, None)
+                    for key in keys:
+                        peer_map.pop(key, None)
+                chains.add(chain)
+                elements.update(keys)
+    ruleset = Ruleset(base=fresh.base, peer_chains=peer_chains, peer_map=peer_map, fingerprint=fresh.fingerprint)
+    return RulesetChange(ruleset, frozenset(chains), frozenset(elements))
 
 
 def _server_rules(server: DesiredServer, sid: str) -> list[Json]:

@@ -14,10 +14,11 @@ from kvpn_agent.model import (
     ObservedDevice,
     ObservedLink,
     PeerConfig,
+    changed_peers,
     host_prefix,
     sort_networks,
 )
-from kvpn_agent.nft import ObservedRuleset, PeerUpdate, Ruleset
+from kvpn_agent.nft import ObservedRuleset, PeerUpdate, Ruleset, RulesetChange
 from kvpn_operator.contract import PeerBinding
 
 # Server-side keepalive stays off: the laptop behind NAT sends them (spec.persistentKeepalive is
@@ -167,10 +168,42 @@ def _host_networks(addresses: tuple[str, ...]) -> tuple[str, ...]:
     return sort_networks(host_prefix(a) for a in addresses)
 
 
-def _plan_peers(desired: DesiredServer, device: ObservedDevice, endpoints: Mapping[str, str]) -> list[Action]:
+def plan_server_change(
+    previous: DesiredServer,
+    desired: DesiredServer,
+    observed: Observed,
+    endpoints: Mapping[str, str] | None = None,
+) -> list[Action]:
+    """``plan_server`` for an interface that holds what ``previous`` was planned to: only changed peers compared.
+
+    ``observed`` must be what a sync of ``previous`` left (``assumed(previous)``); the periodic
+    read-back resync, with ``plan_server``, is what catches anything else.
+    """
+    link, device = observed.link, observed.device
+    if link is None or device is None:
+        return plan_server(desired, observed, endpoints)
+    gone, added = changed_peers(previous, desired)
+    actions: list[Action] = [*_plan_link(desired, link), *_plan_device(desired, device)]
+    wanted = {p.public_key: p for p in added if p.public_key}
+    stale = sorted(k for p in gone if (k := p.public_key) and k in device.peers and k not in wanted)
+    actions.extend(_plan_peers(desired, device, endpoints or {}, wanted, stale))
+    return actions
+
+
+def _plan_peers(
+    desired: DesiredServer,
+    device: ObservedDevice,
+    endpoints: Mapping[str, str],
+    wanted: Mapping[str, PeerBinding] | None = None,
+    stale: list[str] | None = None,
+) -> list[Action]:
+    """``wanted`` and ``stale``: the peers to compare and the keys to remove (default: all of both)."""
     ifname = desired.interface
-    wanted = {p.public_key: p for p in desired.peers if p.public_key}
-    removes: list[Action] = [RemovePeer(ifname, k) for k in sorted(device.peers) if k not in wanted]
+    if wanted is None:
+        wanted = {p.public_key: p for p in desired.peers if p.public_key}
+    if stale is None:
+        stale = [k for k in sorted(device.peers) if k not in wanted]
+    removes: list[Action] = [RemovePeer(ifname, k) for k in stale]
     updates: list[Action] = []
     adds: list[Action] = []
     for key, peer in wanted.items():
@@ -237,6 +270,36 @@ def plan_firewall(desired: Ruleset, observed: ObservedRuleset | None) -> list[Ac
         sorted((k, target) for k, target in desired.peer_map.items() if observed.peer_map.get(k) != target)
     )
     delete_chains = tuple(sorted(name for name in observed.peer_chains if name not in desired.peer_chains))
+    update = PeerUpdate(put_chains, delete_elements, add_elements, delete_chains)
+    return [UpdateFirewall(desired, update)] if update else []
+
+
+def plan_firewall_change(change: RulesetChange, observed: ObservedRuleset | None) -> list[Action]:
+    """``plan_firewall`` when ``observed`` is what the previous sync left: only the changed peers compared."""
+    desired = change.ruleset
+    if observed is None or observed.fingerprint != desired.fingerprint:
+        return plan_firewall(desired, observed)
+    put_chains = tuple(
+        sorted(
+            name
+            for name in change.chains
+            if name in desired.peer_chains
+            and observed.peer_chains.get(name) != tuple(r["rule"]["comment"] for r in desired.peer_chains[name])
+        )
+    )
+    delete_elements = tuple(
+        sorted(k for k in change.elements if k in observed.peer_map and desired.peer_map.get(k) != observed.peer_map[k])
+    )
+    add_elements = tuple(
+        sorted(
+            (k, desired.peer_map[k])
+            for k in change.elements
+            if k in desired.peer_map and observed.peer_map.get(k) != desired.peer_map[k]
+        )
+    )
+    delete_chains = tuple(
+        sorted(name for name in change.chains if name in observed.peer_chains and name not in desired.peer_chains)
+    )
     update = PeerUpdate(put_chains, delete_elements, add_elements, delete_chains)
     return [UpdateFirewall(desired, update)] if update else []
 

@@ -13,16 +13,24 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from kubernetes.client import ApiClient
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kvpn_agent.kernel import KernelLink, KernelWireGuard
 from kvpn_agent.metrics import Metrics, PeerStats
-from kvpn_agent.model import INTERFACE_PREFIX, DesiredServer, DesiredStateError, PeerProblem, interface_name
+from kvpn_agent.model import (
+    INTERFACE_PREFIX,
+    DesiredBuilder,
+    DesiredServer,
+    DesiredStateError,
+    PeerProblem,
+    interface_name,
+)
 from kvpn_agent.netlink import Netlink, enable_forwarding
 from kvpn_agent.nft import Nft, NftError
 from kvpn_agent.report import ConditionReporter, StatusReporter, dataplane_problems
@@ -137,6 +145,9 @@ class Agent:
         self.heartbeat = time.monotonic()
         self._cond = threading.Condition()
         self._dirty: set[Key] = set()
+        self._dirty_bindings: dict[Key, set[str]] = {}
+        """Binding Secrets changed per server since the last pass: patched in without a rebuild."""
+        self._builders: dict[Key, DesiredBuilder] = {}
         self._lock = threading.Lock()  # _good and _endpoints, shared with the reporter
         self._good: dict[Key, tuple[ServerInputs, DesiredServer]] = {}
         self._endpoints: dict[str, str] = {}
@@ -178,8 +189,12 @@ class Agent:
         self.notify(key_of(obj))
 
     def _secret_changed(self, obj: Obj) -> None:
-        if (key := secret_index(obj)) is not None:
-            self.notify(key)
+        if (key := secret_index(obj)) is None:
+            return
+        if _role(obj) == ROLE_PEER:
+            with self._cond:
+                self._dirty_bindings.setdefault(key, set()).add(key_of(obj)[1])
+        self.notify(key)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -222,13 +237,15 @@ class Agent:
                 elif not self._dirty and now < next_full:
                     self._cond.wait(min(next_full - now, 1.0))
                 dirty, self._dirty = self._dirty, set()
+                bindings, self._dirty_bindings = self._dirty_bindings, {}
             if not self._have_desired:
                 continue
             full = time.monotonic() >= next_full
             if full:
                 self._fetch_node_labels()
                 dirty |= set(self._good) | self._api_keys()
-            changed = self._recompute(dirty)
+                bindings = {}  # the safety net: every server compared with its objects as a whole
+            changed = self._recompute(dirty, bindings)
             if full or changed or self._gone:
                 ok = self._sync(full)
                 if ok:
@@ -306,12 +323,20 @@ class Agent:
         )
         return ServerInputs(server, key_secret, bindings)
 
-    def _recompute(self, keys: set[Key]) -> bool:
-        """Rebuilds the desired state of ``keys`` from the watches; True when any of it changed."""
+    def _recompute(self, keys: set[Key], bindings: Mapping[Key, set[str]] | None = None) -> bool:
+        """Rebuilds the desired state of ``keys`` from the watches; True when any of it changed.
+
+        A server of which only bindings changed (``bindings``: their names) has them patched into
+        its desired state; the others are compared and rebuilt from all their objects.
+        """
         if not self._from_api:
             return False  # serving the state file: nothing newer to build from
         changed = False
         for key in sorted(keys):
+            names = (bindings or {}).get(key)
+            if names and (patched := self._patch(key, names)) is not None:
+                changed = patched or changed
+                continue
             inputs = self._inputs(key)
             old = self._good.get(key)
             if inputs is None:
@@ -319,6 +344,7 @@ class Agent:
                     log.info("server no longer served here", extra={"namespace": key[0], "server": key[1]})
                     with self._lock:
                         del self._good[key]
+                    self._builders.pop(key, None)
                     self._gone.add(old[1].interface)
                     changed = self._unsaved = True
                 self._set_problems(key, None, ())
@@ -326,12 +352,55 @@ class Agent:
                 changed = self._build(key, inputs) or changed
         return changed
 
+    def _patch(self, key: Key, names: set[str]) -> bool | None:
+        """Patches changed bindings into the server's desired state; None when it needs a rebuild."""
+        old, builder = self._good.get(key), self._builders.get(key)
+        if old is None or builder is None or builder.desired is not old[1]:
+            return None
+        ns, name = key
+        servers = self.server_watches.get(ns) or self.server_watches.get("")
+        secrets = self.secret_watches.get(ns) or self.secret_watches.get("")
+        if servers is None or secrets is None:
+            return None
+        server = servers.store.get(key)
+        key_secret = secrets.store.get((ns, server_key_secret_name(name)))
+        if (
+            server is None
+            or not selected(server, self._node_labels or {})
+            or _rv(server) != _rv(old[0].server)
+            or _rv(key_secret) != _rv(old[0].key_secret)
+            or (key_secret is None) != (old[0].key_secret is None)
+        ):
+            return None
+        changes: dict[str, Obj | None] = {}
+        for binding in names:
+            secret = secrets.store.get((ns, binding))
+            if secret is not None and (secret_index(secret) != key or _role(secret) != ROLE_PEER):
+                secret = None
+            had = builder.secrets.get(binding)
+            if (secret is None) != (had is None) or (secret is not None and _rv(secret) != _rv(had)):
+                changes[binding] = secret
+        if not changes:
+            return False
+        desired = builder.apply(changes)
+        self._install(
+            key,
+            ServerInputs(old[0].server, old[0].key_secret, cast("tuple[Obj, ...]", tuple(builder.secrets.values()))),
+            desired,
+        )
+        return True
+
     def _build(self, key: Key, inputs: ServerInputs) -> bool:
         try:
-            desired = inputs.build()
+            builder = DesiredBuilder(inputs.server, inputs.key_secret, inputs.bindings)
         except DesiredStateError as exc:
             self._set_problems(key, (exc.reason, exc.message), ())
             return False
+        self._builders[key] = builder
+        self._install(key, inputs, builder.desired)
+        return True
+
+    def _install(self, key: Key, inputs: ServerInputs, desired: DesiredServer) -> None:
         if key not in self._good:
             log.info("serving server", extra={"namespace": key[0], "server": key[1], "interface": desired.interface})
         with self._lock:
@@ -339,7 +408,6 @@ class Agent:
         self._gone.discard(desired.interface)
         self._unsaved = True
         self._set_problems(key, None, desired.problems)
-        return True
 
     def _set_problems(self, key: Key, server: tuple[str, str] | None, peers: Sequence[PeerProblem]) -> None:
         """Logs what is new or resolved, once per change; the metric counts what stands."""
@@ -525,6 +593,14 @@ class Agent:
 
 def _servers_path(namespace: str) -> str:
     return f"/apis/{API_VERSION}" + (f"/namespaces/{namespace}" if namespace else "") + "/vpnservers"
+
+
+def _rv(obj: Mapping[str, Any] | None) -> str:
+    return str(((obj or {}).get("metadata") or {}).get("resourceVersion") or "")
+
+
+def _role(secret: Obj) -> str | None:
+    return ((secret.get("metadata") or {}).get("labels") or {}).get(LABEL_ROLE)
 
 
 def secret_index(secret: Obj) -> Key | None:

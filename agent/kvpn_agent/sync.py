@@ -19,6 +19,7 @@ from kvpn_agent.model import (
     ObservedLink,
     ObservedPeer,
     PeerConfig,
+    changed_peers,
 )
 from kvpn_agent.plan import (
     SERVER_KEEPALIVE,
@@ -37,10 +38,13 @@ from kvpn_agent.plan import (
     UpdatePeer,
     allowed_ips,
     plan_firewall,
+    plan_firewall_change,
     plan_server,
+    plan_server_change,
 )
 from kvpn_agent.uapi import UapiClient, UapiError
 from kvpn_agent.wggo import WireGuardGoError
+from kvpn_operator.contract import PeerBinding
 
 # What one server's link or device can fail with; the other servers are synced all the same.
 SERVER_ERRORS = (UapiError, WireGuardGoError, NetlinkError, OSError, ValueError)
@@ -104,6 +108,11 @@ class NodeState:
     """Per interface; an interface missing here is read back."""
 
     ruleset: nftmod.ObservedRuleset
+    desired: Mapping[str, DesiredServer] = field(default_factory=dict)
+    """The servers that sync was given, per interface: the next one plans only what changed since."""
+
+    rules: nftmod.Ruleset | None = None
+    """The ruleset that sync loaded (``ruleset`` is what it looks like read back); None: plan it all."""
 
 
 @dataclass
@@ -138,16 +147,28 @@ def sync(
     synced: dict[str, Observed] = {}
     for server in servers:
         observed = known.servers.get(server.interface) if known is not None else None
+        # Planned against the previous sync's own result: only the peers that changed since.
+        previous = known.desired.get(server.interface) if known is not None and observed is not None else None
         if observed is None:
             observed = Observed(link=link.observe(server.interface), device=wireguard.get(server.interface))
         try:
-            _run(plan_server(server, observed, endpoints), link, wireguard, firewall, result)
+            if previous is None:
+                _run(plan_server(server, observed, endpoints), link, wireguard, firewall, result)
+            else:
+                _run(plan_server_change(previous, server, observed, endpoints), link, wireguard, firewall, result)
         except SERVER_ERRORS as exc:
             result.errors[server.interface] = str(exc) or type(exc).__name__  # the caller logs and counts it
             continue
-        synced[server.interface] = assumed(server)
-    ruleset = nftmod.build_ruleset(servers)
-    actions = plan_firewall(ruleset, known.ruleset if known is not None else firewall.list_table())
+        synced[server.interface] = assumed(server) if previous is None else assumed_change(previous, server, observed)
+    if known is not None and known.rules is not None:
+        change = nftmod.patch_ruleset(known.rules, known.desired, servers)
+        ruleset = change.ruleset
+        actions = plan_firewall_change(change, known.ruleset)
+        observed_rules = assumed_ruleset_change(known.ruleset, change)
+    else:
+        ruleset = nftmod.build_ruleset(servers)
+        actions = plan_firewall(ruleset, known.ruleset if known is not None else firewall.list_table())
+        observed_rules = assumed_ruleset(ruleset)
     try:
         _run(actions, link, wireguard, firewall, result)
     except nftmod.NftError as exc:
@@ -156,28 +177,62 @@ def sync(
         # The table changed between read-back and update (a hand edit): swap the whole table.
         log.warning("element update failed, replacing the table", extra={"error": str(exc)})
         _run([ReplaceFirewall(ruleset, reason="element update failed")], link, wireguard, firewall, result)
-    result.state = NodeState(servers=synced, ruleset=assumed_ruleset(ruleset))
+    result.state = NodeState(
+        servers=synced, ruleset=observed_rules, desired={s.interface: s for s in servers}, rules=ruleset
+    )
     result.seconds = time.perf_counter() - started
     return result
 
 
 def assumed(server: DesiredServer) -> Observed:
     """What a read-back of the server's interface shows once the plan for it has been applied."""
-    peers = {
-        p.public_key: ObservedPeer(
-            public_key=p.public_key,
-            preshared_key=p.preshared_key,
-            allowed_ips=allowed_ips(p),
-            persistent_keepalive=SERVER_KEEPALIVE,
-        )
-        for p in server.peers
-        if p.public_key
-    }
+    peers = {p.public_key: _assumed_peer(p) for p in server.peers if p.public_key}
     return Observed(
         link=ObservedLink(mtu=server.mtu, up=True, addresses=server.addresses),
         device=ObservedDevice(
             private_key=server.private_key.get_secret_value(), listen_port=server.listen_port, peers=peers
         ),
+    )
+
+
+def assumed_change(previous: DesiredServer, server: DesiredServer, observed: Observed) -> Observed:
+    """``assumed(server)`` from ``observed``, which is ``assumed(previous)``: only changed peers redone."""
+    if observed.device is None:
+        return assumed(server)
+    gone, added = changed_peers(previous, server)
+    peers = dict(observed.device.peers)
+    for p in gone:
+        peers.pop(p.public_key or "", None)
+    peers.update((p.public_key, _assumed_peer(p)) for p in added if p.public_key)
+    return Observed(
+        link=ObservedLink(mtu=server.mtu, up=True, addresses=server.addresses),
+        device=ObservedDevice(
+            private_key=server.private_key.get_secret_value(), listen_port=server.listen_port, peers=peers
+        ),
+    )
+
+
+def _assumed_peer(p: PeerBinding) -> ObservedPeer:
+    return ObservedPeer(
+        public_key=p.public_key or "",
+        preshared_key=p.preshared_key,
+        allowed_ips=allowed_ips(p),
+        persistent_keepalive=SERVER_KEEPALIVE,
+    )
+
+
+def assumed_ruleset_change(observed: nftmod.ObservedRuleset, change: nftmod.RulesetChange) -> nftmod.ObservedRuleset:
+    """``assumed_ruleset(change.ruleset)`` from ``observed``, the assumed ruleset it was patched from."""
+    ruleset = change.ruleset
+    peer_chains = dict(observed.peer_chains)
+    for name in change.chains:
+        rules = ruleset.peer_chains.get(name)
+        if rules is None:
+            peer_chains.pop(name, None)
+        else:
+            peer_chains[name] = tuple(r["rule"]["comment"] for r in rules)
+    return nftmod.ObservedRuleset(
+        fingerprint=ruleset.fingerprint, peer_chains=peer_chains, peer_map=dict(ruleset.peer_map)
     )
 
 

@@ -23,13 +23,14 @@ from kvpn_agent.model import (
     ObservedLink,
     ObservedPeer,
     PeerConfig,
+    build_desired,
     interface_name,
     sort_networks,
 )
 from kvpn_agent.runner import Agent, Dataplane, Settings, secret_index
 from kvpn_agent.state import ServerInputs, StateFile
 from kvpn_agent.sync import assumed_ruleset, sync
-from kvpn_agent.watch import Obj, Store
+from kvpn_agent.watch import Obj, Store, key_of
 from kvpn_operator.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, PeerBinding, encode_data
 from kvpn_operator.keys import public_key_of
 
@@ -398,3 +399,34 @@ def test_sync_with_a_known_state_reads_nothing_back_and_a_failing_server_spares_
     assert interface_name(NS, "a") in failing.links
     assert result.state is not None
     assert list(result.state.servers) == [interface_name(NS, "a")]
+
+
+def test_binding_events_are_patched_in_and_give_the_desired_state_of_a_rebuild(running: Running) -> None:
+    wait(running.agent.ready.is_set, "the first sync")
+    agent, k = running.agent, (NS, NAME)
+    builder = agent._builders[k]
+
+    def event(obj: Obj, *, deleted: bool = False) -> None:
+        if deleted:
+            running.secrets.remove(key_of(obj))
+        else:
+            running.secrets.put(obj)
+        agent._secret_changed(obj)
+
+    event(binding(2))
+    wait(lambda: key(2) in running.node.peers(), "the new peer")
+    event(binding(0, version="2", enabled="false"))
+    wait(lambda: key(0) not in running.node.peers(), "the disabled peer to go")
+    event(binding(3, publicKey=key(2)))  # binding(2)'s key: the older binding keeps it, so a rebuild
+    event(binding(2), deleted=True)
+
+    def moved() -> bool:
+        return [p.addresses for p in agent._good[k][1].peers if p.public_key == key(2)] == [["10.8.0.5"]]
+
+    wait(moved, "the key to move to the newer binding")
+    assert agent._builders[k] is builder  # patched, never rebuilt from scratch
+    inputs, desired = agent._good[k]
+    bindings = [s for s in running.secrets.indexed(k) if s["metadata"]["labels"][LABEL_ROLE] == ROLE_PEER]
+    assert desired == build_desired(server_obj(), key_secret(), bindings)
+    assert {key_of(b) for b in inputs.bindings} == {key_of(b) for b in bindings}
+    assert running.node.peers() == {key(1), key(2)}
