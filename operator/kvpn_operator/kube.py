@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -14,6 +15,10 @@ from urllib3.exceptions import HTTPError
 from kvpn_operator.api import API_VERSION, PLURALS, Kind
 
 Obj = dict[str, Any]
+
+# How long the Authorization header is reused. The client's own refresh (a token file re-read, at most
+# once a minute) ran on every request; a token is valid for an hour at least after it is rotated.
+AUTH_REFRESH_SECONDS = 10.0
 
 
 class KubeError(Exception):
@@ -72,6 +77,16 @@ class Kube:
     def __init__(self, api_client: ApiClient, timeout: float = 30.0) -> None:
         self._client = api_client
         self._timeout = timeout
+        self._auth: dict[str, str] = {}
+        self._auth_until = -1.0
+
+    def _auth_headers(self) -> dict[str, str]:
+        now = time.monotonic()
+        if now >= self._auth_until:  # two threads may both refresh: harmless
+            headers: dict[str, str] = {}
+            self._client.update_params_for_auth(headers, None, ["BearerToken"], None, None, None)
+            self._auth, self._auth_until = headers, now + AUTH_REFRESH_SECONDS
+        return self._auth
 
     def request(
         self,
@@ -83,8 +98,7 @@ class Kube:
         content_type: str = "application/json",
     ) -> Obj:
         url = self._client.configuration.host + path + (f"?{urlencode(query)}" if query else "")
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        self._client.update_params_for_auth(headers, None, ["BearerToken"], None, None, None)
+        headers = {"Accept": "application/json", "Content-Type": content_type, **self._auth_headers()}
         try:
             response = self._client.call_api(
                 method, url, header_params=headers, body=body, _request_timeout=self._timeout
