@@ -5,20 +5,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import json
 import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import yaml
@@ -29,7 +26,8 @@ from kvpn_agent.uapi import UapiClient
 from kvpn_operator.contract import binding_secret_name
 from tests.dataplane.conftest import LISTEN_PORT, NODE_SIDE, POOL, PORT, SERVICE, SERVICE_NET, UNDERLAY_NODE, Site
 from tests.dataplane.kit import Lab, curl, run, wait_for
-from tests.support.controlplane import ControlPlane, die_with_parent, free_port
+from tests.support.agent_process import AgentProcess
+from tests.support.controlplane import ControlPlane
 from tests.support.kvpn import Kvpn, decode
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("operator")]
@@ -96,82 +94,6 @@ class Proxy:
     def close(self) -> None:
         self.cut()
         self.listener.close()
-
-
-class AgentProcess:
-    """`python -m kvpn_agent.main run ...`; SIGKILL-able, restartable, its JSON log parsed."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.argv, self.env, self.log_path = argv, env, log_path
-        self.port = 0
-        self.popen: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self.starts = 0
-
-    def start(self, wait_ready: bool = True) -> None:
-        self.port = free_port()
-        self._log = self.log_path.open("ab")
-        self._log.write(f'{{"message": "--- start {self.starts}"}}\n'.encode())
-        self._log.flush()
-        self.starts += 1
-        self.popen = subprocess.Popen(
-            [*self.argv, "--metrics-port", str(self.port)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**self.env, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-            preexec_fn=die_with_parent(),  # noqa: PLW1509 -- one prctl call
-        )
-        if wait_ready:
-            wait_for(self.ready, 30, f"agent /readyz; log:\n{self.log_tail()}")
-
-    def ready(self) -> bool:
-        assert self.popen is not None
-        if self.popen.poll() is not None:
-            raise AssertionError(f"agent exited with {self.popen.returncode}:\n{self.log_tail()}")
-        return self.get("/readyz")[0] == 200
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, ""
-        except OSError:
-            return 0, ""
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        if self.popen is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
-            self.popen = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def records(self, start: int | None = None) -> list[dict[str, Any]]:
-        """JSON log records, of the given start only (0 is the first)."""
-        out: list[dict[str, Any]] = []
-        current = -1
-        for line in self.log_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = {"message": line}
-            if str(record.get("message", "")).startswith("--- start "):
-                current = int(record["message"].split()[-1])
-            elif start is None or current == start:
-                out.append(record)
-        return out
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text().splitlines()[-lines:]) if self.log_path.exists() else ""
 
 
 @dataclass

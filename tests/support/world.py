@@ -32,18 +32,17 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kvpn_agent.model import interface_name
 from kvpn_agent.uapi import UapiClient
+from tests.support.agent_process import AgentProcess
 from tests.support.chart import (
     AsServiceAccount,
     apply_crds,
@@ -54,7 +53,7 @@ from tests.support.chart import (
     token_kubeconfig,
     tool_dir,
 )
-from tests.support.controlplane import ControlPlane, die_with_parent, free_port, log_tail
+from tests.support.controlplane import ControlPlane, die_with_parent, log_tail
 from tests.support.kvpn import Kvpn, decode, wait_for
 from tests.support.operator_process import OperatorProcess
 
@@ -221,76 +220,27 @@ def sweep(manifest: Manifest) -> list[str]:
 # --- processes -------------------------------------------------------------------------------------
 
 
-class AgentProcess:
+class NodeAgent(AgentProcess):
     """`kvpn-agent run --netns <node>` as the DaemonSet would run it, in a mount namespace of its own."""
 
     def __init__(self, node: str, netns: str, argv: list[str], env: dict[str, str], wg_dir: Path, log: Path) -> None:
-        self.node, self.netns, self.argv, self.env, self.wg_dir, self.log_path = node, netns, argv, env, wg_dir, log
-        self.port = 0
-        self.popen: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        super().__init__(argv, env, log, name=f"agent on {node}")
+        self.node, self.netns, self.wg_dir = node, netns, wg_dir
 
     def command(self) -> list[str]:
         # A private /run/wireguard: `ip netns exec` (the agent's wireguard-go) inherits this mount namespace.
         script = 'mount --bind "$0" /run/wireguard && exec "$@"'
-        inner = [*self.argv, "--metrics-address", "127.0.0.1", "--metrics-port", str(self.port)]
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(self.wg_dir), *inner]
-
-    def start(self, wait_ready: bool = True) -> None:
-        self.port = free_port()
-        self._log = self.log_path.open("ab")
-        self._log.write(f"--- kvpn world: starting agent on {self.node}\n".encode())
-        self._log.flush()
-        self.popen = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**self.env, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-            preexec_fn=die_with_parent(),  # noqa: PLW1509 -- one prctl call
-        )
-        if wait_ready:
-            wait_for(f"agent on {self.node} /readyz", self.ready, timeout=30)
-
-    def ready(self) -> bool:
-        assert self.popen is not None
-        if self.popen.poll() is not None:
-            raise WorldError(f"agent on {self.node} exited with {self.popen.returncode}:\n{log_tail(self.log_path)}")
-        return self.get("/readyz")[0] == 200
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, ""
-        except OSError:
-            return 0, ""
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        popen, self.popen = self.popen, None
-        if popen is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(popen.pid, sig)
-            try:
-                popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(popen.pid, signal.SIGKILL)
-                popen.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def restart(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        self.stop(sig)
-        self.start()
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            str(self.wg_dir),
+            *super().command(),
+        ]
 
     def uapi(self, interface: str) -> UapiClient:
         return UapiClient(interface, socket_dir=self.wg_dir)
@@ -398,7 +348,7 @@ class World:
         self.plane: ControlPlane | None = None
         self.api: client.ApiClient | None = None
         self.operator: OperatorProcess | None = None
-        self.agents: dict[str, AgentProcess] = {}
+        self.agents: dict[str, NodeAgent] = {}
         self.laptops: dict[str, Laptop] = {}
         self.kubeconfigs: dict[str, Path] = {}
         self.netns: dict[str, str] = {}
@@ -555,7 +505,7 @@ class World:
             run("ip", "-n", pods, "link", "set", node, "master", "br0")
             run("ip", "-n", ns, "addr", "add", f"{NODE_POD_SIDE[node]}/{POD_NETWORK_PREFIX}", "dev", "cni0")
             in_ns(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            # A private UAPI socket folder for this node's agent (see AgentProcess).
+            # A private UAPI socket folder for this node's agent (see NodeAgent).
             wg_dir = self.run_dir / f"{node}-wireguard"
             wg_dir.mkdir(mode=0o700, exist_ok=True)
         SOCKET_DIR.mkdir(parents=True, exist_ok=True)
@@ -718,7 +668,7 @@ class World:
                 "--state-dir", str(state), "--log-format", "plain",
             ]  # fmt: skip
             env = {**os.environ, "KUBECONFIG": str(self.kubeconfigs["agent"])}
-            agent = AgentProcess(
+            agent = NodeAgent(
                 node,
                 self.netns[node],
                 argv,
