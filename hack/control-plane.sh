@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds (once) and caches the real test control plane: kube-apiserver and kube-controller-manager
+# Builds (once) and caches the real test cluster's Kubernetes binaries: kube-apiserver,
+# kube-controller-manager and kube-scheduler (the control plane), kubelet and kube-proxy (the nodes),
 # v1.20.2 from Debian 12's kubernetes source package, built with Go 1.15 as Kubernetes 1.20 builds
 # itself, plus etcd from Debian 12's etcd-server. Prints the folder that holds the binaries.
 #
@@ -9,7 +10,8 @@ set -euo pipefail
 
 cache=${KVPN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvpn}
 bin=$cache/control-plane/bin
-want=(kube-apiserver kube-controller-manager etcd)
+kube=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+want=("${kube[@]}" etcd)
 
 have_all() { for b in "${want[@]}"; do [ -x "$bin/$b" ] || return 1; done; }
 if have_all; then echo "$bin"; exit 0; fi
@@ -48,7 +50,9 @@ if [ ! -x "$bin/etcd" ]; then
   cp "$work/etcd/usr/bin/etcd" "$bin/etcd"
 fi
 
-if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ]; then
+missing=()
+for b in "${kube[@]}"; do [ -x "$bin/$b" ] || missing+=("$b"); done
+if [ ${#missing[@]} -gt 0 ]; then
   goroot=$work/go115/usr/lib/go-1.15
   if [ ! -x "$goroot/bin/go" ]; then
     log "fetching Go 1.15"
@@ -64,14 +68,14 @@ if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ]; th
     rm -rf "$work/gopath" && mkdir -p "$tree"
     tar -xf "$orig" -C "$tree" --strip-components=1
   fi
-  log "building kube-apiserver and kube-controller-manager (about 7 minutes on 2 cores)"
+  log "building ${missing[*]} (about 7 minutes on 2 cores for all five)"
   (
     cd "$tree"
     export GOROOT=$goroot GOPATH=$work/gopath GO111MODULE=off CGO_ENABLED=0
     export GOCACHE=$work/gocache PATH=$goroot/bin:$PATH
-    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2
+    make WHAT="${missing[*]/#/cmd/}" >&2
   )
-  cp "$tree/_output/bin/kube-apiserver" "$tree/_output/bin/kube-controller-manager" "$bin/"
+  for b in "${missing[@]}"; do cp "$tree/_output/bin/$b" "$bin/"; done
 fi
 
 have_all || { log "build finished without all binaries"; exit 1; }
