@@ -93,7 +93,7 @@ def service_name(server: str) -> str:
     return f"kvpn-{server}"
 
 
-def service(server: Obj, spec: VpnServerSpec, agent_selector: Mapping[str, str]) -> Obj:
+def service(server: Obj, spec: VpnServerSpec, gateway_selector: Mapping[str, str]) -> Obj:
     """The UDP Service in front of the gateways' WireGuard port (LoadBalancer or NodePort)."""
     name = server["metadata"]["name"]
     port: Obj = {
@@ -116,7 +116,7 @@ def service(server: Obj, spec: VpnServerSpec, agent_selector: Mapping[str, str])
         },
         "spec": {
             "type": str(spec.expose.type),
-            "selector": dict(agent_selector),
+            "selector": dict(gateway_selector),
             "ports": [port],
         },
     }

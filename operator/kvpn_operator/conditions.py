@@ -10,10 +10,27 @@ from kvpn_operator.api import Condition
 
 READY = "Ready"
 
+# A VpnServer's discovery conditions: whether peers get the pod networks and cluster DNS. True when
+# nothing is missing (found, or taken from the spec, or DNS switched off); False names what to set.
+POD_NETWORK = "PodNetwork"
+POD_NETWORK_FOUND = "PodNetworkFound"
+POD_NETWORK_NOT_FOUND = "PodNetworkNotFound"
+ROUTES_FROM_SPEC = "RoutesFromSpec"
+
+CLUSTER_DNS = "ClusterDNS"
+DNS_SERVICE_FOUND = "DNSServiceFound"
+DNS_SERVICE_NOT_FOUND = "DNSServiceNotFound"
+DNS_SERVICE_HAS_NO_CLUSTER_IP = "DNSServiceHasNoClusterIP"
+NAMESERVER_FROM_SPEC = "NameserverFromSpec"
+DNS_DISABLED = "Disabled"
+
+# The condition types the operator writes on a VpnServer; others (the agents' Dataplane) are kept as found.
+SERVER_CONDITIONS = (READY, POD_NETWORK, CLUSTER_DNS)
+
 
 @dataclass(frozen=True)
 class Outcome:
-    """The verdict of one reconcile: the Ready condition's status, reason and message.
+    """The verdict of one reconcile on one condition (Ready, unless said otherwise): status, reason, message.
 
     `warning` marks outcomes a user must act on (a rejected input); they become Warning Events.
     """
@@ -33,6 +50,11 @@ class Outcome:
 
     @classmethod
     def rejected(cls, reason: str, message: str) -> Outcome:
+        return cls("False", reason, message, warning=True)
+
+    @classmethod
+    def missing(cls, reason: str, message: str) -> Outcome:
+        """Something the cluster should provide is absent, and only a user can supply it."""
         return cls("False", reason, message, warning=True)
 
 

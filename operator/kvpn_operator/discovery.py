@@ -1,4 +1,4 @@
-"""Pure readers of cluster facts: Service and pod networks, gateway node addresses, the endpoint laptops dial."""
+"""Pure readers of cluster facts (Service and pod networks, node addresses, endpoint, DNS) and what they lack."""
 
 from __future__ import annotations
 
@@ -8,6 +8,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kvpn_operator.api import ExposeType, VpnServerSpec
+from kvpn_operator.conditions import (
+    DNS_DISABLED,
+    DNS_SERVICE_FOUND,
+    DNS_SERVICE_HAS_NO_CLUSTER_IP,
+    DNS_SERVICE_NOT_FOUND,
+    NAMESERVER_FROM_SPEC,
+    POD_NETWORK_FOUND,
+    POD_NETWORK_NOT_FOUND,
+    ROUTES_FROM_SPEC,
+    Outcome,
+)
 
 Obj = dict[str, Any]
 
@@ -95,3 +106,45 @@ def default_search(cluster_domain: str) -> list[str]:
     A pod also searches its own namespace first; a laptop has none, so that entry is left out.
     """
     return [f"svc.{cluster_domain}", cluster_domain]
+
+
+def pod_network(spec: VpnServerSpec, pod_networks: list[str]) -> Outcome:
+    """The PodNetwork condition: whether peers' routes include the pods, and what to set when they cannot.
+
+    Without a Node's podCIDR the routes hold only the Service network: ClusterIPs work, pod IPs do not.
+    """
+    if spec.routes:
+        return Outcome.ready(ROUTES_FROM_SPEC, "spec.routes is set: peers get exactly those routes")
+    if pod_networks:
+        return Outcome.ready(
+            POD_NETWORK_FOUND, f"pod networks from the Nodes' spec.podCIDRs: {', '.join(pod_networks)}"
+        )
+    return Outcome.missing(
+        POD_NETWORK_NOT_FOUND,
+        "no Node has spec.podCIDR (is the controller manager's --allocate-node-cidrs on? some CNIs allocate "
+        "pod addresses elsewhere): set spec.routes to the Service and pod networks",
+    )
+
+
+def cluster_dns(spec: VpnServerSpec, service: Obj | None, dns_service: tuple[str, str]) -> tuple[str | None, Outcome]:
+    """The nameserver peers get (None: no DNS line) and the ClusterDNS condition that explains it.
+
+    `service` is the cluster DNS Service as read (None when absent), `dns_service` its namespace and name.
+    Switched off in the spec counts as nothing missing: False always means there is something to set.
+    """
+    if not spec.dns.enabled:
+        return None, Outcome.ready(DNS_DISABLED, "spec.dns.enabled is false: peers get no DNS server")
+    if spec.dns.nameserver:
+        return spec.dns.nameserver, Outcome.ready(
+            NAMESERVER_FROM_SPEC, f"peers use {spec.dns.nameserver} (spec.dns.nameserver)"
+        )
+    name = "/".join(dns_service)
+    remedy = (
+        "set spec.dns.nameserver, or the chart's operator.dnsService (the operator's --dns-service), "
+        "or spec.dns.enabled: false"
+    )
+    if service is None:
+        return None, Outcome.missing(DNS_SERVICE_NOT_FOUND, f"Service {name} not found: {remedy}")
+    if (address := kube_dns_address(service)) is None:
+        return None, Outcome.missing(DNS_SERVICE_HAS_NO_CLUSTER_IP, f"Service {name} has no ClusterIP: {remedy}")
+    return address, Outcome.ready(DNS_SERVICE_FOUND, f"peers use {address}, the ClusterIP of Service {name}")

@@ -61,9 +61,10 @@ def api_errors() -> Iterator[None]:
 
 
 def post(body: kopf.Body, report: Report) -> None:
-    if report.transition:
-        kind = "Warning" if report.outcome.warning else "Normal"
-        kopf.event(body, type=kind, reason=report.outcome.reason, message=report.outcome.message)
+    """One Event per piece of news: Ready when it changed, a discovery condition when it flipped."""
+    for outcome in ((report.outcome,) if report.transition else ()) + report.news:
+        kind = "Warning" if outcome.warning else "Normal"
+        kopf.event(body, type=kind, reason=outcome.reason, message=outcome.message)
 
 
 @kopf.on.startup()

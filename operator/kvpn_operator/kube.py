@@ -119,10 +119,16 @@ class Kube:
         except NotFoundError:
             return None
 
-    def list(self, path: str, *, label_selector: str | None = None, cached: bool = False) -> list[Obj]:
+    def list(
+        self, path: str, *, label_selector: str | None = None, cached: bool = False, limit: int | None = None
+    ) -> list[Obj]:
+        """The items (the first `limit` of them, when given). `cached` and `limit` do not mix: the watch
+        cache ignores the limit and returns every item."""
         query = {}
         if label_selector:
             query["labelSelector"] = label_selector
+        if limit is not None:
+            query["limit"] = str(limit)
         if cached:
             # Served from the API server's watch cache: no etcd read, at most milliseconds stale.
             query["resourceVersion"] = "0"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,18 +17,34 @@ Obj = dict[str, Any]
 
 @dataclass(frozen=True)
 class Report:
-    """The verdict of a reconcile and whether it is news: an Event goes out only when Ready changes."""
+    """The verdict of a reconcile and what of it is news, each an Event.
+
+    Ready is news whenever it changes; another condition (`news`) only when its status does, or when it
+    first appears as a problem: a gap is reported once, not at every resync, and so is its end.
+    """
 
     outcome: Outcome
     transition: bool
+    news: tuple[Outcome, ...] = ()
 
     @classmethod
-    def of(cls, before: list[Condition], after: list[Condition], outcome: Outcome) -> Report:
+    def of(
+        cls,
+        before: list[Condition],
+        after: list[Condition],
+        outcome: Outcome,
+        others: Mapping[str, Outcome] | None = None,
+    ) -> Report:
         old, new = find(before, READY), find(after, READY)
         changed = (
             old is None or new is None or (old.status, old.reason, old.message) != (new.status, new.reason, new.message)
         )
-        return cls(outcome, changed)
+        news = tuple(o for type_, o in (others or {}).items() if _flipped(find(before, type_), o))
+        return cls(outcome, changed, news)
+
+
+def _flipped(old: Condition | None, new: Outcome) -> bool:
+    return new.status != "True" if old is None else old.status != new.status
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -44,7 +61,7 @@ def _same(current: Obj, desired: Obj) -> bool:
     return all(current.get(k) == v for k, v in desired.items())
 
 
-def _with_their_conditions(desired: Obj, current: Obj) -> Obj:
+def _with_their_conditions(desired: Obj, current: Obj, owned: Collection[str]) -> Obj:
     """`desired` with the conditions of types the operator does not own taken from `current`.
 
     Others write conditions too (the agents' Dataplane): a list built from a stale copy must not
@@ -52,13 +69,15 @@ def _with_their_conditions(desired: Obj, current: Obj) -> Obj:
     """
     if "conditions" not in desired:
         return desired
-    ours = [c for c in desired["conditions"] or [] if c.get("type") == READY]
-    theirs = [c for c in current.get("conditions") or [] if c.get("type") != READY]
+    ours = [c for c in desired["conditions"] or [] if c.get("type") in owned]
+    theirs = [c for c in current.get("conditions") or [] if c.get("type") not in owned]
     return {**desired, "conditions": ours + theirs}
 
 
-def write_status(kube: Kube, status_path: str, obj: Obj, desired: Obj) -> bool:
+def write_status(kube: Kube, status_path: str, obj: Obj, desired: Obj, *, owned: Collection[str] = (READY,)) -> bool:
     """Merge-patches the status fields in `desired` (None deletes one), unless they already hold.
+
+    `owned` are the condition types the operator writes on this kind; the others are someone else's.
 
     The patch carries the resourceVersion it was computed from, so a reconcile working from a stale
     copy cannot overwrite a newer status: on conflict it reads the object again, keeps the conditions
@@ -77,7 +96,7 @@ def write_status(kube: Kube, status_path: str, obj: Obj, desired: Obj) -> bool:
             if fresh is None:
                 return False
             obj = fresh
-            desired = _with_their_conditions(desired, obj.get("status") or {})
+            desired = _with_their_conditions(desired, obj.get("status") or {}, owned)
             continue
         return True
     raise ConflictError(409, f"status of {obj['metadata'].get('name')} kept changing under three attempts")

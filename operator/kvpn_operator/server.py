@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from kvpn_operator import builders, discovery, keys
 from kvpn_operator.api import ExposeType, Kind, PeerCounts, VpnServerSpec, VpnServerStatus
-from kvpn_operator.conditions import READY, Outcome, set_condition
+from kvpn_operator.conditions import CLUSTER_DNS, POD_NETWORK, READY, SERVER_CONDITIONS, Outcome, set_condition
 from kvpn_operator.contract import SERVER_KEY_DATA, server_key_secret_name
 from kvpn_operator.ipam import Pool
 from kvpn_operator.kube import (
@@ -40,9 +40,11 @@ class Settings:
     """Cluster facts the operator is told rather than discovers."""
 
     cluster_domain: str = "cluster.local"
-    agent_selector: Mapping[str, str] = field(
-        default_factory=lambda: {"app.kubernetes.io/name": "kvpn", "app.kubernetes.io/component": "agent"}
+    gateway_selector: Mapping[str, str] = field(
+        default_factory=lambda: {"app.kubernetes.io/name": "kvpn", "app.kubernetes.io/component": "wireguard-go"}
     )
+    """The pods that hold each gateway node's WireGuard ports, which the UDP Service selects: pods that
+    outlive the agent's restarts, so that a restart never moves a laptop's flow to another gateway."""
     dns_service: tuple[str, str] = ("kube-system", "kube-dns")
 
 
@@ -88,8 +90,6 @@ class ServiceNetworks:
             return discovery.service_cidrs_from_error(str(exc))
         except ConflictError:
             pass
-        kube.delete(core_path("services", namespace, "kvpn-service-network-probe"))  # accepted: no range to learn
-        return []
         kube.delete(core_path("services", namespace, "kvpn-service-network-probe"))  # accepted: no range to learn
         return []
 
@@ -139,7 +139,7 @@ def ensure_service(kube: Kube, server: Obj, spec: VpnServerSpec, settings: Setti
         if existing and builders.owned_by(existing, meta["uid"]):
             kube.delete(path, uid=existing["metadata"]["uid"])
         return None
-    desired = builders.service(server, spec, settings.agent_selector)
+    desired = builders.service(server, spec, settings.gateway_selector)
     if existing is None:
         return kube.create(core_path("services", meta["namespace"]), desired)
     if patch := builders.service_patch(existing, desired):
@@ -180,18 +180,14 @@ def reconcile_server(
     service = ensure_service(kube, server, spec, settings)
     nodes = kube.list(core_path("nodes"), cached=True)
 
-    routes = list(spec.routes) or [
-        *service_networks.get(kube, meta["namespace"]),
-        *discovery.pod_cidrs(nodes),
-    ]
-    nameserver = None
-    search: list[str] = []
-    if spec.dns.enabled:
-        dns_ns, dns_name = settings.dns_service
-        nameserver = spec.dns.nameserver or discovery.kube_dns_address(
-            kube.get(core_path("services", dns_ns, dns_name))
-        )
-        search = list(spec.dns.search) or discovery.default_search(settings.cluster_domain)
+    pod_networks = discovery.pod_cidrs(nodes)
+    routes = list(spec.routes) or [*service_networks.get(kube, meta["namespace"]), *pod_networks]
+    dns_service = None
+    if spec.dns.enabled and not spec.dns.nameserver:
+        dns_service = kube.get(core_path("services", *settings.dns_service))
+    nameserver, dns = discovery.cluster_dns(spec, dns_service, settings.dns_service)
+    search = (list(spec.dns.search) or discovery.default_search(settings.cluster_domain)) if spec.dns.enabled else []
+    gaps = {POD_NETWORK: discovery.pod_network(spec, pod_networks), CLUSTER_DNS: dns}
     peer_list = list(peers())
     total = sum(p.has_address for p in peer_list)
     observed = status.model_copy(
@@ -208,21 +204,36 @@ def reconcile_server(
     )
     observed = observed.model_copy(update={"revision": revision(observed, spec)})
 
-    if observed.endpoint is None:
-        outcome = Outcome.waiting("EndpointPending", _endpoint_hint(spec))
-    elif not routes:
-        outcome = Outcome.rejected(
-            "NoRoutes",
-            "spec.routes is empty and the cluster's Service and pod networks could not be discovered: set spec.routes",
-        )
-    else:
-        outcome = Outcome.ready("Ready", f"serving at {observed.endpoint}, routes {', '.join(routes)}")
-    report = _finish(kube, server, observed, outcome, now)
+    outcome = serving_outcome(spec, observed.endpoint, routes, gaps)
+    report = _finish(kube, server, observed, outcome, now, gaps=gaps)
     # Read the peers again: one that looked at this server before the status above was written is in the
     # index by now (kopf indexes an object before handling it), and learns of the new revision here.
     current = observed.revision or ""
     nudge(kube, [p for p in peers() if current not in (p.server_revision, p.nudge)], current)
     return report
+
+
+# What peers lack, in Ready's message, when a discovery condition is False.
+_GAP_NOTES = {
+    POD_NETWORK: "peers reach no pod IPs (see condition PodNetwork)",
+    CLUSTER_DNS: "peers get no cluster DNS (see condition ClusterDNS)",
+}
+
+
+def serving_outcome(
+    spec: VpnServerSpec, endpoint: str | None, routes: list[str], gaps: Mapping[str, Outcome]
+) -> Outcome:
+    """The Ready verdict. A server with its Service network alone is Ready (peers reach ClusterIPs), but
+    its message names what `gaps` (the discovery conditions) say peers lack."""
+    if endpoint is None:
+        return Outcome.waiting("EndpointPending", _endpoint_hint(spec))
+    if not routes:
+        return Outcome.rejected(
+            "NoRoutes",
+            "spec.routes is empty and the cluster's Service and pod networks could not be discovered: set spec.routes",
+        )
+    notes = [_GAP_NOTES[type_] for type_, gap in gaps.items() if gap.status != "True" and type_ in _GAP_NOTES]
+    return Outcome.ready("Ready", "; ".join([f"serving at {endpoint}, routes {', '.join(routes)}", *notes]))
 
 
 def _endpoint_hint(spec: VpnServerSpec) -> str:
@@ -234,15 +245,27 @@ def _endpoint_hint(spec: VpnServerSpec) -> str:
     )
 
 
-def _finish(kube: Kube, server: Obj, status: VpnServerStatus, outcome: Outcome, now: dt.datetime) -> Report:
+def _finish(
+    kube: Kube,
+    server: Obj,
+    status: VpnServerStatus,
+    outcome: Outcome,
+    now: dt.datetime,
+    *,
+    gaps: Mapping[str, Outcome] | None = None,
+) -> Report:
+    """Writes Ready from `outcome` and the discovery conditions from `gaps` (left as they were when None:
+    a refused spec says nothing new about the cluster)."""
     meta = server["metadata"]
     generation = meta.get("generation")
     previous = status.conditions
     conditions = set_condition(previous, type_=READY, outcome=outcome, generation=generation, now=now)
+    for type_, gap in (gaps or {}).items():
+        conditions = set_condition(conditions, type_=type_, outcome=gap, generation=generation, now=now)
     desired = status.model_copy(update={"conditions": conditions, "observed_generation": generation})
     path = kvpn_path(Kind.VPN_SERVER, meta["namespace"], meta["name"], "status")
-    write_status(kube, path, server, desired.model_dump(by_alias=True, mode="json"))
-    return Report.of(previous, conditions, outcome)
+    write_status(kube, path, server, desired.model_dump(by_alias=True, mode="json"), owned=SERVER_CONDITIONS)
+    return Report.of(previous, conditions, outcome, gaps)
 
 
 def nudge(kube: Kube, peers: Iterable[PeerEntry], token: str) -> int:

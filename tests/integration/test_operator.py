@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import secrets
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -382,9 +383,11 @@ def test_a_condition_of_another_type_survives_a_reconcile(kvpn: Kvpn, namespace:
         return found if status.get("observedGeneration") == found["metadata"]["generation"] else None
 
     server = wait_for("the server's reconcile", reconciled)
-    for obj in (peer, server):
+    # The server's discovery conditions (PodNetwork, ClusterDNS) are the operator's too.
+    expected = {PEERS: {"Ready", "Dataplane"}, SERVERS: {"Ready", "PodNetwork", "ClusterDNS", "Dataplane"}}
+    for plural, obj in ((PEERS, peer), (SERVERS, server)):
         by_type = {c["type"]: c for c in obj["status"]["conditions"]}
-        assert set(by_type) == {"Ready", "Dataplane"}, obj["status"]
+        assert set(by_type) == expected[plural], obj["status"]
         assert by_type["Dataplane"] == dataplane
 
 
@@ -412,3 +415,102 @@ def test_a_changed_pool_moves_peers_and_frees_their_old_bindings(kvpn: Kvpn, nam
         timeout=10,
     )
     assert bindings[0].metadata.name == "kvpn-dev-10-9-0-2"
+
+
+def condition_of(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    """The condition of that type (an empty dict when there is none)."""
+    found: dict[str, Any] = next(
+        (c for c in ((obj or {}).get("status") or {}).get("conditions") or [] if c["type"] == type_), {}
+    )
+    return found
+
+
+def test_a_server_says_what_discovery_did_not_find(kvpn: Kvpn, namespace: str, api: client.ApiClient) -> None:
+    """No Node with a pod network and no kube-dns Service: peers would silently lack pod routes and DNS.
+    The server says so in conditions naming what to set, and a Warning Event each; they flip to True
+    once the cluster has them (at the next resync), and the peers' configs gain the routes and DNS."""
+    core = client.CoreV1Api(api)
+    # This cluster's controller manager allocates no node CIDRs; other tests' Nodes are gone by now.
+    assert not [n.metadata.name for n in core.list_node().items if n.spec.pod_cidr or n.spec.pod_cid_rs]
+    assert not [s for s in core.list_namespaced_service("kube-system").items if s.metadata.name == "kube-dns"]
+
+    kvpn.server(namespace, "dev", routes=[])  # routes and DNS left to discovery
+    kvpn.peer(namespace, "alice")
+
+    def gaps() -> dict[str, Any] | None:
+        server = kvpn.get(SERVERS, namespace, "dev")
+        wanted = {"PodNetwork": "PodNetworkNotFound", "ClusterDNS": "DNSServiceNotFound"}
+        return server if all(condition_of(server, t).get("reason") == r for t, r in wanted.items()) else None
+
+    server = wait_for("PodNetwork and ClusterDNS False", gaps, timeout=30)
+    pod_network, dns, ready_ = (condition_of(server, t) for t in ("PodNetwork", "ClusterDNS", "Ready"))
+    assert pod_network["status"] == "False"
+    assert "no Node has spec.podCIDR" in pod_network["message"]
+    assert "--allocate-node-cidrs" in pod_network["message"]
+    assert "set spec.routes" in pod_network["message"]
+    assert dns["status"] == "False"
+    assert "Service kube-system/kube-dns not found" in dns["message"]
+    assert "spec.dns.nameserver" in dns["message"]
+    assert "operator.dnsService" in dns["message"]
+    assert "spec.dns.enabled: false" in dns["message"]
+    # Still Ready: peers reach ClusterIPs through the Service network; the message says what is missing.
+    assert (ready_["status"], ready_["reason"]) == ("True", "Ready")
+    assert "PodNetwork" in ready_["message"]
+    assert "ClusterDNS" in ready_["message"]
+    assert server["status"]["routes"] == ["10.96.0.0/16"]
+    assert not server["status"].get("dnsNameserver")
+
+    def warnings() -> list[str]:
+        return sorted(e.reason for e in kvpn.events(namespace, "dev") if e.type == "Warning")
+
+    assert wait_for("a Warning Event for each", lambda: w if len(w := warnings()) >= 2 else None) == [
+        "DNSServiceNotFound",
+        "PodNetworkNotFound",
+    ]
+
+    node = f"pods-{secrets.token_hex(3)}"
+    core.create_node(
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}, "spec": {"podCIDR": "10.244.9.0/24"}}
+    )
+    core.create_namespaced_service(
+        "kube-system",
+        {
+            "metadata": {"name": "kube-dns"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]},
+        },
+    )
+    try:
+
+        def found() -> dict[str, Any] | None:
+            server = kvpn.get(SERVERS, namespace, "dev")
+            wanted = {"PodNetwork": "PodNetworkFound", "ClusterDNS": "DNSServiceFound"}
+            return server if all(condition_of(server, t).get("reason") == r for t, r in wanted.items()) else None
+
+        # At the server's next resync (every 15 s): the operator lists Nodes, it does not watch them.
+        server = wait_for("PodNetwork and ClusterDNS True", found, timeout=45, interval=0.5)
+        assert condition_of(server, "PodNetwork")["status"] == "True"
+        assert "10.244.9.0/24" in condition_of(server, "PodNetwork")["message"]
+        assert condition_of(server, "ClusterDNS")["status"] == "True"
+        assert "10.96.0.10" in condition_of(server, "ClusterDNS")["message"]
+        assert server["status"]["routes"] == ["10.96.0.0/16", "10.244.9.0/24"]
+        assert server["status"]["dnsNameserver"] == "10.96.0.10"
+        assert server["status"]["dnsSearch"] == ["svc.cluster.local", "cluster.local"]
+        ready_ = condition_of(server, "Ready")
+        assert ready_["status"] == "True"
+        assert "PodNetwork" not in ready_["message"]
+        assert "ClusterDNS" not in ready_["message"]
+
+        # What the user gets out of it: the peer's config now routes pods and names a DNS server.
+        def config() -> str | None:
+            peer = kvpn.get(PEERS, namespace, "alice") or {}
+            name = (peer.get("status") or {}).get("configSecretName")
+            text = decode(secret, "wg0.conf") if name and (secret := kvpn.secret(namespace, name)) else None
+            return text if text and "10.244.9.0/24" in text and "DNS = 10.96.0.10" in text else None
+
+        wait_for("the peer's config with pod routes and DNS", config, timeout=20)
+        # The Warnings were posted once each, on the transition, not at every resync.
+        assert warnings() == ["DNSServiceNotFound", "PodNetworkNotFound"]
+    finally:
+        core.delete_node(node)
+        # 1.20 answers a Service delete with a Status, which this client would parse as a Service.
+        core.delete_namespaced_service("kube-dns", "kube-system", _preload_content=False)

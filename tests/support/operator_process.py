@@ -40,6 +40,7 @@ class OperatorProcess:
         self.args = tuple(args)
         self.log_path = log_path if log_path is not None else control_plane.run_dir / "operator.log"
         self.port = 0
+        self.readiness_port = 0
         self._popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -59,9 +60,13 @@ class OperatorProcess:
             *self.args,
             "--liveness-port",
             str(self.port),
+            *([] if self._readiness_in_args() else ["--readiness-port", str(self.readiness_port)]),
             "--log-format",
             "plain",
         ]
+
+    def _readiness_in_args(self) -> str | None:
+        return next((a.split("=", 1)[1] for a in self.args if a.startswith("--readiness-port=")), None)
 
     def start(self) -> None:
         """Start the operator and return once /healthz answers 200."""
@@ -69,6 +74,10 @@ class OperatorProcess:
             raise OperatorError("operator already running")
         # A fresh port each start: the previous one may still be in TIME_WAIT or taken meanwhile.
         self.port = free_port()
+        # A readiness port of the test's choosing (in args) is kept; else a free one, not the default
+        # 8081, which a second operator on this machine would find taken.
+        given = self._readiness_in_args()
+        self.readiness_port = int(given) if given else free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self._log.write(f"--- kvpn test harness: starting {' '.join(self.command())}\n".encode())

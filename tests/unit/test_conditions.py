@@ -7,7 +7,18 @@ import datetime as dt
 import pytest
 
 from kvpn_operator.api import Condition
-from kvpn_operator.conditions import READY, Outcome, find, set_condition
+from kvpn_operator.conditions import (
+    CLUSTER_DNS,
+    DNS_SERVICE_NOT_FOUND,
+    POD_NETWORK,
+    POD_NETWORK_FOUND,
+    POD_NETWORK_NOT_FOUND,
+    READY,
+    SERVER_CONDITIONS,
+    Outcome,
+    find,
+    set_condition,
+)
 from kvpn_operator.reporting import Report
 
 T0 = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -119,3 +130,46 @@ def test_report_ignores_time_and_generation() -> None:
     before = [condition()]
     after = set_condition(before, type_=READY, outcome=Outcome.ready("Ready", "ok"), generation=7, now=T1)
     assert not Report.of(before, after, Outcome.ready("Ready", "ok")).transition
+
+
+def other(status: str, reason: str, type_: str = POD_NETWORK) -> Condition:
+    return condition(type_, status, reason, "m")
+
+
+@pytest.mark.parametrize(
+    ("before", "outcome", "news"),
+    [
+        ([], Outcome.missing(POD_NETWORK_NOT_FOUND, "set spec.routes"), True),
+        ([], Outcome.ready(POD_NETWORK_FOUND, "10.244.0.0/16"), False),
+        ([other("True", POD_NETWORK_FOUND)], Outcome.missing(POD_NETWORK_NOT_FOUND, "set spec.routes"), True),
+        ([other("False", POD_NETWORK_NOT_FOUND)], Outcome.ready(POD_NETWORK_FOUND, "10.244.0.0/16"), True),
+        ([other("False", POD_NETWORK_NOT_FOUND)], Outcome.missing(POD_NETWORK_NOT_FOUND, "other words"), False),
+        ([other("True", POD_NETWORK_FOUND)], Outcome.ready(POD_NETWORK_FOUND, "10.244.0.0/15"), False),
+    ],
+    ids=["first-false", "first-true", "lost", "recovered", "still-false", "still-true"],
+)
+def test_report_news_of_other_conditions_is_a_status_flip(
+    before: list[Condition], outcome: Outcome, news: bool
+) -> None:
+    """An Event for a discovery condition when it goes False (a Warning) or comes back (Normal); a new
+    server whose discovery works gets none, and a resync that finds the same gap sends nothing again."""
+    ready = Outcome.ready("Ready", "ok")
+    after = set_condition(before, type_=READY, outcome=ready, generation=1, now=T1)
+    after = set_condition(after, type_=POD_NETWORK, outcome=outcome, generation=1, now=T1)
+    report = Report.of(before, after, ready, others={POD_NETWORK: outcome})
+    assert report.news == ((outcome,) if news else ())
+
+
+def test_report_news_follows_the_order_given() -> None:
+    pod, dns = Outcome.missing(POD_NETWORK_NOT_FOUND, "p"), Outcome.missing(DNS_SERVICE_NOT_FOUND, "d")
+    report = Report.of([], [], Outcome.ready("Ready", "ok"), others={POD_NETWORK: pod, CLUSTER_DNS: dns})
+    assert report.news == (pod, dns)
+
+
+def test_missing_outcomes_are_warnings() -> None:
+    outcome = Outcome.missing(DNS_SERVICE_NOT_FOUND, "set spec.dns.nameserver")
+    assert (outcome.status, outcome.warning) == ("False", True)
+
+
+def test_the_server_owns_its_discovery_conditions() -> None:
+    assert SERVER_CONDITIONS == (READY, POD_NETWORK, CLUSTER_DNS)

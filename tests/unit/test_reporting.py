@@ -203,3 +203,19 @@ def test_conflict_keeps_a_condition_another_writer_added_meanwhile() -> None:
         cast(Kube, kube), STATUS_PATH, server("7", {"conditions": [stale_ready]}), {"conditions": [ready]}
     )
     assert kube.patches[-1][1]["status"]["conditions"] == [ready, dataplane]
+
+
+def test_conflict_takes_every_owned_condition_from_desired_and_keeps_the_rest() -> None:
+    """The server owns Ready, PodNetwork and ClusterDNS: a stale copy of those is replaced, the agent's kept."""
+
+    def cond(type_: str, status: str, reason: str) -> Obj:
+        return {"type": type_, "status": status, "reason": reason, "message": "", "lastTransitionTime": "T"}
+
+    ready, pods = cond("Ready", "True", "Ready"), cond("PodNetwork", "True", "PodNetworkFound")
+    stale_pods = cond("PodNetwork", "False", "PodNetworkNotFound")
+    dataplane = cond("Dataplane", "False", "InvalidServerKey")
+    kube = FakeKube(conflicts=1, fresh=[server("8", {"conditions": [ready, stale_pods, dataplane]})])
+    owned = ("Ready", "PodNetwork", "ClusterDNS")
+    desired = {"conditions": [ready, pods]}
+    assert write_status(cast(Kube, kube), STATUS_PATH, server("7", {"conditions": [stale_pods]}), desired, owned=owned)
+    assert kube.patches[-1][1]["status"]["conditions"] == [ready, pods, dataplane]
