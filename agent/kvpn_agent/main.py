@@ -1,4 +1,4 @@
-"""kvpn-agent: the command line of the node agent (`run`, the default, and `cleanup`)."""
+"""kvpn-agent: the command line of the node agent (`run`, the default, `cleanup`, and `wireguard-go`)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,16 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import kubernetes
+from kvpn_agent.linux import SOCKET_DIR
+from kvpn_agent.supervisor_api import SUPERVISOR_SOCKET
 
-from kvpn_agent.metrics import serve
-from kvpn_agent.runner import (
-    WIREGUARD_GO_LOGS,
-    Agent,
-    Settings,
-    build_dataplane,
-    cleanup,
-    kernel_wireguard_works,
-)
-from kvpn_agent.state import StateFile
+if TYPE_CHECKING:
+    import kubernetes
+
+# Each command imports what it runs when it runs: `wireguard-go` is a long-lived process that needs
+# neither the Kubernetes client, nor pydantic, nor pyroute2 (a third of the memory, and of the start).
 
 log = logging.getLogger("kvpn_agent")
 
@@ -89,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="wait this long for the API server at start before serving the state file (default 10)",
     )
     run.add_argument("--backend", choices=["auto", "kernel", "userspace"], default="auto")
-    for sub in (run, commands.add_parser("cleanup", help="remove every interface, process, table and file it made")):
+    clean = commands.add_parser("cleanup", help="remove every interface, process, table and file it made")
+    for sub in (run, clean):
         sub.add_argument("--state-dir", type=Path, default=Path("/var/lib/kvpn"), help="default /var/lib/kvpn")
         sub.add_argument(
             "--netns",
@@ -97,6 +94,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             help="TEST AND DEMO AID: put the dataplane (wireguard-go, links, nftables) in this existing network "
             "namespace; the agent itself, its API connection and its metrics stay where it runs",
         )
+        sub.add_argument(
+            "--wireguard-go-supervisor",
+            type=Path,
+            metavar="SOCKET",
+            help="userspace backend: have `kvpn-agent wireguard-go` listening on SOCKET start and stop wireguard-go "
+            "(they then outlive this agent, as in a pod they must); default: start them as children",
+        )
+    supervise = commands.add_parser(
+        "wireguard-go",
+        help="start and supervise wireguard-go processes on the agent's request (the userspace dataplane's own pod)",
+    )
+    supervise.add_argument(
+        "--socket", type=Path, default=SUPERVISOR_SOCKET, help=f"where the agent asks (default {SUPERVISOR_SOCKET})"
+    )
+    supervise.add_argument("--binary", default="wireguard-go", help="the wireguard-go to run (default: on PATH)")
+    supervise.add_argument(
+        "--uapi-dir", type=Path, default=SOCKET_DIR, help=f"where wireguard-go opens its sockets (default {SOCKET_DIR})"
+    )
+    supervise.add_argument(
+        "--start-timeout", type=float, default=5.0, help="wait this long for a device's socket (default 5)"
+    )
+    for sub in (run, clean, supervise):
         sub.add_argument("--log-format", choices=["plain", "json"], default="plain")
         sub.add_argument("--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -112,6 +131,8 @@ def setup_logging(fmt: str, verbose: bool) -> None:
 
 
 def api_client() -> kubernetes.client.ApiClient | None:
+    import kubernetes  # noqa: PLC0415 -- see the imports
+
     try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
@@ -127,6 +148,8 @@ def api_client() -> kubernetes.client.ApiClient | None:
 
 
 def choose_backend(requested: str, netns: str | None) -> str:
+    from kvpn_agent.runner import kernel_wireguard_works  # noqa: PLC0415 -- see the imports
+
     if netns:
         if requested == "kernel":
             raise SystemExit("kvpn-agent: --netns runs the userspace backend only")
@@ -137,9 +160,23 @@ def choose_backend(requested: str, netns: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    from kvpn_agent.metrics import serve  # noqa: PLC0415 -- see the imports
+    from kvpn_agent.processes import LOG_FOLDER  # noqa: PLC0415
+    from kvpn_agent.runner import Agent, Settings, build_dataplane  # noqa: PLC0415
+    from kvpn_agent.state import StateFile  # noqa: PLC0415
+
     backend = choose_backend(args.backend, args.netns)
-    log.info("starting", extra={"backend": backend, "node": args.node_name, "netns": args.netns or ""})
-    dataplane = build_dataplane(backend, args.netns, args.state_dir / WIREGUARD_GO_LOGS)
+    supervised = args.wireguard_go_supervisor if backend == "userspace" else None
+    log.info(
+        "starting",
+        extra={
+            "backend": backend,
+            "node": args.node_name,
+            "netns": args.netns or "",
+            "wireguard_go": "" if backend == "kernel" else str(supervised or "children of the agent"),
+        },
+    )
+    dataplane = build_dataplane(backend, args.netns, args.state_dir / LOG_FOLDER, supervised)
     settings = Settings(
         node_name=args.node_name,
         namespaces=tuple(args.namespace),
@@ -149,24 +186,59 @@ def run(args: argparse.Namespace) -> None:
     )
     agent = Agent(settings, dataplane, StateFile(args.state_dir), api_client())
     if args.metrics_port:
-        serve(agent.metrics, args.metrics_address, args.metrics_port, agent.healthy, agent.ready.is_set)
+        serve(agent.metrics, args.metrics_address, args.metrics_port, agent.healthy, agent.readiness)
+    agent.run(stop_on_signals("stopping; the dataplane stays in place"))
+
+
+def run_supervisor(args: argparse.Namespace) -> None:
+    from kvpn_agent import supervisor  # noqa: PLC0415 -- see the imports
+    from kvpn_agent.processes import WireGuardGo  # noqa: PLC0415
+
+    # Its wireguard-go stay in its process group, as in its container: whatever ends the
+    # supervisor's group ends them, and nothing outlives it unseen.
+    wggo = WireGuardGo(
+        binary=args.binary,
+        socket_dir=args.uapi_dir,
+        start_timeout=args.start_timeout,
+        inherit_output=True,
+        new_session=False,
+    )
+    log.info("starting", extra={"socket": str(args.socket), "uapi_dir": str(args.uapi_dir)})
+    supervisor.run(args.socket, wggo, stop_on_signals("stopping, and the wireguard-go processes with it"))
+
+
+def stop_on_signals(message: str) -> threading.Event:
+    """An event set by SIGTERM (a pod's stop) or SIGINT."""
     stop = threading.Event()
+    pid = os.getpid()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("stopping; the dataplane stays in place", extra={"signal": signal.Signals(signum).name})
+        if os.getpid() != pid:
+            # A forked helper (pyroute2 enters a network namespace in one) inherits this handler; it
+            # should die of the signal as it would by default, not log our stop.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        log.info(message, extra={"signal": signal.Signals(signum).name})
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    agent.run(stop)
+    return stop
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_format, args.verbose)
     if args.command == "cleanup":
-        for line in cleanup(args.netns, StateFile(args.state_dir)):
+        from kvpn_agent.cleanup import cleanup  # noqa: PLC0415 -- see the imports
+        from kvpn_agent.state import StateFile  # noqa: PLC0415
+
+        for line in cleanup(args.netns, StateFile(args.state_dir), supervisor=args.wireguard_go_supervisor):
             log.info(line)
+        return
+    if args.command == "wireguard-go":
+        run_supervisor(args)
         return
     run(args)
 

@@ -93,18 +93,30 @@ class Metrics:
 
 
 def serve(
-    metrics: Metrics, address: str, port: int, healthy: Callable[[], bool], ready: Callable[[], bool]
+    metrics: Metrics,
+    address: str,
+    port: int,
+    healthy: Callable[[], bool],
+    ready: Callable[[], tuple[bool, str]],
 ) -> ThreadingHTTPServer:
-    """Starts the HTTP endpoint in a daemon thread."""
+    """Starts the HTTP endpoint in a daemon thread.
+
+    /healthz: the loop is alive (a liveness probe restarts the pod otherwise). /readyz: the
+    dataplane is as desired; when not, the body says why ("not ready: ...").
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-            elif path in ("/healthz", "/readyz"):
-                ok = healthy() if path == "/healthz" else ready()
-                self._reply(200 if ok else 503, b"ok\n" if ok else b"not ready\n", "text/plain")
+            elif path == "/healthz":
+                ok = healthy()
+                self._reply(200 if ok else 503, b"ok\n" if ok else b"loop stalled\n", "text/plain")
+            elif path == "/readyz":
+                ok, reason = ready()
+                body = b"ok\n" if ok else f"not ready: {reason}\n".encode()
+                self._reply(200 if ok else 503, body, "text/plain; charset=utf-8")
             else:
                 self._reply(404, b"not found\n", "text/plain")
 

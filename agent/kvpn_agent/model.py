@@ -15,12 +15,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from kvpn_agent.linux import IFNAMSIZ
 from kvpn_operator.api import VpnServerSpec, VpnServerStatus
 from kvpn_operator.contract import SERVER_KEY_DATA, PeerBinding
 from kvpn_operator.keys import clamped, decode_key, public_key_of
 
 INTERFACE_PREFIX = "kvpn-"
-IFNAMSIZ = 15  # Linux interface names: 16 bytes including the terminating NUL
 
 
 class DesiredStateError(Exception):

@@ -1,7 +1,7 @@
 """VpnPeer status from what a gateway sees: last handshake, bytes, endpoint; the freshest gateway wins.
 
 And the agent's own condition, Dataplane, on the VpnPeers and VpnServers whose desired state it
-cannot program (False, with the reason); removed when the problem is gone.
+cannot use, or that its node fails to program (False, with the reason); removed when the problem is gone.
 """
 
 from __future__ import annotations
@@ -143,6 +143,10 @@ def _values(s: PeerStats) -> tuple[object, ...]:
 DATAPLANE = "Dataplane"
 """The agent's own condition type on VpnPeers and VpnServers; Ready stays the operator's."""
 
+SYNC_FAILED = "SyncFailed"
+"""The reason when a node cannot program a server whose desired state is fine (its listen port is
+taken, wireguard-go cannot start): a fact about that node, which the message names."""
+
 RECHECK = 120.0
 """Seconds between two reads of an object that has a problem: a condition removed by someone else
 (another gateway whose problem went away first, an operator write that raced ours) comes back."""
@@ -154,13 +158,22 @@ Problem = tuple[str, str]
 """A condition's reason and message."""
 
 
+def node_mark(node: str) -> str:
+    return f"(gateway node {node})"
+
+
 def dataplane_problems(
-    problems: Mapping[tuple[str, str], tuple[Problem | None, Iterable[PeerProblem]]], node: str
+    problems: Mapping[tuple[str, str], tuple[Problem | None, Iterable[PeerProblem]]],
+    node: str,
+    failures: Mapping[tuple[str, str], str] | None = None,
 ) -> dict[Target, Problem]:
     """What this node has to say, per object: the server-level problems on their VpnServer, the
-    per-peer ones on their VpnPeer. A binding too broken to name its peer is only logged."""
+    per-peer ones on their VpnPeer. A binding too broken to name its peer is only logged.
+
+    ``failures`` are the servers this node failed to program in its latest sync pass, and why.
+    """
     out: dict[Target, list[Problem]] = {}
-    where = f"(gateway node {node})"
+    where = node_mark(node)
     for (namespace, server), (server_problem, peer_problems) in problems.items():
         if server_problem is not None:
             reason, message = server_problem
@@ -170,6 +183,9 @@ def dataplane_problems(
                 out.setdefault((Kind.VPN_PEER, p.peer_namespace, p.peer_name), []).append(
                     (p.reason, f"{p.message} {where}")
                 )
+    for (namespace, server), error in sorted((failures or {}).items()):
+        message = f"this node cannot program the server: {error} {where}"
+        out.setdefault((Kind.VPN_SERVER, namespace, server), []).append((SYNC_FAILED, message))
     return {t: (found[0][0], "; ".join(m for _, m in found)) for t, found in out.items()}
 
 
@@ -207,7 +223,8 @@ class ConditionReporter:
     per ``min_interval``, and carry the resourceVersion read: the conditions list is written whole
     (a merge patch cannot change one element of a list), so a concurrent writer is a 409, answered
     by reading again. With several gateways the condition holds the latest report from any node:
-    they build from the same objects, so they agree but for a moment.
+    they build from the same objects, so they agree but for a moment. A SyncFailed condition is
+    the exception: it is about one node (``node``), and only that node removes it.
     """
 
     def __init__(
@@ -217,12 +234,15 @@ class ConditionReporter:
         recheck: float = RECHECK,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], dt.datetime] = _utcnow,
+        *,
+        node: str = "",
     ) -> None:
         self.kube = kube
         self.min_interval = min_interval
         self.recheck = recheck
         self.clock = clock
         self.now = now
+        self.node = node
         self._said: dict[Target, Problem] = {}
         """The problem each object was last found or made to hold, for objects with a problem."""
         self._looked: dict[Target, float] = {}
@@ -282,12 +302,20 @@ class ConditionReporter:
             meta = server.get("metadata") or {}
             target = (Kind.VPN_SERVER, str(meta.get("namespace") or ""), str(meta.get("name") or ""))
             served.add(target[1:])
-            if _has_dataplane(server):
+            if _has_dataplane(server) and not self._another_nodes(server):
                 stale.add(target)
         if not self._swept:
             self._unswept = self._sweep_peers(served)
             self._swept = True
         return (stale | self._unswept) - set(wanted)
+
+    def _another_nodes(self, obj: Obj) -> bool:
+        """Whether the object's Dataplane condition is another gateway's SyncFailed: not ours to remove."""
+        mine = node_mark(self.node)
+        return any(
+            c.get("type") == DATAPLANE and c.get("reason") == SYNC_FAILED and mine not in str(c.get("message"))
+            for c in (obj.get("status") or {}).get("conditions") or []
+        )
 
     def _forget(self, wanted: Mapping[Target, Problem], clock: float) -> None:
         """Drops what is known of objects without a problem, once their write interval is over."""

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
-import os
-import shutil
-import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -29,15 +24,16 @@ from kvpn_agent.model import (
     DesiredServer,
     DesiredStateError,
     PeerProblem,
-    interface_name,
 )
 from kvpn_agent.netlink import Netlink, enable_forwarding
 from kvpn_agent.nft import Nft, NftError
+from kvpn_agent.processes import WireGuardGo, WireGuardGoProcesses
 from kvpn_agent.report import ConditionReporter, StatusReporter, dataplane_problems
 from kvpn_agent.state import ServerInputs, StateFile, selected
+from kvpn_agent.supervisor_api import SupervisorClient, SupervisorError, SupervisorUnreachableError
 from kvpn_agent.sync import SERVER_ERRORS, Firewall, LinkBackend, NodeState, UapiBackend, WireGuardBackend, sync
-from kvpn_agent.uapi import SOCKET_DIR
 from kvpn_agent.watch import Informer, Key, Obj, key_of
+from kvpn_agent.wggo import UserspaceLink
 from kvpn_operator.api import API_VERSION
 from kvpn_operator.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, server_key_secret_name
 from kvpn_operator.kube import Kube, KubeError, core_path
@@ -45,7 +41,10 @@ from kvpn_operator.kube import Kube, KubeError, core_path
 log = logging.getLogger(__name__)
 
 PROBE_INTERFACE = "kvpn-probe"
-WIREGUARD_GO_LOGS = "wireguard-go"
+POLL_SECONDS = 0.5
+"""How often the loop asks which wireguard-go devices live: a dead one is replaced within about this."""
+RETRY_SECONDS = 8.0
+"""The longest wait before a failed sync is tried again: a port freed on the node is used this soon."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,8 @@ class Dataplane:
     firewall: Firewall
     netlink: Netlink
     forwarding: Callable[[tuple[int, ...]], list[str]]
-    processes: Callable[[], dict[str, subprocess.Popen[bytes]]] = dict
+    wggo: WireGuardGoProcesses | None = None
+    """The userspace backend's processes (the agent's own, or the supervisor's); None: kernel."""
 
 
 def kernel_wireguard_works(netns: str | None = None) -> bool:
@@ -87,11 +87,12 @@ def kernel_wireguard_works(netns: str | None = None) -> bool:
     return True
 
 
-def build_dataplane(backend: str, netns: str | None, log_dir: Path | None) -> Dataplane:
-    """The backends for ``backend`` (kernel or userspace), in ``netns`` when given (tests, demo)."""
-    # Imported here: wggo is what needs the binary, and cleanup without it must still work.
-    from kvpn_agent.wggo import UserspaceLink, WireGuardGo  # noqa: PLC0415
+def build_dataplane(backend: str, netns: str | None, log_dir: Path | None, supervisor: Path | None = None) -> Dataplane:
+    """The backends for ``backend`` (kernel or userspace), in ``netns`` when given (tests, demo).
 
+    With ``supervisor`` (the socket of `kvpn-agent wireguard-go`) the userspace backend's processes
+    are the supervisor's, which outlive this agent; without it the agent starts them itself.
+    """
     prefix = ("ip", "netns", "exec", netns) if netns else ()
     netlink = Netlink(netns)
     firewall = Nft(prefix)
@@ -100,11 +101,15 @@ def build_dataplane(backend: str, netns: str | None, log_dir: Path | None) -> Da
         return Dataplane(
             "kernel", KernelLink(netlink), KernelWireGuard(), KernelWireGuard(), firewall, netlink, forwarding
         )
-    if log_dir is not None:
-        log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    wggo = WireGuardGo(prefix=prefix, log_dir=log_dir)
+    wggo: WireGuardGoProcesses
+    if supervisor is not None:
+        wggo = SupervisorClient(supervisor)
+    else:
+        if log_dir is not None:
+            log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        wggo = WireGuardGo(prefix=prefix, log_dir=log_dir)
     link = UserspaceLink(netlink, wggo)
-    return Dataplane("userspace", link, UapiBackend(), UapiBackend(), firewall, netlink, forwarding, lambda: wggo.procs)
+    return Dataplane("userspace", link, UapiBackend(), UapiBackend(), firewall, netlink, forwarding, wggo)
 
 
 def _netns_forwarding(netns: str) -> Callable[[tuple[int, ...]], list[str]]:
@@ -126,6 +131,10 @@ class Agent:
 
     Desired state per served server is kept as the inputs that last built successfully and the
     DesiredServer built from them: a server whose objects turn bad keeps being served as it was.
+
+    Ready (``readiness``) means the dataplane works as desired: the latest sync pass programmed
+    every served server, and the wireguard-go supervisor (when there is one) answers. A server the
+    node cannot program is also a Dataplane condition (SyncFailed) on its VpnServer.
     """
 
     def __init__(
@@ -141,7 +150,8 @@ class Agent:
         self.state_file = state_file
         self.metrics = metrics or Metrics()
         self.metrics.backend.info({"backend": dataplane.backend})
-        self.ready = threading.Event()
+        self.synced = threading.Event()
+        """Set after the first sync pass that ran to its end (with or without failed servers)."""
         self.heartbeat = time.monotonic()
         self._cond = threading.Condition()
         self._dirty: set[Key] = set()
@@ -159,12 +169,19 @@ class Agent:
         self._node_labels: dict[str, str] | None = None
         self._have_desired = False
         self._from_api = False
-        self._dead_pids: set[int] = set()
+        self._devices: dict[str, int] = {}
+        """wireguard-go devices and their pids as last seen: a change between two looks is a death."""
+        self._supervisor_down: str | None = None
+        self._pass_error: str | None = None
+        """Why the latest sync pass failed as a whole (the firewall, forwarding), or None."""
+        self._failures: dict[Key, tuple[str, str]] = {}
+        """Servers the latest sync pass could not program: (interface, error); replaced, never mutated
+        (the metrics thread reads it)."""
         self.kube = Kube(api, timeout=10.0) if api is not None else None
         self.status = StatusReporter(self.kube) if self.kube is not None else None
-        self.conditions = ConditionReporter(self.kube) if self.kube is not None else None
         self.node = settings.node_name or socket.gethostname()
         """How this gateway names itself in Dataplane conditions."""
+        self.conditions = ConditionReporter(self.kube, node=self.node) if self.kube is not None else None
         self.server_watches: dict[str, Informer] = {}
         self.secret_watches: dict[str, Informer] = {}
         if api is not None:
@@ -229,13 +246,13 @@ class Agent:
             if not self._from_api and self._api_synced():
                 log.info("API server reachable: desired state from the API from now on")
                 self._use_api()
-            if self._wireguard_go_died():
+            if self._devices_changed():
                 next_full = now
             with self._cond:
                 if not self._have_desired:
-                    self._cond.wait(0.5)  # nothing to serve yet: only the API server's answer can change that
+                    self._cond.wait(POLL_SECONDS)  # nothing to serve yet: only the API server's answer can change that
                 elif not self._dirty and now < next_full:
-                    self._cond.wait(min(next_full - now, 1.0))
+                    self._cond.wait(min(next_full - now, POLL_SECONDS))
                 dirty, self._dirty = self._dirty, set()
                 bindings, self._dirty_bindings = self._dirty_bindings, {}
             if not self._have_desired:
@@ -252,7 +269,7 @@ class Agent:
                     self._save()
                 if full or not ok:
                     next_full = time.monotonic() + (self.settings.resync_seconds if ok else delay)
-                    delay = 1.0 if ok else min(delay * 2, self.settings.resync_seconds)
+                    delay = 1.0 if ok else min(delay * 2, self.settings.resync_seconds, RETRY_SECONDS)
 
     def _watches(self) -> list[Informer]:
         return [*self.server_watches.values(), *self.secret_watches.values()]
@@ -298,12 +315,75 @@ class Agent:
             )
         self._node_labels = dict(((node or {}).get("metadata") or {}).get("labels") or {})
 
-    def _wireguard_go_died(self) -> bool:
-        dead = {p.pid for p in self.dp.processes().values() if p.poll() is not None} - self._dead_pids
-        if dead:
-            self._dead_pids |= dead
-            log.warning("wireguard-go exited; resyncing now", extra={"pids": sorted(dead)})
-        return bool(dead)
+    def _devices_changed(self) -> bool:
+        """Whether a full resync is due now: a wireguard-go died, or the supervisor left or came back."""
+        if self.dp.wggo is None:
+            return False
+        try:
+            devices = self.dp.wggo.devices()
+        except SupervisorError as exc:
+            return self._supervisor_lost(exc)
+        back = self._supervisor_down is not None
+        if back:
+            log.info("wireguard-go supervisor answers again: resyncing now")
+            self._supervisor_down = None
+        gone = {i: pid for i, pid in self._devices.items() if devices.get(i) != pid}
+        self._devices = devices
+        if gone and not back:
+            log.warning(
+                "wireguard-go exited; resyncing now", extra={"interfaces": sorted(gone), "pids": sorted(gone.values())}
+            )
+        return back or bool(gone)
+
+    def _supervisor_lost(self, exc: SupervisorError) -> bool:
+        """Notes an unreachable supervisor; True (resync now) only when it was reachable until now."""
+        if self._supervisor_down is not None:
+            self._supervisor_down = str(exc)  # the latest reason, for /readyz; logged once per outage
+            return False
+        self._supervisor_down = str(exc)
+        log.error(
+            "wireguard-go supervisor unreachable: devices cannot be started or replaced until it answers",
+            extra={"error": str(exc)},
+        )
+        return True
+
+    def _watch_devices(self, servers: Sequence[DesiredServer], failed: set[str], full: bool) -> None:
+        """The devices to watch from now on, as they are after a sync pass.
+
+        After a full pass, a served device that runs without being known to the process starter
+        (a previous agent's child, a supervisor's orphan outside a pod) is adopted: ``start`` keeps
+        a device that answers, and from then on its death is seen too.
+        """
+        wggo = self.dp.wggo
+        if wggo is None:
+            return
+        try:
+            devices = wggo.devices()
+            for interface in sorted({s.interface for s in servers} - failed - set(devices)) if full else ():
+                try:
+                    devices[interface] = wggo.start(interface)
+                except SupervisorUnreachableError:
+                    raise
+                except SERVER_ERRORS as exc:  # refused (its reason logged): the next full pass looks again
+                    log.warning("wireguard-go not adopted", extra={"interface": interface, "error": str(exc)})
+        except SupervisorError as exc:
+            self._supervisor_lost(exc)
+            return
+        self._devices = devices
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the node's dataplane is as desired, and if not, why (the body of /readyz)."""
+        failures, supervisor, error = self._failures, self._supervisor_down, self._pass_error
+        if not self.synced.is_set():
+            return False, "no sync yet" if self._have_desired else "no desired state yet (API server, state file)"
+        reasons = []
+        if supervisor is not None:
+            reasons.append(f"wireguard-go supervisor unreachable: {supervisor}")
+        if error is not None:
+            reasons.append(f"sync failed: {error}")  # and so did every server: said once
+        else:
+            reasons.extend(f"{ns}/{n} ({interface}): {why}" for (ns, n), (interface, why) in sorted(failures.items()))
+        return (False, "; ".join(reasons)) if reasons else (True, "ok")
 
     # --- desired state -------------------------------------------------------------------------
 
@@ -483,15 +563,25 @@ class Agent:
         except (NftError, subprocess.SubprocessError, *SERVER_ERRORS) as exc:
             self._known = None  # read everything back next time
             self.metrics.sync_errors.labels(mode).inc()
-            log.error("sync failed", extra={"mode": mode, "error": str(exc) or type(exc).__name__})  # noqa: TRY400 - expected: no traceback
+            error = str(exc) or type(exc).__name__
+            if error != self._pass_error:
+                log.error("sync failed", extra={"mode": mode, "error": error})  # noqa: TRY400 - expected: no traceback
+            self._pass_error = error
+            self._set_failures({(s.namespace, s.name): (s.interface, f"sync failed: {error}") for s in servers})
             return False
+        if self._pass_error is not None:
+            log.info("sync works again")
+            self._pass_error = None
         self._known = result.state
         self._gone -= gone
         self.metrics.sync_duration.labels(mode).observe(result.seconds)
-        for interface, error in result.errors.items():
-            self.metrics.sync_errors.labels(mode).inc()
-            log.error("server sync failed", extra={"mode": mode, "interface": interface, "error": error})
-        level = logging.INFO if result.actions or not self.ready.is_set() else logging.DEBUG
+        self.metrics.sync_errors.labels(mode).inc(len(result.errors))
+        failed = result.errors
+        self._set_failures(
+            {(s.namespace, s.name): (s.interface, failed[s.interface]) for s in servers if s.interface in failed}
+        )
+        self._watch_devices(servers, set(result.errors), full)
+        level = logging.INFO if result.actions or not self.synced.is_set() else logging.DEBUG
         log.log(
             level,
             "synced",
@@ -503,15 +593,29 @@ class Agent:
                 "peers": sum(len(s.peers) for s in servers),
             },
         )
-        if not self.ready.is_set():
+        if not self.synced.is_set():
             self._unsaved = True  # a state file right after start, whatever else happens
-        self.ready.set()
+        self.synced.set()
         return not result.errors
+
+    def _set_failures(self, failures: dict[Key, tuple[str, str]]) -> None:
+        """The servers the latest pass could not program; logged once per change, not per attempt."""
+        old = self._failures
+        for key, (interface, error) in sorted(failures.items()):
+            if old.get(key) != (interface, error):
+                log.error(
+                    "server sync failed",
+                    extra={"namespace": key[0], "server": key[1], "interface": interface, "error": error},
+                )
+        for key in sorted(old.keys() - failures.keys()):
+            log.info("server sync works again", extra={"namespace": key[0], "server": key[1]})
+        with self._lock:  # the reporter's thread turns them into Dataplane conditions
+            self._failures = failures
 
     def _save(self) -> None:
         """The last good state, after each sync and when endpoints change."""
         with self._save_lock:
-            if not self._unsaved or not self.ready.is_set():
+            if not self._unsaved or not self.synced.is_set():
                 return
             with self._lock:
                 self._unsaved = False
@@ -576,13 +680,14 @@ class Agent:
                 self.status.report(stats)
             except KubeError as exc:
                 log.warning("peer status not written", extra={"error": str(exc)})
-        if self.conditions is not None and reachable and self._from_api and self.ready.is_set():
+        if self.conditions is not None and reachable and self._from_api and self.synced.is_set():
             # Only once the desired state comes from the API: before that every problem looks solved.
             with self._lock:
                 problems = dict(self._problems)
+                failures = {key: error for key, (_, error) in self._failures.items() if key in self._good}
                 served = [inputs.server for inputs, _ in self._good.values()]
             try:
-                self.conditions.report(dataplane_problems(problems, self.node), served)
+                self.conditions.report(dataplane_problems(problems, self.node, failures), served)
             except KubeError as exc:
                 log.warning("Dataplane conditions not written", extra={"error": str(exc)})
         return stats
@@ -608,64 +713,3 @@ def secret_index(secret: Obj) -> Key | None:
     meta = secret.get("metadata") or {}
     server = (meta.get("labels") or {}).get(LABEL_SERVER)
     return (str(meta.get("namespace") or ""), str(server)) if server else None
-
-
-# --- cleanup ---------------------------------------------------------------------------------------
-
-
-def socket_owner(path: Path) -> int | None:
-    """The pid of the process serving a UAPI socket (SO_PEERCRED): exactly our wireguard-go, no guessing."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1)
-        try:
-            sock.connect(str(path))
-            pid, _, _ = struct.unpack(
-                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            )
-        except OSError:
-            return None
-    return int(pid) or None
-
-
-def cleanup(netns: str | None, state_file: StateFile, socket_dir: Path = SOCKET_DIR, timeout: float = 5.0) -> list[str]:
-    """Removes what the agent created: kvpn-* interfaces with their wireguard-go, the table, the state file."""
-    done = []
-    saved = state_file.load()
-    with Netlink(netns) as netlink:
-        names = set(netlink.interfaces(INTERFACE_PREFIX))
-        names |= {interface_name(*s.key) for s in saved.servers} if saved else set()
-        for name in sorted(names):
-            sock = socket_dir / f"{name}.sock"
-            pid = socket_owner(sock)
-            if pid is not None:
-                _terminate(pid, timeout)
-                done.append(f"stopped wireguard-go {pid} ({name})")
-            if netlink.index(name) is not None:
-                netlink.delete(name)
-                done.append(f"deleted interface {name}")
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
-    firewall = Nft(("ip", "netns", "exec", netns) if netns else ())
-    if firewall.list_table() is not None:
-        firewall.delete()
-        done.append("deleted table inet kvpn")
-    if state_file.remove():
-        done.append(f"removed {state_file.path}")
-    logs = state_file.directory / WIREGUARD_GO_LOGS
-    if logs.is_dir():
-        shutil.rmtree(logs, ignore_errors=True)
-        done.append(f"removed {logs}")
-    return done
-
-
-def _terminate(pid: int, timeout: float) -> None:
-    # wireguard-go removes its socket and TUN device on SIGTERM.
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -42,12 +43,13 @@ from kvpn_agent.plan import (
     plan_server,
     plan_server_change,
 )
+from kvpn_agent.processes import WireGuardGoError
+from kvpn_agent.supervisor_api import SupervisorError
 from kvpn_agent.uapi import UapiClient, UapiError
-from kvpn_agent.wggo import WireGuardGoError
 from kvpn_operator.contract import PeerBinding
 
 # What one server's link or device can fail with; the other servers are synced all the same.
-SERVER_ERRORS = (UapiError, WireGuardGoError, NetlinkError, OSError, ValueError)
+SERVER_ERRORS = (UapiError, WireGuardGoError, SupervisorError, NetlinkError, OSError, ValueError)
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,10 @@ class UapiBackend:
         try:
             return client.get()
         except UapiError as exc:
-            # A socket left behind by a killed wireguard-go refuses connections: the device is gone.
-            log.warning("wireguard device unreadable", extra={"interface": interface, "error": str(exc)})
+            # A socket left behind by a killed wireguard-go refuses connections: the device is gone,
+            # which the sync repairs and the loop reports (once); anything else is worth a warning.
+            level = logging.DEBUG if exc.errno == errno.ECONNREFUSED else logging.WARNING
+            log.log(level, "wireguard device unreadable", extra={"interface": interface, "error": str(exc)})
             return None
 
     def set(self, interface: str, device: DeviceConfig | None, peers: Sequence[PeerConfig]) -> None:
@@ -157,7 +161,7 @@ def sync(
             else:
                 _run(plan_server_change(previous, server, observed, endpoints), link, wireguard, firewall, result)
         except SERVER_ERRORS as exc:
-            result.errors[server.interface] = str(exc) or type(exc).__name__  # the caller logs and counts it
+            result.errors[server.interface] = server_error(server, exc)  # the caller logs and counts it
             continue
         synced[server.interface] = assumed(server) if previous is None else assumed_change(previous, server, observed)
     if known is not None and known.rules is not None:
@@ -182,6 +186,15 @@ def sync(
     )
     result.seconds = time.perf_counter() - started
     return result
+
+
+def server_error(server: DesiredServer, exc: Exception) -> str:
+    """What a user is told (readiness, the Dataplane condition) when a server cannot be programmed."""
+    if isinstance(exc, UapiError) and exc.errno == errno.EADDRINUSE:
+        # wireguard-go cannot bind: something else on the node holds the port (another VPN, a
+        # second VpnServer with the same port, a hostPort).
+        return f"UDP port {server.listen_port} is taken by another process on the node ({exc})"
+    return str(exc) or type(exc).__name__
 
 
 def assumed(server: DesiredServer) -> Observed:

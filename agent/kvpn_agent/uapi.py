@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import os
 import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from kvpn_agent.linux import SOCKET_DIR  # also found here by its older users
 from kvpn_agent.model import (
     DeviceConfig,
     ObservedDevice,
@@ -16,7 +18,6 @@ from kvpn_agent.model import (
 )
 from kvpn_operator.keys import KEY_BYTES, decode_key
 
-SOCKET_DIR = Path("/var/run/wireguard")
 _ZERO_KEY = "0" * (2 * KEY_BYTES)
 _CHUNK = 1 << 16
 
@@ -166,7 +167,7 @@ class UapiClient:
         errno = abs(int(status.strip() or "0"))  # wireguard-go answers -22 where the kernel's tools say 22
         if errno:
             op = request.split("\n", 1)[0]
-            raise UapiError(f"UAPI {op} on {self.interface} failed with errno {errno}", errno)
+            raise UapiError(f"UAPI {op} on {self.interface} failed with errno {errno} ({os.strerror(errno)})", errno)
         return body
 
 

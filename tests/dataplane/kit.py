@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -179,3 +180,90 @@ def curl(ns: str, url: str, max_time: float = 2) -> str | None:
         "ip", "netns", "exec", ns, "curl", "-s", "--max-time", str(max_time), url, check=False, timeout=max_time + 5
     )
     return proc.stdout if proc.returncode == 0 else None
+
+
+# An echo server for one long-lived TCP connection (TcpProbe): a line in, the same line out.
+ECHO = """
+import socketserver, sys
+class H(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+class S(socketserver.ThreadingTCPServer):
+    daemon_threads = allow_reuse_address = True
+S((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"""
+
+# Keeps one TCP connection busy (a line every 50 ms) until SIGTERM, then prints what became of it.
+PROBE = """
+import json, signal, socket, sys, threading, time
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+conn.settimeout(None)
+print(json.dumps({"connected": True}), flush=True)
+opened = time.monotonic()
+echoes, result = [], {"broken": None}
+def reader():
+    try:
+        while chunk := conn.recv(4096):
+            echoes.extend(time.monotonic() for _ in range(chunk.count(b"\\n")))
+        result["broken"] = result["broken"] or "closed by the other end"
+    except OSError as error:
+        result["broken"] = result["broken"] or f"recv: {error}"
+    stop.set()
+threading.Thread(target=reader, daemon=True).start()
+sent = 0
+while not stop.is_set():
+    try:
+        conn.sendall(b"%d\\n" % sent)
+        sent += 1
+    except OSError as error:
+        result["broken"] = f"send: {error}"
+        break
+    stop.wait(0.05)
+ended = time.monotonic()
+time.sleep(0.5)  # the echoes still in flight
+marks = sorted([opened, *echoes, ended])
+gaps = [b - a for a, b in zip(marks, marks[1:])]
+result.update(sent=sent, received=len(echoes), max_gap_s=round(max(gaps, default=0), 3))
+print(json.dumps(result), flush=True)
+"""
+
+
+@dataclass
+class TcpProbe:
+    """One TCP connection from ``ns`` to an echo server, kept busy while something happens."""
+
+    lab: Lab
+    ns: str
+    host: str
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> TcpProbe:
+        self.proc = self.lab.spawn(self.ns, sys.executable, "-c", PROBE, self.host, str(self.port), log=self.log)
+        wait_for(lambda: '"connected"' in self.log.read_text(), 5, f"a TCP connection to {self.host}:{self.port}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def result(self) -> dict[str, Any]:
+        """After the block: broken (the error that ended it, or None), sent, received, max_gap_s."""
+        lines = [line for line in self.log.read_text().splitlines() if line.startswith("{")]
+        found: dict[str, Any] = json.loads(lines[-1])
+        return found
+
+
+def echo_server(lab: Lab, ns: str, address: str, port: int) -> None:
+    lab.spawn(ns, sys.executable, "-c", ECHO, address, str(port))
+    probe = f"import socket; socket.create_connection(({address!r}, {port}), timeout=1).close()"
+    wait_for(
+        lambda: run("ip", "netns", "exec", ns, sys.executable, "-c", probe, check=False).returncode == 0,
+        5,
+        f"echo server {address}:{port}",
+    )

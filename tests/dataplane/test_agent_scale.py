@@ -98,7 +98,7 @@ def agent(lab: Lab, tmp_path: Path) -> Iterator[tuple[Agent, Store]]:
     thread = threading.Thread(target=made.run, args=(stop,))
     thread.start()
     try:
-        wait_for(made.ready.is_set, 120, "the cold sync of 10,000 peers")
+        wait_for(made.synced.is_set, 120, "the cold sync of 10,000 peers")
         yield made, secrets
     finally:
         stop.set()

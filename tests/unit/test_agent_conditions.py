@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from kvpn_agent.model import PeerProblem
-from kvpn_agent.report import DATAPLANE, ConditionReporter, Target, conditions_update, dataplane_problems
+from kvpn_agent.report import (
+    DATAPLANE,
+    SYNC_FAILED,
+    ConditionReporter,
+    Target,
+    conditions_update,
+    dataplane_problems,
+)
 from kvpn_operator.api import Kind
 from kvpn_operator.kube import ConflictError, KubeError
 
@@ -49,6 +56,18 @@ def test_problems_land_on_their_peer_or_server_with_the_node_named() -> None:
             "the server's private key is unusable (gateway node gw-1)",
         ),
     }  # a binding too broken to name its peer is only logged
+
+
+def test_a_server_this_node_cannot_program_is_a_sync_failed_condition_naming_the_node() -> None:
+    port = "UDP port 51820 is taken by another process on the node (errno 98)"
+    found = dataplane_problems({}, "gw-1", {("vpn", "office"): port})
+    assert found == {SERVER: (SYNC_FAILED, f"this node cannot program the server: {port} (gateway node gw-1)")}
+    # A server whose desired state is bad and which also fails: both said, the desired state first.
+    both = dataplane_problems(
+        {("vpn", "office"): (("InvalidServerKey", "bad key"), frozenset())}, "gw-1", {("vpn", "office"): port}
+    )
+    assert both[SERVER][0] == "InvalidServerKey"
+    assert both[SERVER][1].startswith("bad key (gateway node gw-1); this node cannot program the server: UDP port")
 
 
 def test_setting_keeps_every_other_condition_as_read() -> None:
@@ -251,3 +270,17 @@ def test_an_unreachable_api_server_is_raised_and_retried(kube: FakeKube) -> None
 def test_a_missing_object_is_not_an_error(kube: FakeKube) -> None:
     conditions = reporter(kube, Clock())
     assert conditions.report({(Kind.VPN_PEER, "team", "nobody"): ("InvalidPublicKey", "a")}) == 0
+
+
+def test_another_gateways_sync_failure_is_left_to_that_gateway(kube: FakeKube) -> None:
+    """A SyncFailed condition is about one node: a healthy gateway of the same server leaves it."""
+    theirs = {"type": DATAPLANE, "status": "False", "reason": SYNC_FAILED, "message": "port taken (gateway node gw-2)",
+              "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
+    kube.add(SERVER, [READY, theirs])
+    healthy = ConditionReporter(kube, clock=Clock(), now=lambda: NOW, node="gw-1")  # type: ignore[arg-type]
+    assert healthy.report({}, [kube.objects[kube.path(SERVER)]]) == 0
+    assert kube.conditions(SERVER) == [READY, theirs]
+    # The node it names removes it once its problem is gone, even after a restart (nothing remembered).
+    restarted = ConditionReporter(kube, clock=Clock(), now=lambda: NOW, node="gw-2")  # type: ignore[arg-type]
+    assert restarted.report({}, [kube.objects[kube.path(SERVER)]]) == 1
+    assert kube.conditions(SERVER) == [READY]

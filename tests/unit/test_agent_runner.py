@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import logging
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,12 +31,16 @@ from kvpn_agent.model import (
     interface_name,
     sort_networks,
 )
+from kvpn_agent.processes import WireGuardGoProcesses
 from kvpn_agent.runner import Agent, Dataplane, Settings, secret_index
 from kvpn_agent.state import ServerInputs, StateFile
+from kvpn_agent.supervisor_api import SupervisorClient
 from kvpn_agent.sync import assumed_ruleset, sync
+from kvpn_agent.uapi import UapiError
 from kvpn_agent.watch import Obj, Store, key_of
 from kvpn_operator.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, PeerBinding, encode_data
 from kvpn_operator.keys import public_key_of
+from tests.support.agent_process import SupervisorProcess, fake_wireguard_go
 
 NS, NAME = "team", "office"
 IFACE = interface_name(NS, NAME)
@@ -44,9 +52,13 @@ def key(i: int) -> str:
 
 
 class FakeNode:
-    """Links, WireGuard devices and the table of one node, kept in memory; counts read-backs."""
+    """Links, WireGuard devices and the table of one node, kept in memory; counts read-backs.
+
+    ``refuse`` makes configuring a device fail as wireguard-go does when its port is taken.
+    """
 
     def __init__(self) -> None:
+        self.refuse: UapiError | None = None
         self.links: dict[str, ObservedLink] = {}
         self.devices: dict[str, ObservedDevice] = {}
         self.table: nft.ObservedRuleset | None = None
@@ -88,6 +100,8 @@ class FakeNode:
         return self.devices.get(interface)
 
     def set(self, interface: str, device: DeviceConfig | None, peers: Sequence[PeerConfig]) -> None:
+        if self.refuse is not None and device is not None and device.listen_port:
+            raise self.refuse
         self.sets.append((interface, tuple(peers)))
         current = self.devices[interface]
         if device is not None:
@@ -212,9 +226,16 @@ def wait(condition: Any, what: str, timeout: float = 5) -> None:
 
 
 @contextlib.contextmanager
-def start(tmp_path: Path, *, synced: bool = True, objs: Sequence[Obj] = ()) -> Iterator[Running]:
-    node = FakeNode()
-    dataplane = Dataplane("userspace", node, node, node, node, node, lambda families: [])  # type: ignore[arg-type]
+def start(
+    tmp_path: Path,
+    *,
+    synced: bool = True,
+    objs: Sequence[Obj] = (),
+    node: FakeNode | None = None,
+    wggo: WireGuardGoProcesses | None = None,
+) -> Iterator[Running]:
+    node = node or FakeNode()
+    dataplane = Dataplane("userspace", node, node, node, node, node, lambda families: [], wggo)  # type: ignore[arg-type]
     settings = Settings(resync_seconds=3600, report_seconds=3600, start_timeout=0.2)
     state = StateFile(tmp_path / "state")
     agent = Agent(settings, dataplane, state, api=None, metrics=Metrics())
@@ -251,7 +272,7 @@ def problems(agent: Agent, reason: str) -> float:
 
 
 def test_a_binding_change_is_applied_against_the_cached_state_without_reading_back(running: Running) -> None:
-    wait(running.agent.ready.is_set, "the first sync")
+    wait(running.agent.synced.is_set, "the first sync")
     assert running.node.peers() == {key(0), key(1)}
     reads = running.node.reads
     running.change(binding(2))
@@ -265,7 +286,7 @@ def test_a_binding_change_is_applied_against_the_cached_state_without_reading_ba
 def test_an_unusable_server_key_keeps_the_last_good_state_and_is_logged_once(
     running: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
-    wait(running.agent.ready.is_set, "the first sync")
+    wait(running.agent.synced.is_set, "the first sync")
     caplog.set_level(logging.INFO, logger="kvpn_agent")
     running.change(key_secret(version="2", private_key="bm90IGEga2V5"))
     running.change(key_secret(version="3", private_key="bm90IGEga2V5"), binding(2))
@@ -284,7 +305,7 @@ def test_an_unusable_server_key_keeps_the_last_good_state_and_is_logged_once(
 def test_a_bad_binding_is_left_out_and_reported_and_the_others_work(
     running: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
-    wait(running.agent.ready.is_set, "the first sync")
+    wait(running.agent.synced.is_set, "the first sync")
     caplog.set_level(logging.INFO, logger="kvpn_agent")
     running.change(binding(5, addresses=["10.9.9.9"]))
     running.change(binding(5, version="2", addresses=["10.9.9.9"]))
@@ -296,7 +317,7 @@ def test_a_bad_binding_is_left_out_and_reported_and_the_others_work(
 
 
 def test_a_deleted_server_takes_its_interface_with_it(running: Running) -> None:
-    wait(running.agent.ready.is_set, "the first sync")
+    wait(running.agent.synced.is_set, "the first sync")
     running.change(remove=[(NS, NAME)])
     wait(lambda: IFACE not in running.node.links, "the interface to go")
 
@@ -304,12 +325,12 @@ def test_a_deleted_server_takes_its_interface_with_it(running: Running) -> None:
 def test_a_server_for_other_nodes_is_not_served(tmp_path: Path) -> None:
     objs = [server_obj(nodeSelector={"gateway": "yes"}), key_secret(), binding(0)]
     with start(tmp_path, objs=objs) as running:
-        wait(running.agent.ready.is_set, "the first sync")
+        wait(running.agent.synced.is_set, "the first sync")
         assert running.node.links == {}
 
 
 def test_the_state_file_holds_the_last_good_state_and_endpoints(running: Running) -> None:
-    wait(running.agent.ready.is_set, "the first sync")
+    wait(running.agent.synced.is_set, "the first sync")
     running.node.devices[IFACE] = replace(
         running.node.devices[IFACE],
         peers={
@@ -331,7 +352,7 @@ def test_without_the_api_the_state_file_is_served_and_endpoints_restored(tmp_pat
     inputs = ServerInputs(server_obj(), key_secret(), (binding(0),))
     StateFile(tmp_path / "state").save([inputs], {key(0): "192.0.2.7:4000"})
     with start(tmp_path, synced=False) as running:
-        wait(running.agent.ready.is_set, "the first sync from the file")
+        wait(running.agent.synced.is_set, "the first sync from the file")
         (added,) = running.node.sets[-1][1]
         assert added.endpoint == "192.0.2.7:4000"
         assert added.persistent_keepalive == 25  # so wireguard-go starts the handshake itself
@@ -351,7 +372,7 @@ def test_without_the_api_the_state_file_is_served_and_endpoints_restored(tmp_pat
 def test_without_the_api_and_without_a_state_file_the_node_is_left_alone(tmp_path: Path) -> None:
     with start(tmp_path, synced=False) as running:
         threading.Event().wait(0.6)
-        assert not running.agent.ready.is_set()
+        assert not running.agent.synced.is_set()
         assert running.node.calls == []
         assert running.node.reads == 0
 
@@ -402,7 +423,7 @@ def test_sync_with_a_known_state_reads_nothing_back_and_a_failing_server_spares_
 
 
 def test_binding_events_are_patched_in_and_give_the_desired_state_of_a_rebuild(running: Running) -> None:
-    wait(running.agent.ready.is_set, "the first sync")
+    wait(running.agent.synced.is_set, "the first sync")
     agent, k = running.agent, (NS, NAME)
     builder = agent._builders[k]
 
@@ -430,3 +451,79 @@ def test_binding_events_are_patched_in_and_give_the_desired_state_of_a_rebuild(r
     assert desired == build_desired(server_obj(), key_secret(), bindings)
     assert {key_of(b) for b in inputs.bindings} == {key_of(b) for b in bindings}
     assert running.node.peers() == {key(1), key(2)}
+
+
+# --- readiness -------------------------------------------------------------------------------------
+
+EADDRINUSE = UapiError(f"UAPI set=1 on {IFACE} failed with errno 98 (Address already in use)", errno.EADDRINUSE)
+
+
+def test_readiness_follows_the_latest_pass_and_names_what_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = FakeNode()
+    node.refuse = EADDRINUSE  # another process holds the port when the agent starts
+    caplog.set_level(logging.INFO, logger="kvpn_agent")
+    with start(tmp_path, node=node, objs=[server_obj(), key_secret(), binding(0)]) as running:
+        agent = running.agent
+        wait(agent.synced.is_set, "the first pass")
+        ok, reason = agent.readiness()
+        assert not ok
+        assert reason == (
+            f"{NS}/{NAME} ({IFACE}): UDP port 51820 is taken by another process on the node "
+            f"(UAPI set=1 on {IFACE} failed with errno 98 (Address already in use))"
+        )
+        wait(lambda: len([r for r in caplog.records if r.getMessage() == "server sync failed"]) == 1, "the log")
+        threading.Event().wait(2.5)  # retried (after 1 s, then 2 s): logged once, not per attempt
+        assert len([r for r in caplog.records if r.getMessage() == "server sync failed"]) == 1
+
+        node.refuse = None  # the port is free again
+        wait(lambda: agent.readiness() == (True, "ok"), "readiness once the port is free", timeout=6)
+        assert key(0) in node.peers()
+        assert any(r.getMessage() == "server sync works again" for r in caplog.records)
+
+
+def test_not_ready_without_desired_state(tmp_path: Path) -> None:
+    with start(tmp_path, synced=False) as running:
+        assert running.agent.readiness() == (False, "no desired state yet (API server, state file)")
+
+
+def test_an_unreachable_supervisor_is_not_ready_and_its_return_resyncs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop asks the supervisor (a real one, running a stand-in wireguard-go) every half second."""
+    uapi = tmp_path / "uapi"
+    uapi.mkdir()
+    args, env = fake_wireguard_go(tmp_path, uapi)
+    supervisor = SupervisorProcess(tmp_path / "run" / "wg.sock", tmp_path / "supervisor.log", extra=args, env=env)
+    client = SupervisorClient(supervisor.socket_path, uapi, timeout=5)
+    caplog.set_level(logging.INFO, logger="kvpn_agent")
+    try:
+        with start(tmp_path, wggo=client, objs=[server_obj(), key_secret(), binding(0)]) as running:
+            agent = running.agent
+            wait(agent.synced.is_set, "the first pass")
+            ok, reason = agent.readiness()
+            assert not ok
+            assert reason.startswith(f"wireguard-go supervisor unreachable: wireguard-go supervisor at {client.path}")
+            threading.Event().wait(1.2)
+            down = [r for r in caplog.records if r.getMessage().startswith("wireguard-go supervisor unreachable")]
+            assert len(down) == 1  # once per outage, not per look
+
+            supervisor.start()
+            started = time.monotonic()
+            wait(lambda: agent.readiness()[0], "readiness once the supervisor answers")
+            assert time.monotonic() - started < 1.5
+            assert any(r.getMessage() == "wireguard-go supervisor answers again: resyncing now" for r in caplog.records)
+            # The full pass adopts the served device (here: starts it, nothing serves the stand-in's socket).
+            wait(client.devices, "the served device to be adopted")
+            (pid,) = client.devices().values()
+
+            reads = running.node.reads
+            os.kill(pid, signal.SIGKILL)
+            wait(lambda: running.node.reads > reads, "a resync after the device died", timeout=2)
+            assert any(r.getMessage() == "wireguard-go exited; resyncing now" for r in caplog.records)
+
+            supervisor.stop(signal.SIGKILL)
+            wait(lambda: not agent.readiness()[0], "not ready once the supervisor is gone", timeout=1.5)
+    finally:
+        supervisor.stop(signal.SIGKILL)

@@ -1,17 +1,20 @@
-"""wireguard-go supervision against a stand-in process, and IP forwarding against a fake /proc/sys."""
+"""wireguard-go processes against a stand-in process (start, adopt, notice deaths), and IP forwarding against a
+fake /proc/sys."""
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kvpn_agent.netlink import enable_forwarding
-from kvpn_agent.wggo import WireGuardGo, WireGuardGoError
+from kvpn_agent.processes import WireGuardGo, WireGuardGoError, process_start_time
 
 # Opens <dir>/<interface>.sock like wireguard-go and serves until terminated.
 FAKE = """
@@ -33,14 +36,51 @@ def fake(tmp_path: Path) -> Iterator[WireGuardGo]:
 
 
 def test_start_waits_for_the_socket_and_stop_ends_the_process(fake: WireGuardGo, tmp_path: Path) -> None:
-    fake.start("kvt0")
+    pid = fake.start("kvt0")
     assert fake.answers("kvt0")
     proc = fake.procs["kvt0"]
-    fake.start("kvt0")  # already serving: nothing happens
+    assert proc.pid == pid
+    assert fake.start("kvt0") == pid  # already serving: nothing happens
     assert fake.procs["kvt0"] is proc
-    fake.stop("kvt0")
+    assert fake.devices() == {"kvt0": pid}
+    assert fake.stop("kvt0") == pid
     assert proc.poll() is not None
     assert not fake.answers("kvt0")
+    assert fake.devices() == {}
+
+
+def test_a_death_shows_in_devices_once(fake: WireGuardGo) -> None:
+    pid = fake.start("kvt0")
+    os.kill(pid, signal.SIGKILL)
+    fake.procs["kvt0"].wait(timeout=5)
+    assert fake.reap() == {"kvt0": pid}
+    assert fake.reap() == {}
+    assert fake.devices() == {}
+
+
+def test_a_running_device_is_adopted_not_replaced(fake: WireGuardGo, tmp_path: Path) -> None:
+    """What a restarted agent (or supervisor, outside a pod) finds: a device someone else started."""
+    pid = fake.start("kvt0")
+    successor = WireGuardGo(prefix=fake.argv[:-2], socket_dir=tmp_path)
+    assert successor.devices() == {}
+    assert successor.start("kvt0") == pid
+    assert successor.procs == {}
+    assert successor.devices() == {"kvt0": pid}
+    assert successor.stop("kvt0") == pid  # an adopted one is ended by its pid
+    deadline = time.monotonic() + 5
+    while process_start_time(pid) is not None and time.monotonic() < deadline:
+        fake.reap()  # our child: reaped here, else it stays a zombie
+        time.sleep(0.02)
+    assert process_start_time(pid) is None
+    assert successor.devices() == {}
+
+
+def test_stop_ends_whatever_serves_the_interface(fake: WireGuardGo, tmp_path: Path) -> None:
+    pid = fake.start("kvt0")
+    stranger = WireGuardGo(socket_dir=tmp_path)
+    assert stranger.stop("kvt0") == pid
+    fake.procs["kvt0"].wait(timeout=5)
+    assert stranger.stop("kvt0") is None
 
 
 def test_a_stale_socket_is_replaced(fake: WireGuardGo, tmp_path: Path) -> None:
