@@ -11,6 +11,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from kvpn_operator.contract import binding_selector
 from tests.conftest import TEST_NAMESPACE_LABEL
 from tests.support import chart
-from tests.support.controlplane import ControlPlane, log_tail
+from tests.support.controlplane import ControlPlane, free_port, log_tail
 from tests.support.kvpn import Kvpn, wait_for
 from tests.support.operator_process import OperatorProcess
 
@@ -164,6 +165,9 @@ def test_lint_strict_passes(helm: Helm, values: str) -> None:
         ("agent.capabilities=SYS_ADMIN", "additional properties 'capabilities' not allowed"),
         ("server.expose.type=ClusterIP", "server/expose/type"),
         ("agent.backend=ebpf", "agent/backend"),
+        ("operator.readinessPort=0", "operator/readinessPort"),
+        ("agent.wireguardGo.capabilities=SYS_ADMIN", "additional properties 'capabilities' not allowed"),
+        ("agent.wireguardGo.updateStrategy.type=Never", "agent/wireguardGo/updateStrategy/type"),
     ],
 )
 def test_values_schema_refuses_what_it_does_not_know(helm: Helm, setting: str, complaint: str) -> None:
@@ -240,39 +244,82 @@ def test_operator_pod_meets_restricted_pod_security(helm: Helm) -> None:
     assert {"name": "healthz", "containerPort": 8080, "protocol": "TCP"} in main["ports"]
 
 
+def test_operator_is_ready_when_reconciling_and_named_after_its_pod(helm: Helm) -> None:
+    """Ready from the operator's own /readyz (kopf watching, the API answering its reads), alive from
+    kopf's /healthz; its kopf identity is the pod's name, so the image's uid needs no passwd entry."""
+    main = container(one(helm.template(), "Deployment"))
+    assert "--readiness-port=8081" in main["args"]
+    assert {"name": "readyz", "containerPort": 8081, "protocol": "TCP"} in main["ports"]
+    assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "readyz"}
+    assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in main["env"]
+
+    moved = container(one(helm.template("operator.readinessPort=9443"), "Deployment"))
+    assert "--readiness-port=9443" in moved["args"]
+    assert {"name": "readyz", "containerPort": 9443, "protocol": "TCP"} in moved["ports"]
+
+
+AGENT, WIREGUARD_GO = "kvpn-agent", "kvpn-wireguard-go"
+SUPERVISOR_FLAG = "--wireguard-go-supervisor=/run/kvpn/wireguard-go.sock"
+
+
+def host_paths(workload: Doc) -> dict[str, Doc]:
+    """mountPath -> hostPath of the workload's one container."""
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]].get("hostPath") for m in container(workload)["volumeMounts"]}
+
+
 def test_agent_runs_with_net_admin_only_on_the_host_network(helm: Helm) -> None:
     docs = helm.template()
-    daemonset = one(docs, "DaemonSet")
+    daemonset = one(docs, "DaemonSet", AGENT)
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is True
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     agent = container(daemonset)
     assert agent["command"] == ["kvpn-agent"]
     assert agent["args"][:2] == ["run", "--namespace=kvpn"]
+    assert SUPERVISOR_FLAG in agent["args"]  # the userspace backend's processes are the other pod's
     security = agent["securityContext"]
     assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
     assert security["privileged"] is False
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]
-    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
-    assert {"/var/lib/kvpn", "/var/run/wireguard", "/dev/net/tun"} <= set(mounts)
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes[mounts["/dev/net/tun"]]["hostPath"] == {"path": "/dev/net/tun", "type": "CharDevice"}
+    paths = host_paths(daemonset)
+    assert paths["/var/lib/kvpn"] == {"path": "/var/lib/kvpn", "type": "DirectoryOrCreate"}
+    assert paths["/var/run/wireguard"] == {"path": "/var/run/wireguard", "type": "DirectoryOrCreate"}
+    assert paths["/run/kvpn"] == {"path": "/run/kvpn", "type": "DirectoryOrCreate"}
+    assert "/dev/net/tun" not in paths  # the agent starts no wireguard-go: no TUN
+    probes = (agent["livenessProbe"]["httpGet"], agent["readinessProbe"]["httpGet"])
+    assert probes == ({"path": "/healthz", "port": "metrics"}, {"path": "/readyz", "port": "metrics"})
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
-    # The operator selects exactly these pods for each VpnServer's UDP Service.
-    labels = daemonset["spec"]["template"]["metadata"]["labels"]
-    assert labels["app.kubernetes.io/name"] == "kvpn"
-    assert labels["app.kubernetes.io/component"] == "agent"
-    selector = next(a for a in container(one(docs, "Deployment"))["args"] if a.startswith("--agent-selector="))
-    pairs = dict(p.split("=", 1) for p in selector.removeprefix("--agent-selector=").split(","))
-    assert pairs.items() <= labels.items()
-    assert {"app.kubernetes.io/name", "app.kubernetes.io/component"} <= set(pairs)
+
+
+def gateway_selector(docs: list[Doc]) -> dict[str, str]:
+    """The operator's --gateway-selector: what each VpnServer's UDP Service selects."""
+    flag = "--gateway-selector="
+    selector = next(a for a in container(one(docs, "Deployment"))["args"] if a.startswith(flag))
+    return dict(p.split("=", 1) for p in selector.removeprefix(flag).split(","))
+
+
+@pytest.mark.parametrize(
+    ("backend", "gateways"), [("auto", WIREGUARD_GO), ("userspace", WIREGUARD_GO), ("kernel", AGENT)]
+)
+def test_the_udp_services_select_the_pods_that_outlive_agent_restarts(helm: Helm, backend: str, gateways: str) -> None:
+    """The wireguard-go pods where the chart runs them: an agent restart then changes no Service endpoint
+    (which would have kube-proxy move a laptop's flow to another gateway); the agents with backend=kernel."""
+    docs = helm.template(f"agent.backend={backend}")
+    selector = gateway_selector(docs)
+    assert {"app.kubernetes.io/name", "app.kubernetes.io/component"} <= set(selector)
+    for daemonset in find(docs, "DaemonSet"):
+        labels = daemonset["spec"]["template"]["metadata"]["labels"]
+        selected = selector.items() <= labels.items()
+        assert selected == (daemonset["metadata"]["name"] == gateways), daemonset["metadata"]["name"]
 
 
 def test_agent_declares_a_host_port_only_for_the_host_port_expose_type(helm: Helm) -> None:
     def wireguard_port(*sets: str) -> Doc:
-        ports = container(one(helm.template(*sets), "DaemonSet"))["ports"]
+        ports = container(one(helm.template(*sets), "DaemonSet", AGENT))["ports"]
         port: Doc = next(p for p in ports if p["name"] == "wireguard")
         return port
 
@@ -289,11 +336,85 @@ def test_server_namespaces_get_one_role_each_and_the_agent_serves_them(helm: Hel
     for role in roles.values():
         secrets_rule = next(r for r in role["rules"] if "secrets" in r["resources"])
         assert secrets_rule["verbs"] == ["get", "list", "watch"]
-    args = container(one(docs, "DaemonSet"))["args"]
+    args = container(one(docs, "DaemonSet", AGENT))["args"]
     assert [a for a in args if a.startswith("--namespace=")] == ["--namespace=vpn-a", "--namespace=vpn-b"]
     # No ClusterRole lets the agent read Secrets.
     agent_cluster_role = one(docs, "ClusterRole", "kvpn-agent")
     assert all("secrets" not in rule["resources"] for rule in agent_cluster_role["rules"])
+
+
+def test_wireguard_go_runs_in_its_own_daemonset_that_an_upgrade_does_not_roll(helm: Helm) -> None:
+    placement = [
+        "agent.nodeSelector.gateway=yes",
+        "agent.tolerations[0].operator=Exists",
+        "agent.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+        ".matchExpressions[0].key=zone",
+        "agent.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+        ".matchExpressions[0].operator=Exists",
+        "agent.priorityClassName=system-node-critical",
+        "imagePullSecrets[0].name=registry",
+    ]
+    docs = helm.template(*placement)
+    agent, wggo = one(docs, "DaemonSet", AGENT), one(docs, "DaemonSet", WIREGUARD_GO)
+    assert wggo["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    assert agent["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    pod, agent_pod = wggo["spec"]["template"]["spec"], agent["spec"]["template"]["spec"]
+    # On exactly the agent's nodes.
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets"):
+        assert pod[key] == agent_pod[key], key
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", "gateway": "yes"}
+    # Nothing that reaches the API server.
+    assert pod["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in pod
+    assert pod["hostNetwork"] is True
+    main = container(wggo)
+    assert main["command"] == ["kvpn-agent"]
+    assert main["args"][:2] == ["wireguard-go", "--socket=/run/kvpn/wireguard-go.sock"]
+    assert main["image"] == container(agent)["image"]
+    assert main["securityContext"] == {
+        "runAsUser": 0,
+        "runAsGroup": 0,
+        "runAsNonRoot": False,
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+    }
+    assert "livenessProbe" not in main  # a restart would cut every tunnel through the node
+    # Ready while the agent on the same node says its dataplane is (both on the node's network), with
+    # room for an agent restart before the node leaves the Services.
+    probe = main["readinessProbe"]
+    metrics = next(p for p in container(agent)["ports"] if p["name"] == "metrics")
+    assert probe["httpGet"] == {"path": "/readyz", "port": metrics["containerPort"]}
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 30
+    assert "limits" not in main["resources"]  # nor a CPU throttle or an OOM kill
+    # The sockets both pods use are the node's, in the same places.
+    paths = host_paths(wggo)
+    assert paths["/dev/net/tun"] == {"path": "/dev/net/tun", "type": "CharDevice"}
+    for shared in ("/run/kvpn", "/var/run/wireguard"):
+        assert paths[shared] == host_paths(agent)[shared], shared
+    # Its pods are not the agent's: the agent DaemonSet's selector does not take them.
+    assert wggo["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "wireguard-go"
+    assert (
+        not agent["spec"]["selector"]["matchLabels"].items() <= wggo["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+    moved = helm.template(
+        "agent.wireguardGo.socketHostPath=/var/run/kvpn-sock", "agent.wireguardGo.updateStrategy.type=RollingUpdate"
+    )
+    assert one(moved, "DaemonSet", WIREGUARD_GO)["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    for name in (AGENT, WIREGUARD_GO):
+        assert host_paths(one(moved, "DaemonSet", name))["/run/kvpn"]["path"] == "/var/run/kvpn-sock"
+
+
+def test_the_kernel_backend_renders_no_wireguard_go(helm: Helm) -> None:
+    docs = helm.template("agent.backend=kernel")
+    assert [d["metadata"]["name"] for d in find(docs, "DaemonSet")] == [AGENT]
+    agent = one(docs, "DaemonSet", AGENT)
+    assert SUPERVISOR_FLAG not in container(agent)["args"]
+    assert set(host_paths(agent)) == {"/var/lib/kvpn", "/tmp"}
+    for backend in ("auto", "userspace"):
+        assert find(helm.template(f"agent.backend={backend}"), "DaemonSet", WIREGUARD_GO)
 
 
 def test_vpnserver_from_values(helm: Helm) -> None:
@@ -418,6 +539,9 @@ def release(
     }
     # The Deployment's own arguments; OperatorProcess appends its liveness port and log format, which win.
     operator_args = container(one(docs, "Deployment"))["args"]
+    # The readiness port too: a fixed host port would clash with other operators on this machine.
+    operator_args = [a for a in operator_args if not a.startswith("--readiness-port=")]
+    operator_args.append(f"--readiness-port={free_port()}")
     plane: Any = chart.AsServiceAccount(control_plane, kubeconfigs["operator"])  # duck-typed for OperatorProcess
     operator = OperatorProcess(plane, args=operator_args, log_path=folder / "operator.log")
     operator.start()
@@ -449,6 +573,9 @@ def test_install_creates_the_chart_objects(release: Release, api: client.ApiClie
     daemonset = apps.read_namespaced_daemon_set(f"{release.name}-agent", release.namespace)
     assert daemonset.spec.template.spec.host_network is True
     assert daemonset.spec.template.spec.service_account_name == agent_sa(release.name)
+    wireguard_go = apps.read_namespaced_daemon_set(f"{release.name}-wireguard-go", release.namespace)
+    assert wireguard_go.spec.update_strategy.type == "OnDelete"
+    assert wireguard_go.spec.template.spec.automount_service_account_token is False
     for sa in (operator_sa(release.name), agent_sa(release.name)):
         core.read_namespaced_service_account(sa, release.namespace)
     for role in (operator_sa(release.name), agent_sa(release.name)):
@@ -627,8 +754,11 @@ def test_the_real_operator_works_with_the_charts_permissions(release: Release, a
     service = client.CoreV1Api(api).read_namespaced_service("kvpn-default", release.namespace)
     assert service.spec.type == "NodePort"
     assert service.spec.ports[0].node_port == NODE_PORT
-    # ... and the UDP Service selects the chart's agent pods.
-    assert service.spec.selector == one(release.docs, "DaemonSet")["spec"]["selector"]["matchLabels"]
+    # ... and the UDP Service selects the chart's wireguard-go pods (the gateways' WireGuard ports).
+    assert (
+        service.spec.selector
+        == one(release.docs, "DaemonSet", f"{release.name}-wireguard-go")["spec"]["selector"]["matchLabels"]
+    )
     secret = kvpn.secret(release.peers, peer["status"]["configSecretName"])
     assert secret is not None
     assert "wg0.conf" in (secret.data or {})
@@ -641,6 +771,18 @@ def test_the_real_operator_works_with_the_charts_permissions(release: Release, a
     kvpn.delete("vpnpeers", release.peers, "laptop")
     wait_for("the peer to be gone", lambda: kvpn.get("vpnpeers", release.peers, "laptop") is None)
     assert kvpn.secrets(release.namespace, binding_selector("default")) == []
+
+    # The readiness probe's reads (both kinds, every namespace, limit=1) are within the chart's RBAC too.
+    readiness_port = next(a.split("=", 1)[1] for a in release.operator.args if a.startswith("--readiness-port="))
+
+    def readyz() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{readiness_port}/readyz", timeout=10) as response:
+                return str(response.read().decode())
+        except OSError:  # 503 (HTTPError) included: not ready (yet)
+            return None
+
+    assert "readyz check passed" in wait_for("/readyz to answer 200", readyz, timeout=15)
 
     log = release.operator.log_text()
     assert release.operator.running, log_tail(release.operator.log_path, 60)
