@@ -1,4 +1,5 @@
-"""Starts and stops a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)."""
+"""Starts and stops a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, and
+for a cluster with nodes kube-scheduler)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ SERVICE_CIDR = "10.96.0.0/16"
 ADMIN_USER = "kvpn-admin"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager")
+NODE_BINARIES = ("kube-scheduler", "kubelet", "kube-proxy")
 STOP_GRACE_SECONDS = 5.0
 
 
@@ -49,13 +51,13 @@ def cache_bin_dir() -> Path:
     return base / "control-plane" / "bin"
 
 
-def find_binaries() -> dict[str, Path]:
+def find_binaries(names: Sequence[str] = BINARIES) -> dict[str, Path]:
     """Each binary from $KUBEBUILDER_ASSETS when it holds it, else from the cache folder."""
     folders = [Path(assets)] if (assets := os.environ.get("KUBEBUILDER_ASSETS")) else []
     folders.append(cache_bin_dir())
     found: dict[str, Path] = {}
     missing: list[str] = []
-    for name in BINARIES:
+    for name in names:
         path = next((f / name for f in folders if os.access(f / name, os.X_OK)), None)
         if path is None:
             missing.append(name)
@@ -152,6 +154,11 @@ class ControlPlane:
     Everything lives in one run folder (logs, certificates, tokens, kubeconfig, etcd data). A
     folder made here is removed by stop(); a `run_dir` passed in is kept for its logs, only the
     etcd data and the keys inside it are removed.
+
+    For a cluster with nodes (tests/support/cluster.py): `address` is where the API server listens
+    and what it advertises (an address the nodes reach), `tokens` are more (token, user, groups)
+    identities (kubelets, kube-proxy), `apiserver_args`/`kcm_args` add flags, and `scheduler`
+    also starts kube-scheduler.
     """
 
     def __init__(
@@ -160,10 +167,20 @@ class ControlPlane:
         *,
         binaries: Mapping[str, Path] | None = None,
         ready_timeout: float = 60.0,
+        address: str = "127.0.0.1",
+        tokens: Sequence[tuple[str, str, Sequence[str]]] = (),
+        apiserver_args: Sequence[str] = (),
+        kcm_args: Sequence[str] = (),
+        scheduler: bool = False,
     ) -> None:
         self._given_run_dir = run_dir
         self._binaries = dict(binaries) if binaries is not None else None
         self._ready_timeout = ready_timeout
+        self.address = address
+        self._tokens = list(tokens)
+        self._apiserver_args = list(apiserver_args)
+        self._kcm_args = list(kcm_args)
+        self._scheduler = scheduler
         self._processes: list[_Process] = []
         self._run_dir: Path | None = None
         self._etcd_dir: Path | None = None
@@ -233,7 +250,8 @@ class ControlPlane:
         began = time.monotonic()
         atexit.register(self.stop)
         try:
-            binaries = self._binaries or find_binaries()
+            names = (*BINARIES, "kube-scheduler") if self._scheduler else BINARIES
+            binaries = self._binaries or find_binaries(names)
             self._make_dirs()
             # Ports are picked free, then bound by another process: another run may take one in
             # between, so a bind failure retries with fresh ports.
@@ -260,7 +278,7 @@ class ControlPlane:
         if self._given_run_dir is None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
         else:
-            for secret in ("sa.key", "tokens.csv", "kubeconfig", "apiserver-certs", "kcm-certs"):
+            for secret in ("sa.key", "tokens.csv", "kubeconfig", "apiserver-certs", "kcm-certs", "scheduler-certs"):
                 path = self._run_dir / secret
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
@@ -303,7 +321,9 @@ class ControlPlane:
             key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
         # token,user,uid,"group,..." -- system:masters bypasses RBAC entirely.
-        (run / "tokens.csv").write_text(f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
+        lines = [f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"']
+        lines += [f'{token},{user},{user},"{",".join(groups)}"' for token, user, groups in self._tokens]
+        (run / "tokens.csv").write_text("\n".join(lines) + "\n")
         for name in ("sa.key", "tokens.csv"):
             (run / name).chmod(0o600)
 
@@ -350,7 +370,7 @@ class ControlPlane:
     def _start_once(self, binaries: Mapping[str, Path]) -> None:
         run = self.run_dir
         assert self._etcd_dir is not None
-        client_port, peer_port, api_port, kcm_port = (free_port() for _ in range(4))
+        client_port, peer_port, api_port, kcm_port, scheduler_port = (free_port() for _ in range(5))
 
         self.etcd_url = f"http://127.0.0.1:{client_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
@@ -369,14 +389,14 @@ class ControlPlane:
             ],
         )
         # The apiserver starts right away: it retries etcd, and waiting for etcd first costs ~0.5 s.
-        self._server = f"https://127.0.0.1:{api_port}"
+        self._server = f"https://{self.address}:{api_port}"
         apiserver = self._spawn(
             "kube-apiserver",
             [
                 str(binaries["kube-apiserver"]),
                 f"--etcd-servers={self.etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={api_port}",
                 f"--cert-dir={run / 'apiserver-certs'}",
                 f"--token-auth-file={run / 'tokens.csv'}",
@@ -386,6 +406,7 @@ class ControlPlane:
                 f"--service-account-signing-key-file={run / 'sa.key'}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
+                *self._apiserver_args,
             ],
         )
         ready_ctx = ssl.create_default_context(cafile=None)
@@ -427,12 +448,34 @@ class ControlPlane:
                 f"--cert-dir={run / 'kcm-certs'}",
                 # 1.20 also serves plain HTTP on 10252 unless told not to, which clashes between runs.
                 "--port=0",
+                *self._kcm_args,
             ],
         )
         self._wait(
             kcm,
             "healthy (/healthz)",
             lambda: _http_ok(f"https://127.0.0.1:{kcm_port}/healthz", context=ready_ctx),
+        )
+        if not self._scheduler:
+            return
+        scheduler = self._spawn(
+            "kube-scheduler",
+            [
+                str(binaries["kube-scheduler"]),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={scheduler_port}",
+                f"--cert-dir={run / 'scheduler-certs'}",
+                "--port=0",
+            ],
+        )
+        self._wait(
+            scheduler,
+            "healthy (/healthz)",
+            lambda: _http_ok(f"https://127.0.0.1:{scheduler_port}/healthz", context=ready_ctx),
         )
 
     def _stop_processes(self) -> None:
