@@ -1,15 +1,16 @@
-"""The local demo: the end-to-end world of tests/e2e, left running for you to poke at.
+"""The local demo: kvpn installed with Helm on a cluster with real nodes, left running for you to poke at.
 
     python hack/demo.py up      # `make demo`: starts it detached, prints what it built and how to use it
     python hack/demo.py status  # is it up; the same summary
     python hack/demo.py down    # `make demo-down`: removes all of it (idempotent, also after a partial start)
 
-`up` starts a small daemon (this script, `_serve`) that builds the world -- a real control plane, the
-chart's CRDs and RBAC, the operator and two gateway agents running as the chart's ServiceAccounts, a
-pod network with "hello" and cluster DNS, a laptop namespace running stock wg-quick on VpnPeer
-dev/alice's config -- then waits for `down`. Everything the world creates is recorded as it goes in
-$KVPN_DEMO_DIR/manifest.json (default /run/kvpn-demo), so `down` removes it even if the daemon died.
-Needs root (network namespaces, TUN, nftables).
+`up` starts a small daemon (this script, `_serve`) that builds the world of tests/e2e
+(tests/support/world.py): the project's image built from its Dockerfile; a control plane and two
+kubelet nodes (containerd, kube-proxy) in network namespaces; `helm install` of helm/kvpn; the
+`hello` Deployment and a DNS stand-in as pods; VpnServers applied with kubectl; a laptop namespace
+running stock wg-quick on VpnPeer dev/alice's config -- then waits for `down`. Everything it creates
+is recorded as it goes in $KVPN_DEMO_DIR/manifest.json (default /var/tmp/kvpn-demo), so `down`
+removes it even if the daemon died. Needs root (network namespaces, cgroups, TUN, nftables).
 """
 
 from __future__ import annotations
@@ -29,24 +30,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support.world import (  # noqa: E402
-    DNS_CLUSTER_IP,
-    HELLO_CLUSTER_IP,
-    HELLO_POD_IP,
-    HELLO_PORT,
-    HELLO_URL,
-    KUBE_PROXY_STANDIN,
-    Manifest,
-    World,
-    _start_time,
-    sweep,
-)
+from tests.support.cluster import Manifest, start_time, sweep  # noqa: E402
+from tests.support.world import CHART_NAMESPACE, HELLO_URL, PEER_NAMESPACE, World  # noqa: E402
 
-STATE_DIR = Path(os.environ.get("KVPN_DEMO_DIR", "/run/kvpn-demo"))
+# Not under /run, /var/lib or /var/log: each node mounts folders of its own over those.
+STATE_DIR = Path(os.environ.get("KVPN_DEMO_DIR", "/var/tmp/kvpn-demo"))  # noqa: S108 - root's demo, made 0700
 STATE = STATE_DIR / "state.json"
 MANIFEST = STATE_DIR / "manifest.json"
 LOG = STATE_DIR / "demo.log"
-UP_TIMEOUT = 180.0
+UP_TIMEOUT = 900.0  # a first run also builds the image (a few minutes); later ones take about a minute
 DOWN_TIMEOUT = 60.0
 
 
@@ -67,7 +59,7 @@ def write_state(**changes: Any) -> None:
 
 def daemon_alive(state: dict[str, Any]) -> bool:
     pid, start = state.get("daemon_pid"), state.get("daemon_start")
-    return isinstance(pid, int) and _start_time(pid) == start  # the same process, not a later one with its pid
+    return isinstance(pid, int) and start_time(pid) == start  # the same process, not a later one with its pid
 
 
 # --- the daemon ------------------------------------------------------------------------------------
@@ -85,12 +77,7 @@ def serve() -> None:
         laptop = world.add_laptop("alice")
         body = world.wait_reachable(laptop, HELLO_URL, timeout=20)
         print(f"kvpn demo: up in {world.timings['total']:.1f} s; from the laptop: {body.strip()}", flush=True)
-        write_state(
-            ready=True,
-            world=world.describe(),
-            hello=body.strip(),
-            agent_pids={node: agent.pid for node, agent in world.agents.items()},
-        )
+        write_state(ready=True, world=world.describe(), hello=body.strip(), timings=world.timings)
         while True:
             signal.pause()
     except BaseException as error:
@@ -129,7 +116,7 @@ def up() -> int:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # detached: it outlives this command
         )
-    write_state(daemon_pid=daemon.pid, daemon_start=_start_time(daemon.pid), ready=False)
+    write_state(daemon_pid=daemon.pid, daemon_start=start_time(daemon.pid), ready=False)
     print(f"kvpn demo: building the world (daemon pid {daemon.pid}, log {LOG}) ...", flush=True)
     try:
         while True:
@@ -190,43 +177,42 @@ def status() -> int:
 
 def summary(state: dict[str, Any]) -> str:
     world = state["world"]
-    ns = world["netns"]
     laptop = world["laptops"]["alice"]
-    agent_a = world["agents"]["node-a"]
-    kubectl = "kubectl" if shutil.which("kubectl") else str(_tool_dir() / "kubectl")
+    nodes = world["nodes"]
+    kubectl = world["kubectl"]
+    node_lines = "\n".join(
+        f"                  {n['name']} {n['address']} (pods {n['podCIDR']})" for n in nodes.values()
+    )
+    first = next(iter(nodes.values()))["name"]
     return f"""\
-What it built (all in network namespaces {", ".join(ns.values())}):
-  control plane   etcd + kube-apiserver + kube-controller-manager v1.20 on loopback
-  chart           helm/kvpn rendered: CRDs, ServiceAccounts, RBAC applied; operator and agents use their tokens
-  gateway nodes   {world["nodes"]["node-a"]}, {world["nodes"]["node-b"]}: a kvpn-agent each
-                  (wireguard-go {world["interface"]})
-  VpnServer       kvpn-system/cluster, HostPort, endpoint {world["server"]["endpoint"]}
-                  routes {", ".join(world["server"]["routes"])}, DNS {world["dns"]}
-  pods            hello {HELLO_POD_IP}:{HELLO_PORT} (Service default/hello {HELLO_CLUSTER_IP}:80),
-                  dnsmasq (Service kube-system/kube-dns {DNS_CLUSTER_IP});
-                  DNAT by `ip {KUBE_PROXY_STANDIN}` in each node (the harness's stand-in for kube-proxy, not kvpn)
-  laptop          VpnPeer dev/alice, stock `wg-quick up` ({laptop["interface"]}); resolv.conf from its DNS line
+What it built:
+  control plane   etcd, kube-apiserver, kube-controller-manager, kube-scheduler v1.20 ({world["api_server"]})
+  nodes           kubelet + containerd + kube-proxy (iptables), each in a network namespace:
+{node_lines}
+  image           {world["image"]}, built from ./Dockerfile with buildah, imported into each node
+  kvpn            `helm install kvpn helm/kvpn -n {CHART_NAMESPACE}`: operator Deployment, agent and
+                  wireguard-go DaemonSets, as pods
+  VpnServer       {CHART_NAMESPACE}/cluster, HostPort, endpoint {world["server"]["endpoint"]}
+                  routes {", ".join(world["server"]["routes"])}, DNS {world["dns"]} (discovered)
+  pods            hello (a Deployment, a pod per node; Service default/hello), a DNS stand-in for
+                  CoreDNS (Service kube-system/kube-dns)
+  laptop          VpnPeer {PEER_NAMESPACE}/alice, stock `wg-quick up` ({laptop["interface"]});
+                  resolv.conf from its DNS line
                   answered: {state.get("hello", "")}
 
-Poke at it:
-  ip netns exec {laptop["netns"]} bash                      # the laptop; then:
-    curl http://hello.default.svc.cluster.local            # by name (also: curl http://hello.default)
-    curl http://{HELLO_CLUSTER_IP}   curl http://{HELLO_POD_IP}:{HELLO_PORT}     # by ClusterIP, by pod IP
-    wg show
+Poke at it (kubectl here is {kubectl}):
   export KUBECONFIG={world["kubeconfig"]}
-    {kubectl} get nodes,svc -A; {kubectl} get vpnservers,vpnpeers -A -o wide
-    {kubectl} patch vpnpeer -n dev alice --type merge -p '{{"spec":{{"disabled":true}}}}'   # and watch curl stop
-  ip netns exec {ns["node-a"]} nft list ruleset            # inet kvpn (the agent) + ip {KUBE_PROXY_STANDIN}
-  nsenter -t {agent_a["pid"]} -m ip netns exec {ns["node-a"]} wg show   # a gateway's WireGuard (private socket folder)
-  logs: {world["run_dir"]}/{{operator,agent-node-a,agent-node-b,hello,dnsmasq,wg-quick}}.log, {LOG}
+    kubectl get pods -A -o wide; kubectl get vpnservers,vpnpeers -A -o wide
+    kubectl -n {CHART_NAMESPACE} logs daemonset/kvpn-agent
+    kubectl -n {CHART_NAMESPACE} delete pod -l app.kubernetes.io/component=agent      # tunnels stay up
+    kubectl -n {PEER_NAMESPACE} patch vpnpeer alice --type merge -p '{{"spec":{{"disabled":true}}}}'   # curl stops
+  ip netns exec {laptop["netns"]} bash      # the laptop; then:
+    curl {HELLO_URL}       # by name (also: curl http://hello.default)
+    wg show
+  ip netns exec {first} nft list ruleset    # a node: inet kvpn (the agent) beside kube-proxy's tables
+  logs: {world["run_dir"]}/nodes/*/{{kubelet,containerd,kube-proxy}}.log, {LOG}
 
 `make demo-down` (python hack/demo.py down) removes all of it."""
-
-
-def _tool_dir() -> Path:
-    from tests.support.chart import tool_dir  # noqa: PLC0415
-
-    return tool_dir()
 
 
 def main() -> int:

@@ -1,0 +1,45 @@
+"""The test cluster's workload, run as pods: an HTTP server that names itself and its client, and a TCP echo.
+
+GET / answers "hello from pod <pod IP> on <node> (client <address>)"; port 9000 echoes every line back,
+for a connection that the tests keep open across a gateway's restarts. Test harness only, not kvpn.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socketserver
+import sys
+import threading
+
+
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        pod, node = os.environ.get("POD_IP", "?"), os.environ.get("NODE_NAME", "?")
+        body = f"hello from pod {pod} on {node} (client {self.client_address[0]})\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        while line := self.rfile.readline():
+            self.wfile.write(line)
+
+
+def main() -> None:
+    http_port, echo_port = int(sys.argv[1]), int(sys.argv[2])
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    socketserver.ThreadingTCPServer.daemon_threads = True
+    echo = socketserver.ThreadingTCPServer(("0.0.0.0", echo_port), Echo)  # noqa: S104 - a pod's own address
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    http.server.ThreadingHTTPServer(("0.0.0.0", http_port), Hello).serve_forever()  # noqa: S104
+
+
+if __name__ == "__main__":
+    main()
