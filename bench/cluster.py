@@ -10,8 +10,8 @@
 - **Pods coming and going.** The gaps a laptop sees (an open TCP connection to hello's echo port, and
   new HTTP requests in a loop) while the gateway node's agent pod is deleted, the chart is upgraded
   to a new image tag, the operator pod is deleted, and the node is cordoned and its agent evicted.
-- **Memory.** RSS of each node's containerd, kubelet and kube-proxy (/proc), each control-plane
-  process, and the working set of each kvpn pod (kubelet's summary API, through the API server).
+- **Memory.** RSS of each node's containerd, kubelet and kube-proxy, of each control-plane process,
+  and of each kvpn pod (the processes in its cgroup), read from /proc.
 
 The cluster is built and removed by the run (about a minute warm; the first run also builds the image).
 """
@@ -19,6 +19,7 @@ The cluster is built and removed by the run (about a minute warm; the first run 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import secrets
@@ -262,13 +263,24 @@ def measure_memory(world: World) -> Memory:
     assert plane is not None
     for process in getattr(plane, "_processes", []):
         memory.control_plane_mib[process.name] = rss_mib(process.popen.pid)
-    for node in world.nodes:
-        summary = json.loads(world.kubectl("get", "--raw", f"/api/v1/nodes/{node.name}/proxy/stats/summary"))
-        for pod in summary.get("pods", []):
-            ref = pod["podRef"]
-            working = (pod.get("memory") or {}).get("workingSetBytes")
-            if ref["namespace"] == CHART_NAMESPACE and working is not None:
-                memory.pods_mib[f"{ref['name']} ({node.role})"] = round(working / 2**20, 1)
+    # Per pod: the RSS of the processes in its cgroup (pause and containers), read on this machine.
+    # (kubelet's summary API reports a working set of 0 for some pods in this hybrid cgroup layout.)
+    pods = {p["metadata"]["uid"]: p for p in world.pods()}
+    per_pod: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cgroups = (proc / "cgroup").read_text()
+        except OSError:
+            continue
+        for uid, pod in pods.items():
+            if f"pod{uid}" in cgroups:
+                node = world.cluster.node(pod["spec"]["nodeName"]).role
+                label = f"{pod['metadata']['name']} ({node})"
+                with contextlib.suppress(OSError):
+                    per_pod[label] = per_pod.get(label, 0.0) + rss_mib(int(proc.name))
+    memory.pods_mib = {k: round(v, 1) for k, v in per_pod.items()}
     return memory
 
 
@@ -300,7 +312,7 @@ def report(latencies: Sequence[Latency], gaps: Sequence[Gap], memory: Memory) ->
         lines.append(f"| {role} | {cells} |")
     lines += ["", "| process or pod | memory |", "|---|--:|"]
     lines += [f"| {name} (RSS) | {mib:.0f} MiB |" for name, mib in memory.control_plane_mib.items()]
-    lines += [f"| {name} (working set) | {mib:.0f} MiB |" for name, mib in sorted(memory.pods_mib.items())]
+    lines += [f"| {name} (RSS) | {mib:.0f} MiB |" for name, mib in sorted(memory.pods_mib.items())]
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
 from kvpn_agent.processes import LOG_FOLDER, process_start_time, socket_owner, terminate
 from kvpn_agent.state import StateFile
-from kvpn_agent.supervisor_api import SupervisorClient, SupervisorError, SupervisorUnreachableError
+from kvpn_agent.supervisor_api import READY_FILE, SupervisorClient, SupervisorError, SupervisorUnreachableError
 
 
 def cleanup(
@@ -63,8 +63,16 @@ def cleanup(
     if firewall.list_table() is not None:
         firewall.delete()
         done.append("deleted table inet kvpn")
+    return done + _remove_files(state_file, supervisor)
+
+
+def _remove_files(state_file: StateFile, supervisor: Path | None) -> list[str]:
+    done = []
     if state_file.remove():
         done.append(f"removed {state_file.path}")
+    if supervisor is not None and (verdict := supervisor.parent / READY_FILE).exists():
+        verdict.unlink()  # nothing is served here any more: the gateway pod leaves the Services
+        done.append(f"removed {verdict}")
     logs = state_file.directory / LOG_FOLDER
     if logs.is_dir():
         shutil.rmtree(logs, ignore_errors=True)

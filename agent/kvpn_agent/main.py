@@ -15,7 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from kvpn_agent.linux import SOCKET_DIR
-from kvpn_agent.supervisor_api import SUPERVISOR_SOCKET
+from kvpn_agent.supervisor_api import READY_FILE, SUPERVISOR_SOCKET
 
 if TYPE_CHECKING:
     import kubernetes
@@ -183,6 +183,7 @@ def run(args: argparse.Namespace) -> None:
         resync_seconds=args.resync_seconds,
         report_seconds=args.report_seconds,
         start_timeout=args.start_timeout,
+        ready_file=args.wireguard_go_supervisor.parent / READY_FILE if args.wireguard_go_supervisor else None,
     )
     agent = Agent(settings, dataplane, StateFile(args.state_dir), api_client())
     if args.metrics_port:

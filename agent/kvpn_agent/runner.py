@@ -58,6 +58,9 @@ class Settings:
     start_timeout: float = 10.0
     """How long to wait for the API server at start before serving the state file."""
 
+    ready_file: Path | None = None
+    """Where to leave the dataplane's verdict for the gateway pods' readiness (supervisor_api.READY_FILE)."""
+
 
 @dataclass
 class Dataplane:
@@ -169,6 +172,8 @@ class Agent:
         self._node_labels: dict[str, str] | None = None
         self._have_desired = False
         self._from_api = False
+        self._published: bool | None = None
+        """The verdict last left in settings.ready_file; None: none yet by this process."""
         self._devices: dict[str, int] = {}
         """wireguard-go devices and their pids as last seen: a change between two looks is a death."""
         self._supervisor_down: str | None = None
@@ -270,6 +275,32 @@ class Agent:
                 if full or not ok:
                     next_full = time.monotonic() + (self.settings.resync_seconds if ok else delay)
                     delay = 1.0 if ok else min(delay * 2, self.settings.resync_seconds, RETRY_SECONDS)
+            self._publish_readiness()
+
+    def _publish_readiness(self) -> None:
+        """Leaves the verdict on the node's dataplane in settings.ready_file when it changes.
+
+        Not before this process's first sync pass: until then the dataplane is as the previous agent
+        left it, and so is its verdict.
+        """
+        path = self.settings.ready_file
+        if path is None or not self.synced.is_set():
+            return
+        ready, why = self.readiness()
+        if ready == self._published:
+            return
+        try:
+            if ready:
+                partial = path.with_name(f".{path.name}.partial")
+                partial.write_text("ok\n")
+                partial.replace(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("dataplane verdict not written", extra={"path": str(path), "error": str(exc)})  # noqa: TRY400 - a fact about the node
+            return
+        self._published = ready
+        log.info("dataplane verdict for the gateway's readiness", extra={"ready": ready, "reason": why})
 
     def _watches(self) -> list[Informer]:
         return [*self.server_watches.values(), *self.secret_watches.values()]

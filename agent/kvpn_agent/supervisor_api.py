@@ -24,6 +24,13 @@ from typing import Any
 from kvpn_agent.linux import IFNAMSIZ, SOCKET_DIR
 
 SUPERVISOR_SOCKET = Path("/run/kvpn/wireguard-go.sock")
+READY_FILE = "dataplane-ready"
+"""Beside the socket: present while the agent's latest verdict on the node's dataplane is "as desired".
+
+The wireguard-go pods are what each VpnServer's UDP Service selects, and their readiness probe is
+this file. An agent that restarts, or is away, leaves it as it was (the dataplane does not change
+without the agent), so a restart never takes a gateway out of the Services; a sync failure does.
+"""
 OPS = ("start", "stop", "list")
 MAX_LINE = 1024
 """Longest request the supervisor reads: a request names one interface, so this is generous."""

@@ -298,10 +298,12 @@ def test_pod_lifecycle_breaks_no_connection(world: World, alice: Laptop, event: 
 
 
 def test_an_agent_that_cannot_program_a_server_is_not_ready(world: World) -> None:
-    """Another program holds a server's UDP port on one node: that node's agent is not Ready (its pod
-    leaves the Service's endpoints) and the VpnServer's Dataplane condition names the node; once the
-    port is free the agent recovers by itself."""
+    """Another program holds a server's UDP port on one node: that node's agent is not Ready, its gateway
+    leaves the UDP Services' endpoints, and the VpnServer's Dataplane condition names the node; once the
+    port is free the agent recovers by itself and the gateway is back."""
     node, port = world.nodes[-1], 51899
+    gateways = EndpointsWatch(world, CHART_NAMESPACE, f"kvpn-{NODEPORT_SERVER}")
+    assert node.address in gateways.addresses()
     hold_port = (
         "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
         f"s.bind(('0.0.0.0', {port})); time.sleep(300)"
@@ -329,10 +331,15 @@ def test_an_agent_that_cannot_program_a_server_is_not_ready(world: World) -> Non
         assert node.name in dataplane["message"], dataplane
         other = world.nodes[0]
         assert pod_ready(world.pod_on("agent", other)), "the other node's agent stays Ready"
+        wait_for(
+            f"{node.role} out of the NodePort Service", lambda: node.address not in gateways.addresses(), timeout=20
+        )
+        assert other.address in gateways.addresses()
     finally:
         squatter.kill()
         squatter.wait()
     wait_for(f"the agent on {node.role} Ready again", lambda: pod_ready(world.pod_on("agent", node)), timeout=90)
+    wait_for(f"{node.role} back in the NodePort Service", lambda: node.address in gateways.addresses(), timeout=20)
     wait_for(
         "the Dataplane condition gone",
         lambda: (c := condition(world.server("squatted"), "Dataplane")) is None or c["status"] == "True",

@@ -233,10 +233,11 @@ def start(
     objs: Sequence[Obj] = (),
     node: FakeNode | None = None,
     wggo: WireGuardGoProcesses | None = None,
+    ready_file: Path | None = None,
 ) -> Iterator[Running]:
     node = node or FakeNode()
     dataplane = Dataplane("userspace", node, node, node, node, node, lambda families: [], wggo)  # type: ignore[arg-type]
-    settings = Settings(resync_seconds=3600, report_seconds=3600, start_timeout=0.2)
+    settings = Settings(resync_seconds=3600, report_seconds=3600, start_timeout=0.2, ready_file=ready_file)
     state = StateFile(tmp_path / "state")
     agent = Agent(settings, dataplane, state, api=None, metrics=Metrics())
     servers, secrets = FilledWatch(Store()), FilledWatch(Store(secret_index))
@@ -481,6 +482,25 @@ def test_readiness_follows_the_latest_pass_and_names_what_fails(
         wait(lambda: agent.readiness() == (True, "ok"), "readiness once the port is free", timeout=6)
         assert key(0) in node.peers()
         assert any(r.getMessage() == "server sync works again" for r in caplog.records)
+
+
+def test_the_verdict_for_the_gateway_pods_outlives_the_agent_and_follows_its_passes(tmp_path: Path) -> None:
+    """The wireguard-go pods' readiness (the Services' endpoints) is a file the agent leaves: a new agent
+    keeps the previous one's verdict until its own first pass, a failed pass removes it, a good one
+    puts it back, and stopping the agent leaves it as it is."""
+    verdict = tmp_path / "dataplane-ready"
+    verdict.write_text("ok\n")  # left by the agent before this one
+    node = FakeNode()
+    node.refuse = EADDRINUSE
+    with start(tmp_path, synced=False, node=node, objs=[server_obj(), key_secret()], ready_file=verdict) as running:
+        threading.Event().wait(0.5)  # no desired state yet, no pass: the previous verdict stands
+        assert verdict.exists()
+        running.agent.server_watches[""].synced.set()
+        running.agent.secret_watches[""].synced.set()
+        wait(lambda: not verdict.exists(), "the failed pass to withdraw the verdict")
+        node.refuse = None
+        wait(verdict.exists, "a good pass to restore it", timeout=6)
+    assert verdict.read_text() == "ok\n"  # and a stopped agent leaves it in place
 
 
 def test_not_ready_without_desired_state(tmp_path: Path) -> None:
