@@ -83,7 +83,7 @@ log "kind cluster $CLUSTER"
 kind create cluster --name "$CLUSTER" --config kind-config.yaml --kubeconfig "$KUBECONFIG" --wait 180s
 
 log "image $IMAGE"
-docker build -t "$IMAGE" .
+DOCKER_BUILDKIT=1 docker build -t "$IMAGE" .  # the Dockerfile mounts build secrets (RUN --mount)
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 # The laptop: the same WireGuard tools plus curl.
 docker build -t "$CLIENT_IMAGE" - <<EOF
