@@ -23,6 +23,7 @@ PEERS = (GROUP, VERSION, "vpnpeers")
 SERVERS = (GROUP, VERSION, "vpnservers")
 SERVER_RESYNC_SECONDS = 15.0
 WORKER_THREADS = 16
+WATCH_SERVER_SECONDS = 50
 
 log = logging.getLogger("kvpn.operator")
 
@@ -79,6 +80,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # No batching.worker_limit: kopf's workers wait for the indexes to be complete, and with a limit
     # below the number of objects at start-up, the objects that would complete them never get a worker.
     settings.posting.level = logging.INFO
+    # Every watch request ends after WATCH_SERVER_SECONDS (the API server closes it; kopf resumes from the
+    # last resourceVersion, no new list), and the client gives a stream up a little later: a connection
+    # that a network partition left dead is noticed within a minute. Without these kopf waits on it for
+    # as long as the kernel keeps the TCP connection, and reconciles nothing meanwhile.
+    settings.watching.server_timeout = WATCH_SERVER_SECONDS
+    settings.watching.client_timeout = WATCH_SERVER_SECONDS + 10
+    settings.watching.connect_timeout = 10
 
 
 # The indexes are async: kopf calls them in its event loop. Sync ones would each take a trip through

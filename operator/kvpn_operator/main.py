@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     # Our own clients' request lines would drown the operator's log at debug level.
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    # One line per probe of /healthz (kopf's aiohttp server) would be most of the log.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     _load_config()
     memo = handlers.Services(
         kube=Kube(_api_client()),

@@ -90,7 +90,7 @@ def test_a_cluster_runs_a_pod_and_leaves_nothing_behind(firewall: str) -> None:
         wait_for("a pod running on the node", running, timeout=60)
         assert cluster.core.read_namespaced_pod("sleeper", "default").spec.node_name == node.name
         # kube-proxy programs the `kubernetes` Service in the node's own namespace, not the host's.
-        assert "KUBE-SERVICES" in in_ns(node.netns, "iptables-save").stdout
+        wait_for("kube-proxy's rules", lambda: "KUBE-SERVICES" in in_ns(node.netns, "iptables-save").stdout, timeout=30)
         suffix, run_dir = cluster.suffix, str(cluster.run_dir)
         assert traces(suffix, run_dir)["processes"]
     finally:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from kvpn_agent.processes import socket_owner
+from kvpn_operator.handlers import WATCH_SERVER_SECONDS
 from tests.support.cluster import Node, in_ns
 from tests.support.kvpn import wait_for
 from tests.support.world import (
@@ -349,8 +350,10 @@ def test_an_agent_that_cannot_program_a_server_is_not_ready(world: World) -> Non
 
 
 def test_the_operator_is_not_ready_while_it_cannot_reach_the_api_server(world: World, alice: Laptop) -> None:
-    """The operator pod's way to the API server is cut on its node: it becomes not Ready but stays alive
-    (no restart helps), and is Ready again once the path is back. Tunnels do not depend on it."""
+    """The operator pod's way to the API server is cut on its node (its packets dropped, as a partition
+    does): it becomes not Ready but stays alive (no restart helps), is Ready again once the path is
+    back, and reconciles again: its watches, left on dead connections, are replaced within their
+    client timeout. Tunnels do not depend on it."""
     (pod,) = world.component_pods("operator")
     node = world.cluster.node(pod["spec"]["nodeName"])
     restarts = pod["status"]["containerStatuses"][0]["restartCount"]
@@ -370,6 +373,13 @@ def test_the_operator_is_not_ready_while_it_cannot_reach_the_api_server(world: W
         in_ns(node.netns, "nft", "delete", "table", "ip", "kvpn-test-cut")
     wait_for("the operator Ready again", lambda: pod_ready(world.pod_by_name(name)), timeout=90, interval=1)
     assert world.pod_by_name(name)["status"]["containerStatuses"][0]["restartCount"] == restarts
+    restored = time.monotonic()
+    world.kvpn.create(
+        "vpnpeers", PEER_NAMESPACE, "after-the-cut", {"serverRef": {"name": SERVER, "namespace": CHART_NAMESPACE}}
+    )
+    world.kvpn.wait_ready("vpnpeers", PEER_NAMESPACE, "after-the-cut", timeout=WATCH_SERVER_SECONDS + 40)
+    print(f"the operator reconciles again {time.monotonic() - restored:.1f} s after the path is back")
+    world.kvpn.delete("vpnpeers", PEER_NAMESPACE, "after-the-cut")
 
 
 # --- cutting peers off -----------------------------------------------------------------------------

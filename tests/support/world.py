@@ -797,7 +797,7 @@ class World:
 
     def diagnose(self) -> str:
         """What a failing assertion shows: pods, WireGuard state, the logs' tails."""
-        parts = [self.kubectl("get", "pods", "-A", "-o", "wide", check=False)]
+        parts = [self.kubectl("get", "pods,vpnservers,vpnpeers", "-A", "-o", "wide", check=False)]
         for node in self.nodes:
             for server in LISTEN_PORTS:
                 with contextlib.suppress(Exception):
