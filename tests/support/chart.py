@@ -1,17 +1,16 @@
-"""The Helm chart as the harness uses it: rendered with `helm template`, applied through the API, and
+"""The Helm chart as the harness uses it: where it is, the helm and kubectl that install it, and
 kubeconfigs that authenticate with TokenRequest tokens of the chart's ServiceAccounts."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from tests.support.controlplane import ControlPlane, apply_crd
+from tests.support.controlplane import ControlPlane
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -22,9 +21,6 @@ HELM_TIMEOUT = 120
 
 Doc = dict[str, Any]
 
-# What `apply_rbac` creates: the chart's identities and permissions (no kubelet runs the workloads).
-RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
-
 
 def tool_dir() -> Path:
     """hack/helm.sh's folder with helm (v4) and kubectl; downloaded once, then cached."""
@@ -32,62 +28,6 @@ def tool_dir() -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"hack/helm.sh failed ({result.returncode}):\n{result.stderr}")
     return Path(result.stdout.strip().splitlines()[-1])
-
-
-def helm_template(
-    helm: Path, home: Path, *sets: str, namespace: str, release: str = "kvpn", chart: Path = CHART
-) -> list[Doc]:
-    """`helm template` with private Helm folders (nothing of the user's Helm setup takes part)."""
-    args = [str(helm), "template", release, str(chart), "--namespace", namespace]
-    for item in sets:
-        args += ["--set", item]
-    private = {f"HELM_{kind}_HOME": str(home / kind.lower()) for kind in ("CACHE", "CONFIG", "DATA")}
-    result = subprocess.run(
-        args, capture_output=True, text=True, timeout=HELM_TIMEOUT, env={**os.environ, **private}, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"helm template failed ({result.returncode}):\n{result.stderr}")
-    return [d for d in yaml.safe_load_all(result.stdout) if d]
-
-
-def find(docs: Sequence[Doc], kind: str) -> list[Doc]:
-    return [d for d in docs if d["kind"] == kind]
-
-
-def pod_spec(docs: Sequence[Doc], kind: str) -> Doc:
-    """The pod spec of the one Deployment or DaemonSet in the rendered chart."""
-    (workload,) = find(docs, kind)
-    spec: Doc = workload["spec"]["template"]["spec"]
-    return spec
-
-
-def container_args(docs: Sequence[Doc], kind: str) -> list[str]:
-    (container,) = pod_spec(docs, kind)["containers"]
-    return list(container.get("args") or [])
-
-
-def apply_crds(api: ApiClient, docs: Sequence[Doc]) -> list[str]:
-    return [apply_crd(api, doc) for doc in find(docs, "CustomResourceDefinition")]
-
-
-def apply_rbac(api: ApiClient, docs: Sequence[Doc]) -> list[str]:
-    """Create the chart's ServiceAccounts, (Cluster)Roles and (Cluster)RoleBindings as rendered."""
-    from kubernetes import client  # noqa: PLC0415 -- keeps this module light for scripts
-
-    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-    creators: dict[str, Any] = {
-        "ServiceAccount": lambda d: core.create_namespaced_service_account(d["metadata"]["namespace"], d),
-        "ClusterRole": rbac.create_cluster_role,
-        "ClusterRoleBinding": rbac.create_cluster_role_binding,
-        "Role": lambda d: rbac.create_namespaced_role(d["metadata"]["namespace"], d),
-        "RoleBinding": lambda d: rbac.create_namespaced_role_binding(d["metadata"]["namespace"], d),
-    }
-    created = []
-    for kind in RBAC_KINDS:
-        for doc in find(docs, kind):
-            creators[kind](doc)
-            created.append(f"{kind}/{doc['metadata']['name']}")
-    return created
 
 
 def token_kubeconfig(
