@@ -17,10 +17,6 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kvpn"
-HELM_TIMEOUT = 120
-
-Doc = dict[str, Any]
-
 
 def tool_dir() -> Path:
     """hack/helm.sh's folder with helm (v4) and kubectl; downloaded once, then cached."""
