@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kvpn"
 
+
 def tool_dir() -> Path:
     """hack/helm.sh's folder with helm (v4) and kubectl; downloaded once, then cached."""
     result = subprocess.run([str(REPO / "hack" / "helm.sh")], capture_output=True, text=True, timeout=600, check=False)
