@@ -6,6 +6,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
+from kvpn_agent.kernel import KernelWireGuard, empty
 from kvpn_agent.linux import SOCKET_DIR
 from kvpn_agent.model import INTERFACE_PREFIX, interface_name
 from kvpn_agent.netlink import Netlink
@@ -31,7 +32,8 @@ def cleanup(
     done = []
     saved = state_file.load()
     client = SupervisorClient(supervisor, socket_dir) if supervisor is not None else None
-    with Netlink(netns) as netlink:
+    kernel = KernelWireGuard(netns)
+    with Netlink(netns) as netlink, contextlib.closing(kernel):
         names = set(netlink.interfaces(INTERFACE_PREFIX))
         names |= {interface_name(*s.key) for s in saved.servers} if saved else set()
         if client is not None:
@@ -55,6 +57,7 @@ def cleanup(
                 terminate(pid, timeout)
                 done.append(f"stopped wireguard-go {pid} ({name})")
             if netlink.index(name) is not None:
+                empty(kernel, name)  # a kernel device: fast only once emptied
                 netlink.delete(name)
                 done.append(f"deleted interface {name}")
             with contextlib.suppress(FileNotFoundError):

@@ -153,9 +153,10 @@ def sync(
         observed = known.servers.get(server.interface) if known is not None else None
         # Planned against the previous sync's own result: only the peers that changed since.
         previous = known.desired.get(server.interface) if known is not None and observed is not None else None
-        if observed is None:
-            observed = Observed(link=link.observe(server.interface), device=wireguard.get(server.interface))
         try:
+            if observed is None:
+                # Inside the per-server guard: a device that cannot be read fails its server only.
+                observed = Observed(link=link.observe(server.interface), device=wireguard.get(server.interface))
             if previous is None:
                 _run(plan_server(server, observed, endpoints), link, wireguard, firewall, result)
             else:
