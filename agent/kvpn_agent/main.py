@@ -91,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         sub.add_argument(
             "--netns",
             metavar="NAME",
-            help="TEST AND DEMO AID: put the dataplane (wireguard-go, links, nftables) in this existing network "
-            "namespace; the agent itself, its API connection and its metrics stay where it runs",
+            help="TEST AND DEMO AID: put the dataplane (WireGuard links, wireguard-go, nftables) in this existing "
+            "network namespace; the agent itself, its API connection and its metrics stay where it runs",
         )
         sub.add_argument(
             "--wireguard-go-supervisor",
@@ -147,36 +147,26 @@ def api_client() -> kubernetes.client.ApiClient | None:
     return kubernetes.client.ApiClient()
 
 
-def choose_backend(requested: str, netns: str | None) -> str:
-    from kvpn_agent.runner import kernel_wireguard_works  # noqa: PLC0415 -- see the imports
-
-    if netns:
-        if requested == "kernel":
-            raise SystemExit("kvpn-agent: --netns runs the userspace backend only")
-        return "userspace"
-    if requested != "auto":
-        return requested
-    return "kernel" if kernel_wireguard_works() else "userspace"
-
-
 def run(args: argparse.Namespace) -> None:
     from kvpn_agent.metrics import serve  # noqa: PLC0415 -- see the imports
     from kvpn_agent.processes import LOG_FOLDER  # noqa: PLC0415
     from kvpn_agent.runner import Agent, Settings, build_dataplane  # noqa: PLC0415
     from kvpn_agent.state import StateFile  # noqa: PLC0415
 
-    backend = choose_backend(args.backend, args.netns)
-    supervised = args.wireguard_go_supervisor if backend == "userspace" else None
+    # auto: the kernel where `ip link add type wireguard` works, with wireguard-go (the supervisor's,
+    # when given) for any server whose kernel link is refused later on; userspace elsewhere.
+    supervised = args.wireguard_go_supervisor if args.backend != "kernel" else None
+    dataplane = build_dataplane(args.backend, args.netns, args.state_dir / LOG_FOLDER, supervised)
     log.info(
         "starting",
         extra={
-            "backend": backend,
+            "backend": dataplane.backend,
+            "requested": args.backend,
             "node": args.node_name,
             "netns": args.netns or "",
-            "wireguard_go": "" if backend == "kernel" else str(supervised or "children of the agent"),
+            "wireguard_go": "" if dataplane.wggo is None else str(supervised or "children of the agent"),
         },
     )
-    dataplane = build_dataplane(backend, args.netns, args.state_dir / LOG_FOLDER, supervised)
     settings = Settings(
         node_name=args.node_name,
         namespaces=tuple(args.namespace),

@@ -147,6 +147,15 @@ SYNC_FAILED = "SyncFailed"
 """The reason when a node cannot program a server whose desired state is fine (its listen port is
 taken, wireguard-go cannot start): a fact about that node, which the message names."""
 
+KERNEL_WIREGUARD_FAILED = "KernelWireGuardFailed"
+"""The reason when this node's kernel refused a server's WireGuard link (backend auto) and wireguard-go
+serves it instead: it works, on the slower backend; the message names the error and the fallback."""
+
+NODE_REASONS = (SYNC_FAILED, KERNEL_WIREGUARD_FAILED)
+"""Reasons about one node (its message names it): only that node removes such a condition."""
+
+FALLBACK = "the userspace backend (wireguard-go)"
+
 RECHECK = 120.0
 """Seconds between two reads of an object that has a problem: a condition removed by someone else
 (another gateway whose problem went away first, an operator write that raced ours) comes back."""
@@ -166,11 +175,13 @@ def dataplane_problems(
     problems: Mapping[tuple[str, str], tuple[Problem | None, Iterable[PeerProblem]]],
     node: str,
     failures: Mapping[tuple[str, str], str] | None = None,
+    fallbacks: Mapping[tuple[str, str], str] | None = None,
 ) -> dict[Target, Problem]:
     """What this node has to say, per object: the server-level problems on their VpnServer, the
     per-peer ones on their VpnPeer. A binding too broken to name its peer is only logged.
 
-    ``failures`` are the servers this node failed to program in its latest sync pass, and why.
+    ``failures`` are the servers this node failed to program in its latest sync pass, and why;
+    ``fallbacks`` those whose kernel link was refused, and why, now served by wireguard-go.
     """
     out: dict[Target, list[Problem]] = {}
     where = node_mark(node)
@@ -186,6 +197,9 @@ def dataplane_problems(
     for (namespace, server), error in sorted((failures or {}).items()):
         message = f"this node cannot program the server: {error} {where}"
         out.setdefault((Kind.VPN_SERVER, namespace, server), []).append((SYNC_FAILED, message))
+    for (namespace, server), error in sorted((fallbacks or {}).items()):
+        message = f"kernel WireGuard failed on this node ({error}): the server is served by {FALLBACK} instead {where}"
+        out.setdefault((Kind.VPN_SERVER, namespace, server), []).append((KERNEL_WIREGUARD_FAILED, message))
     return {t: (found[0][0], "; ".join(m for _, m in found)) for t, found in out.items()}
 
 
@@ -223,8 +237,9 @@ class ConditionReporter:
     per ``min_interval``, and carry the resourceVersion read: the conditions list is written whole
     (a merge patch cannot change one element of a list), so a concurrent writer is a 409, answered
     by reading again. With several gateways the condition holds the latest report from any node:
-    they build from the same objects, so they agree but for a moment. A SyncFailed condition is
-    the exception: it is about one node (``node``), and only that node removes it.
+    they build from the same objects, so they agree but for a moment. A SyncFailed or
+    KernelWireGuardFailed condition is the exception: it is about one node (``node``), and only
+    that node removes it.
     """
 
     def __init__(
@@ -310,10 +325,10 @@ class ConditionReporter:
         return (stale | self._unswept) - set(wanted)
 
     def _another_nodes(self, obj: Obj) -> bool:
-        """Whether the object's Dataplane condition is another gateway's SyncFailed: not ours to remove."""
+        """Whether the object's Dataplane condition is another gateway's (NODE_REASONS): not ours to remove."""
         mine = node_mark(self.node)
         return any(
-            c.get("type") == DATAPLANE and c.get("reason") == SYNC_FAILED and mine not in str(c.get("message"))
+            c.get("type") == DATAPLANE and c.get("reason") in NODE_REASONS and mine not in str(c.get("message"))
             for c in (obj.get("status") or {}).get("conditions") or []
         )
 

@@ -23,9 +23,12 @@ from kvpn_agent.model import (
     DesiredBuilder,
     DesiredServer,
     DesiredStateError,
+    DeviceConfig,
+    ObservedDevice,
+    PeerConfig,
     PeerProblem,
 )
-from kvpn_agent.netlink import Netlink, enable_forwarding
+from kvpn_agent.netlink import Netlink, NetlinkConfigured, enable_forwarding
 from kvpn_agent.nft import Nft, NftError
 from kvpn_agent.processes import WireGuardGo, WireGuardGoProcesses
 from kvpn_agent.report import ConditionReporter, StatusReporter, dataplane_problems
@@ -76,11 +79,75 @@ class Dataplane:
     netlink: Netlink
     forwarding: Callable[[tuple[int, ...]], list[str]]
     wggo: WireGuardGoProcesses | None = None
-    """The userspace backend's processes (the agent's own, or the supervisor's); None: kernel."""
+    """The userspace backend's processes (the agent's own, or the supervisor's); None: kernel only."""
+
+    fallback: KernelFirstLink | None = None
+    """backend auto on a node with the module: which servers the kernel refused, now on wireguard-go."""
+
+    def userspace(self, interface: str) -> bool:
+        """Whether wireguard-go serves (or is to serve) the interface."""
+        return self.wggo is not None and (self.fallback is None or interface in self.fallback.failed)
+
+    def uses_wireguard_go(self) -> bool:
+        """Whether any interface is wireguard-go's: only then its processes (and supervisor) are watched."""
+        return self.wggo is not None and (self.fallback is None or bool(self.fallback.failed))
+
+
+class KernelFirstLink(NetlinkConfigured):
+    """LinkBackend of ``auto``: a kernel link per server, wireguard-go for a server whose link the kernel refuses.
+
+    The refusal is remembered for as long as the agent runs (a restart tries the kernel again) and
+    reported on the server's Dataplane condition; the WireGuard backends follow ``failed``.
+    """
+
+    def __init__(self, netlink: Netlink, kernel: KernelLink, userspace: UserspaceLink) -> None:
+        self.netlink = netlink
+        self.kernel = kernel
+        self.userspace = userspace
+        self.failed: dict[str, str] = {}
+        """Interface → why the kernel refused its link; replaced, never mutated (the reporter reads it)."""
+
+    def create(self, interface: str) -> None:
+        if interface not in self.failed:
+            try:
+                self.kernel.create(interface)
+            except (NetlinkError, OSError) as exc:
+                why = f"link creation refused: {exc}"
+                log.error(  # noqa: TRY400 - a fact about the node: no traceback
+                    "kernel WireGuard failed: serving the server with wireguard-go instead",
+                    extra={"interface": interface, "error": why},
+                )
+                self.failed = {**self.failed, interface: why}
+            else:
+                return
+        self.userspace.create(interface)
+
+    def delete(self, interface: str) -> None:
+        if interface in self.failed:
+            self.userspace.delete(interface)
+            self.failed = {k: v for k, v in self.failed.items() if k != interface}
+        else:
+            self.kernel.delete(interface)
+
+
+class KernelFirstWireGuard:
+    """WireGuardBackend of ``auto``: the kernel's, or wireguard-go's for the servers in ``link.failed``."""
+
+    def __init__(self, link: KernelFirstLink, kernel: WireGuardBackend, userspace: WireGuardBackend) -> None:
+        self.link, self.kernel, self.userspace = link, kernel, userspace
+
+    def _for(self, interface: str) -> WireGuardBackend:
+        return self.userspace if interface in self.link.failed else self.kernel
+
+    def get(self, interface: str) -> ObservedDevice | None:
+        return self._for(interface).get(interface)
+
+    def set(self, interface: str, device: DeviceConfig | None, peers: Sequence[PeerConfig]) -> None:
+        self._for(interface).set(interface, device, peers)
 
 
 def kernel_wireguard_works(netns: str | None = None) -> bool:
-    """Whether `ip link add type wireguard` works here: the kernel module is present."""
+    """Whether `ip link add type wireguard` works here: the kernel module is present (or loads)."""
     try:
         with Netlink(netns) as netlink:
             netlink.add_wireguard(PROBE_INTERFACE)
@@ -91,19 +158,25 @@ def kernel_wireguard_works(netns: str | None = None) -> bool:
 
 
 def build_dataplane(backend: str, netns: str | None, log_dir: Path | None, supervisor: Path | None = None) -> Dataplane:
-    """The backends for ``backend`` (kernel or userspace), in ``netns`` when given (tests, demo).
+    """The backends for ``backend``, in ``netns`` when given (tests, demo).
 
-    With ``supervisor`` (the socket of `kvpn-agent wireguard-go`) the userspace backend's processes
-    are the supervisor's, which outlive this agent; without it the agent starts them itself.
+    ``kernel`` and ``userspace`` are what they say. ``auto`` is the kernel where `ip link add type
+    wireguard` works (KernelFirstLink: a server whose link is refused later on gets wireguard-go),
+    and ``userspace`` where it does not. With ``supervisor`` (the socket of `kvpn-agent
+    wireguard-go`) the userspace processes are the supervisor's, which outlive this agent; without
+    it the agent starts them itself.
     """
+    if backend == "auto":
+        backend = "kernel-first" if kernel_wireguard_works(netns) else "userspace"
+        log.info("backend auto", extra={"chosen": "kernel" if backend == "kernel-first" else "userspace"})
     prefix = ("ip", "netns", "exec", netns) if netns else ()
     netlink = Netlink(netns)
     firewall = Nft(prefix)
     forwarding = _netns_forwarding(netns) if netns else enable_forwarding
+    wg = KernelWireGuard(netns)
+    kernel = KernelLink(netlink, wg)  # the sync thread's socket
     if backend == "kernel":
-        return Dataplane(
-            "kernel", KernelLink(netlink), KernelWireGuard(), KernelWireGuard(), firewall, netlink, forwarding
-        )
+        return Dataplane("kernel", kernel, wg, KernelWireGuard(netns), firewall, netlink, forwarding)
     wggo: WireGuardGoProcesses
     if supervisor is not None:
         wggo = SupervisorClient(supervisor)
@@ -111,8 +184,21 @@ def build_dataplane(backend: str, netns: str | None, log_dir: Path | None, super
         if log_dir is not None:
             log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         wggo = WireGuardGo(prefix=prefix, log_dir=log_dir)
-    link = UserspaceLink(netlink, wggo)
-    return Dataplane("userspace", link, UapiBackend(), UapiBackend(), firewall, netlink, forwarding, wggo)
+    userspace = UserspaceLink(netlink, wggo)
+    if backend == "userspace":
+        return Dataplane("userspace", userspace, UapiBackend(), UapiBackend(), firewall, netlink, forwarding, wggo)
+    link = KernelFirstLink(netlink, kernel, userspace)
+    return Dataplane(
+        "kernel",
+        link,
+        KernelFirstWireGuard(link, wg, UapiBackend()),
+        KernelFirstWireGuard(link, KernelWireGuard(netns), UapiBackend()),
+        firewall,
+        netlink,
+        forwarding,
+        wggo,
+        link,
+    )
 
 
 def _netns_forwarding(netns: str) -> Callable[[tuple[int, ...]], list[str]]:
@@ -348,7 +434,7 @@ class Agent:
 
     def _devices_changed(self) -> bool:
         """Whether a full resync is due now: a wireguard-go died, or the supervisor left or came back."""
-        if self.dp.wggo is None:
+        if self.dp.wggo is None or not self.dp.uses_wireguard_go():
             return False
         try:
             devices = self.dp.wggo.devices()
@@ -386,11 +472,12 @@ class Agent:
         a device that answers, and from then on its death is seen too.
         """
         wggo = self.dp.wggo
-        if wggo is None:
+        if wggo is None or not self.dp.uses_wireguard_go():
             return
+        ours = {s.interface for s in servers if self.dp.userspace(s.interface)}
         try:
             devices = wggo.devices()
-            for interface in sorted({s.interface for s in servers} - failed - set(devices)) if full else ():
+            for interface in sorted(ours - failed - set(devices)) if full else ():
                 try:
                     devices[interface] = wggo.start(interface)
                 except SupervisorUnreachableError:
@@ -717,8 +804,14 @@ class Agent:
                 problems = dict(self._problems)
                 failures = {key: error for key, (_, error) in self._failures.items() if key in self._good}
                 served = [inputs.server for inputs, _ in self._good.values()]
+                refused = self.dp.fallback.failed if self.dp.fallback is not None else {}
+                fallbacks = {
+                    (d.namespace, d.name): refused[d.interface]
+                    for _, d in self._good.values()
+                    if d.interface in refused
+                }
             try:
-                self.conditions.report(dataplane_problems(problems, self.node, failures), served)
+                self.conditions.report(dataplane_problems(problems, self.node, failures, fallbacks), served)
             except KubeError as exc:
                 log.warning("Dataplane conditions not written", extra={"error": str(exc)})
         return stats

@@ -11,6 +11,7 @@ import pytest
 from kvpn_agent.model import PeerProblem
 from kvpn_agent.report import (
     DATAPLANE,
+    KERNEL_WIREGUARD_FAILED,
     SYNC_FAILED,
     ConditionReporter,
     Target,
@@ -68,6 +69,18 @@ def test_a_server_this_node_cannot_program_is_a_sync_failed_condition_naming_the
     )
     assert both[SERVER][0] == "InvalidServerKey"
     assert both[SERVER][1].startswith("bad key (gateway node gw-1); this node cannot program the server: UDP port")
+
+
+def test_a_server_the_kernel_refused_names_the_fallback_it_runs_on() -> None:
+    why = "link creation refused: (95, 'Operation not supported')"
+    found = dataplane_problems({}, "gw-1", None, {("vpn", "office"): why})
+    assert found == {
+        SERVER: (
+            KERNEL_WIREGUARD_FAILED,
+            f"kernel WireGuard failed on this node ({why}): the server is served by the userspace backend"
+            " (wireguard-go) instead (gateway node gw-1)",
+        )
+    }
 
 
 def test_setting_keeps_every_other_condition_as_read() -> None:
@@ -270,6 +283,16 @@ def test_an_unreachable_api_server_is_raised_and_retried(kube: FakeKube) -> None
 def test_a_missing_object_is_not_an_error(kube: FakeKube) -> None:
     conditions = reporter(kube, Clock())
     assert conditions.report({(Kind.VPN_PEER, "team", "nobody"): ("InvalidPublicKey", "a")}) == 0
+
+
+def test_another_gateways_kernel_fallback_is_left_to_that_gateway(kube: FakeKube) -> None:
+    theirs = {"type": DATAPLANE, "status": "False", "reason": KERNEL_WIREGUARD_FAILED,
+              "message": "kernel WireGuard failed on this node (x) (gateway node gw-2)",
+              "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
+    kube.add(SERVER, [READY, theirs])
+    healthy = ConditionReporter(kube, clock=Clock(), now=lambda: NOW, node="gw-1")  # type: ignore[arg-type]
+    assert healthy.report({}, [kube.objects[kube.path(SERVER)]]) == 0
+    assert kube.conditions(SERVER) == [READY, theirs]
 
 
 def test_another_gateways_sync_failure_is_left_to_that_gateway(kube: FakeKube) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
 from kvpn_agent import nft
 from kvpn_agent.metrics import Metrics
@@ -32,7 +33,8 @@ from kvpn_agent.model import (
     sort_networks,
 )
 from kvpn_agent.processes import WireGuardGoProcesses
-from kvpn_agent.runner import Agent, Dataplane, Settings, secret_index
+from kvpn_agent.report import KERNEL_WIREGUARD_FAILED
+from kvpn_agent.runner import Agent, Dataplane, KernelFirstLink, KernelFirstWireGuard, Settings, secret_index
 from kvpn_agent.state import ServerInputs, StateFile
 from kvpn_agent.supervisor_api import SupervisorClient
 from kvpn_agent.sync import assumed_ruleset, sync
@@ -234,9 +236,10 @@ def start(
     node: FakeNode | None = None,
     wggo: WireGuardGoProcesses | None = None,
     ready_file: Path | None = None,
+    dataplane: Dataplane | None = None,
 ) -> Iterator[Running]:
     node = node or FakeNode()
-    dataplane = Dataplane("userspace", node, node, node, node, node, lambda families: [], wggo)  # type: ignore[arg-type]
+    dataplane = dataplane or Dataplane("userspace", node, node, node, node, node, lambda families: [], wggo)  # type: ignore[arg-type]
     settings = Settings(resync_seconds=3600, report_seconds=3600, start_timeout=0.2, ready_file=ready_file)
     state = StateFile(tmp_path / "state")
     agent = Agent(settings, dataplane, state, api=None, metrics=Metrics())
@@ -547,3 +550,137 @@ def test_an_unreachable_supervisor_is_not_ready_and_its_return_resyncs(
             wait(lambda: not agent.readiness()[0], "not ready once the supervisor is gone", timeout=1.5)
     finally:
         supervisor.stop(signal.SIGKILL)
+
+
+def desired_server(name: str, peers: int) -> DesiredServer:
+    pbs = tuple(
+        PeerBinding(
+            peer_namespace=NS, peer_name=f"p{i}", peer_uid=f"u{i}", public_key=key(i), addresses=[f"10.8.0.{i + 2}"]
+        )
+        for i in range(peers)
+    )
+    return DesiredServer(
+        namespace=NS,
+        name=name,
+        interface=interface_name(NS, name),
+        private_key=SERVER_KEY,  # type: ignore[arg-type]
+        public_key=public_key_of(SERVER_KEY),
+        listen_port=51820,
+        mtu=1420,
+        addresses=("10.8.0.1/24",),
+        routes=("10.96.0.0/12",),
+        masquerade=True,
+        peers=pbs,
+    )
+
+
+def test_a_device_that_cannot_be_read_fails_its_server_only() -> None:
+    """Before: the read-back ran outside the per-server guard, so one unreadable device (the kernel
+    backend's NetlinkError) failed the whole pass, every other server with it."""
+
+    class Unreadable(FakeNode):
+        def get(self, interface: str) -> ObservedDevice | None:
+            if interface == interface_name(NS, "b"):
+                raise NetlinkError(errno.EPERM, "Operation not permitted")
+            return super().get(interface)
+
+    node = Unreadable()
+    result = sync([desired_server("a", 1), desired_server("b", 1)], node, node, node)
+    assert list(result.errors) == [interface_name(NS, "b")]
+    assert "Operation not permitted" in result.errors[interface_name(NS, "b")]
+    assert interface_name(NS, "a") in node.links
+    assert node.table is not None  # the firewall pass ran too
+
+
+class RefusedKernelLink:
+    """The kernel's side of KernelFirstLink on a node whose kernel refuses WireGuard links."""
+
+    def __init__(self, node: FakeNode) -> None:
+        self.node = node
+
+    def create(self, interface: str) -> None:
+        raise NetlinkError(errno.EOPNOTSUPP, "Operation not supported")
+
+    def delete(self, interface: str) -> None:
+        self.node.delete(interface)
+
+
+class NoKernelWireGuard:
+    def get(self, interface: str) -> ObservedDevice | None:
+        return None  # no module, no device
+
+    def set(self, interface: str, device: DeviceConfig | None, peers: Sequence[PeerConfig]) -> None:
+        raise AssertionError(f"{interface} was configured through the kernel after the kernel refused it")
+
+
+class Processes:
+    """wireguard-go processes that always answer (the userspace link here is the FakeNode)."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, int] = {}
+
+    def socket(self, interface: str) -> Path:
+        return Path(f"/nonexistent/{interface}.sock")
+
+    def start(self, interface: str) -> int:
+        return self.live.setdefault(interface, 1000 + len(self.live))
+
+    def stop(self, interface: str) -> int | None:
+        return self.live.pop(interface, None)
+
+    def devices(self) -> dict[str, int]:
+        return dict(self.live)
+
+
+def fallback_dataplane(node: FakeNode) -> tuple[Dataplane, KernelFirstLink]:
+    link = KernelFirstLink(node, RefusedKernelLink(node), node)  # type: ignore[arg-type]
+    wireguard = KernelFirstWireGuard(link, NoKernelWireGuard(), node)
+    reader = KernelFirstWireGuard(link, NoKernelWireGuard(), node)
+    wggo = Processes()
+    return Dataplane("kernel", link, wireguard, reader, node, node, lambda families: [], wggo, link), link  # type: ignore[arg-type]
+
+
+def test_auto_serves_a_server_the_kernel_refuses_with_wireguard_go() -> None:
+    node = FakeNode()
+    dataplane, link = fallback_dataplane(node)
+    assert not dataplane.uses_wireguard_go()  # kernel only so far: no wireguard-go to watch
+    result = sync([desired_server("a", 2)], dataplane.link, dataplane.wireguard, node)
+    assert result.errors == {}
+    iface = interface_name(NS, "a")
+    assert link.failed[iface] == "link creation refused: (95, 'Operation not supported')"
+    assert node.calls == [f"create {iface}"]  # the userspace link made it
+    assert len(node.devices[iface].peers) == 2
+    assert dataplane.userspace(iface)
+    assert dataplane.uses_wireguard_go()
+    assert sync([desired_server("a", 2)], dataplane.link, dataplane.wireguard, node).actions == []
+    dataplane.link.delete(iface)
+    assert link.failed == {}  # a server served again later tries the kernel first
+
+
+class Conditions:
+    def __init__(self) -> None:
+        self.reports: list[dict[Any, Any]] = []
+
+    def report(self, wanted: dict[Any, Any], servers: Any) -> int:
+        self.reports.append(dict(wanted))
+        return 0
+
+
+def test_a_kernel_fallback_is_a_dataplane_condition_naming_it(tmp_path: Path) -> None:
+    node = FakeNode()
+    dataplane, link = fallback_dataplane(node)
+    with start(tmp_path, node=node, dataplane=dataplane, objs=[server_obj(), key_secret(), binding(0)]) as running:
+        agent = running.agent
+        wait(agent.synced.is_set, "the first pass")
+        assert link.failed
+        assert agent.readiness() == (True, "ok")  # served, on the fallback
+        assert dataplane.wggo is not None
+        wait(lambda: interface_name(NS, NAME) in dataplane.wggo.devices(), "its wireguard-go to be watched")  # type: ignore[union-attr]
+        conditions = Conditions()
+        agent.conditions = conditions  # type: ignore[assignment]
+        agent._from_api = True
+        agent.report_once()
+    ((target, (reason, message)),) = conditions.reports[-1].items()
+    assert target[1:] == (NS, NAME)
+    assert reason == KERNEL_WIREGUARD_FAILED
+    assert "served by the userspace backend (wireguard-go) instead" in message

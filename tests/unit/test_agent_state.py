@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpn_agent.main import JsonFormatter, PlainFormatter, choose_backend, parse_args
+from kvpn_agent.main import JsonFormatter, PlainFormatter, parse_args
 from kvpn_agent.state import ServerInputs, StateFile, selected
 from kvpn_agent.watch import Store, trim
 
@@ -96,12 +96,6 @@ def test_run_is_the_default_command_and_namespaces_repeat(monkeypatch: pytest.Mo
     assert (args.command, args.node_name, args.namespace) == ("run", "node-1", ["a", "b"])
     assert (args.metrics_port, args.resync_seconds, args.state_dir) == (9586, 30.0, Path("/var/lib/kvpn"))
     assert parse_args(["cleanup", "--netns", "n"]).netns == "n"
-
-
-def test_netns_means_the_userspace_backend() -> None:
-    assert choose_backend("auto", "some-netns") == "userspace"
-    with pytest.raises(SystemExit):
-        choose_backend("kernel", "some-netns")
 
 
 def test_log_lines_carry_their_fields() -> None:
