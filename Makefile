@@ -5,14 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the dataplane and end-to-end tests drive for real: WireGuard and the network tools,
 # and for the real-node cluster containerd, runc, the CNI plugins, kube-proxy's iptables and conntrack,
-# buildah and debootstrap (the image without Docker), gcc and libc6-dev (a static pause binary).
+# buildah and debootstrap (the image without Docker), gcc and libc6-dev (a static pause binary), and for
+# the VM tier with Debian's kernel qemu (software emulation), kmod, busybox-static and cpio (hack/vm-kernel.sh).
 DEB_PACKAGES := wireguard-tools wireguard-go nftables iproute2 iperf3 curl dnsmasq-base zbar-tools \
-  containerd runc containernetworking-plugins iptables conntrack buildah debootstrap gcc libc6-dev
+  containerd runc containernetworking-plugins iptables conntrack buildah debootstrap gcc libc6-dev \
+  qemu-system-x86 kmod busybox-static cpio
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup venv debs control-plane helm image kind-e2e demo demo-down test test-unit test-integration test-e2e lint crds bench bench-cluster clean
+.PHONY: setup venv debs control-plane helm image vm-kernel kind-e2e demo demo-down test test-unit test-integration test-e2e test-vm lint crds bench bench-cluster clean
 
-setup: venv control-plane debs helm image
+setup: venv control-plane debs helm image vm-kernel
 
 # Reinstall only when pyproject.toml changed since the last install.
 venv: $(VENV)/.installed
@@ -33,6 +35,11 @@ helm: venv
 # the test cluster's nodes import. Cached: about a second when nothing changed, ~1.5 min cold.
 image: debs
 	$(SUDO) hack/image.sh >/dev/null
+
+# Debian 12's kernel (never installed on the host), its modules and a small initramfs for the VM tier
+# (tests/support/vm.py); cached outside the checkout: about a second when present.
+vm-kernel: debs
+	hack/vm-kernel.sh >/dev/null
 
 # The whole path on kind (needs Docker; not runnable on the development machines).
 kind-e2e:
@@ -68,6 +75,10 @@ test-integration:
 
 test-e2e:
 	$(VENV)/bin/pytest -q --durations=15 tests/e2e
+
+# The VM tier: the runner's own tests, then the kernel-WireGuard tests inside a guest (tests/vm).
+test-vm:
+	$(VENV)/bin/pytest -q -rP --durations=15 tests/vm
 
 lint:
 	$(VENV)/bin/ruff check

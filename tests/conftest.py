@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -19,11 +20,18 @@ CRD_DIR = REPO / "crds"
 TEST_NAMESPACE_LABEL = "kvpn.dev/test"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Whatever uses the control plane is an `apiserver` test, marked or not (for `-m`)."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Whatever uses the control plane is an `apiserver` test, marked or not (for `-m`). `vm` tests need
+    the guest's kernel: on the host they are deselected (tests/vm/test_kernel_tier.py runs them in the
+    guest, where KVPN_IN_VM=1 and the guest's command line picks what runs)."""
     for item in items:
         if "control_plane" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.apiserver)
+    if os.environ.get("KVPN_IN_VM") != "1":
+        guest_only = [item for item in items if item.get_closest_marker("vm")]
+        if guest_only:
+            config.hook.pytest_deselected(items=guest_only)
+            items[:] = [item for item in items if not item.get_closest_marker("vm")]
 
 
 @pytest.fixture(scope="session")
