@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,22 @@ from typing import Any
 import yaml
 from kubernetes import client
 
-from kvpn_agent.model import interface_name
+from kvpn_agent.model import ObservedDevice, interface_name
+from kvpn_agent.state import ServerInputs, StateFile
 from kvpn_agent.supervisor_api import SupervisorClient
 from kvpn_agent.uapi import UapiClient
-from tests.dataplane.conftest import LISTEN_PORT, NODE_SIDE, POOL, PORT, SERVICE, SERVICE_NET, UNDERLAY_NODE, Site
+from kvpn_operator.contract import encode_data
+from tests.dataplane.conftest import (
+    LISTEN_PORT,
+    NODE_SIDE,
+    POOL,
+    PORT,
+    SERVICE,
+    SERVICE_NET,
+    UNDERLAY_NODE,
+    Laptop,
+    Site,
+)
 from tests.dataplane.kit import Lab, curl, run, wait_for
 from tests.support.agent_process import AgentProcess, SupervisorProcess
 from tests.support.controlplane import ControlPlane
@@ -274,3 +286,65 @@ def wait_for_value(probe: Any, timeout: float, what: str) -> Any:
 def dataplane_condition(world: World, name: str, plural: str = "vpnpeers") -> dict[str, Any] | None:
     conditions = ((world.kvpn.get(plural, world.namespace, name) or {}).get("status") or {}).get("conditions")
     return next((c for c in conditions or [] if c["type"] == "Dataplane"), None)
+
+
+@dataclass
+class StateWorld:
+    """A gateway node whose agent has no cluster: it serves its state file (the kernel tier's agent)."""
+
+    site: Site
+    agent: AgentProcess
+    interface: str
+    laptop: Laptop
+
+    def reach(self, max_time: float = 5) -> str | None:
+        return curl(self.site.laptop_ns, URL, max_time=max_time)
+
+    def device(self) -> ObservedDevice:
+        device = self.site.wireguard.get(self.interface)
+        assert device is not None, f"no WireGuard device {self.interface}"
+        return device
+
+    def diagnose(self) -> str:
+        return f"{self.site.diagnose()}\n--- agent\n{self.agent.log_tail(60)}"
+
+
+@contextlib.contextmanager
+def state_file_world(site: Site, tmp_path: Path, *, extra: Sequence[str] = ()) -> Iterator[StateWorld]:
+    """`kvpn-agent run --backend <the site's>` serving one VpnServer from its state file, no API server.
+
+    The agent gets no cluster (KUBECONFIG names nothing), so it serves the last good state it finds
+    (test_restart_without_api_serves_the_state_file_and_restores_endpoints): no control plane is
+    needed, which the VM tier's slow guest is spared. The laptop's tunnel is up when it yields.
+    """
+    namespace = f"t{site.lab.token}"  # the interface's name is unique on the machine (UAPI sockets are shared)
+    server = site.server_object()
+    server["metadata"] = {"namespace": namespace, "name": SERVER, "resourceVersion": "1"}
+    laptop = site.add_peer()
+    key_secret = {
+        "metadata": {"namespace": namespace, "name": f"kvpn-server-{SERVER}", "resourceVersion": "1"},
+        "data": encode_data({"privateKey": site.server_key}),
+    }
+    state_dir = tmp_path / "state"
+    StateFile(state_dir).save([ServerInputs(server, key_secret, tuple(site.bindings.values()))], {})
+    argv = [
+        sys.executable, "-m", "kvpn_agent.main", "run", "--backend", site.backend,
+        "--netns", site.node, "--node-name", f"kvt-{site.lab.token}", "--state-dir", str(state_dir),
+        "--resync-seconds", str(RESYNC), "--report-seconds", "0.5", "--start-timeout", "0", "--log-format", "json",
+        *extra,
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"} | {"KUBECONFIG": str(tmp_path / "no-cluster")}
+    agent = AgentProcess(argv, env, tmp_path / "agent.log")
+    interface = interface_name(namespace, SERVER)
+    site.interface = interface  # the Site's read-back and diagnosis look at the agent's interface
+    site.lab.interfaces.append(interface)
+    try:
+        agent.start()
+        site.up(laptop)
+        world = StateWorld(site, agent, interface, laptop)
+        assert world.reach() == NODE_SIDE, world.diagnose()
+        yield world
+    finally:
+        agent.stop(signal.SIGKILL)
+    text = agent.log_path.read_text() if agent.log_path.exists() else ""
+    assert "Traceback" not in text, "\n".join(text.splitlines()[-80:])

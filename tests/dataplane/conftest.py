@@ -11,14 +11,15 @@ from typing import Any
 
 import pytest
 
-from kvpn_agent.model import DesiredServer, build_desired
+from kvpn_agent.kernel import KernelLink, KernelWireGuard
+from kvpn_agent.model import DesiredServer, ObservedDevice, build_desired
 from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
-from kvpn_agent.sync import SyncResult, UapiBackend, sync
+from kvpn_agent.sync import LinkBackend, SyncResult, UapiBackend, WireGuardBackend, sync
 from kvpn_agent.wggo import UserspaceLink, WireGuardGo
 from kvpn_operator.api import AllowedDestination
 from kvpn_operator.contract import PeerBinding, encode_data
-from tests.dataplane.kit import Lab, binding_secret, keypair, run, wg_quick_config, whoami_server
+from tests.dataplane.kit import Lab, binding_secret, keypair, run, wg_quick_config, whoami_servers
 
 REQUIRED = ("ip", "nft", "wireguard-go", "wg", "wg-quick", "curl")
 
@@ -28,6 +29,18 @@ SERVICE_NET = "172.31.237.0/24"
 NODE_SIDE, SERVICE, OTHER_SERVICE = "172.31.237.1", "172.31.237.2", "172.31.237.3"
 POOL, SERVER_ADDRESS = "10.237.0.0/24", "10.237.0.1"
 PORT, OTHER_PORT, LISTEN_PORT = 8080, 8081, 51820
+
+BACKENDS = (pytest.param("userspace"), pytest.param("kernel", marks=pytest.mark.vm))
+"""The agent's two WireGuard backends. Kernel WireGuard needs the module, which only the VM tier has
+(tests/support/vm.py): its cases carry the ``vm`` marker, deselected on the host."""
+
+both_backends = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+"""For a test that must hold on either backend; without it a test gets the userspace one."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also registered in pyproject.toml by the VM tier; here too so that this folder collects on its own.
+    config.addinivalue_line("markers", "vm: needs kernel WireGuard: runs inside the VM tier's guest")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -68,15 +81,31 @@ class Site:
     server_key: str
     server_public_key: str
     masquerade: bool = True
+    backend: str = "userspace"
     bindings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    link: UserspaceLink = field(init=False)
+    link: LinkBackend = field(init=False)
+    wireguard: WireGuardBackend = field(init=False)
     firewall: Nft = field(init=False)
-    wireguard: UapiBackend = field(default_factory=UapiBackend)
+    netlink: Netlink = field(init=False)
+    wggo: WireGuardGo | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        wggo = WireGuardGo(prefix=("ip", "netns", "exec", self.node), log_dir=self.tmp)
-        self.link = UserspaceLink(Netlink(netns=self.node), wggo)
+        self.netlink = Netlink(netns=self.node)
+        if self.backend == "kernel":
+            self.link, self.wireguard = KernelLink(self.netlink), KernelWireGuard(self.node)
+        else:
+            self.wggo = WireGuardGo(prefix=("ip", "netns", "exec", self.node), log_dir=self.tmp)
+            self.link, self.wireguard = UserspaceLink(self.netlink, self.wggo), UapiBackend()
         self.firewall = Nft(prefix=("ip", "netns", "exec", self.node))
+
+    def device(self) -> ObservedDevice:
+        """The server's WireGuard device as its backend reads it back."""
+        device = self.wireguard.get(self.interface)
+        assert device is not None, f"no WireGuard device {self.interface}"
+        return device
+
+    def ifindex(self) -> int | None:
+        return self.netlink.index(self.interface)
 
     def server_object(self) -> dict[str, Any]:
         return {
@@ -152,8 +181,11 @@ class Site:
         return laptop
 
     def close(self) -> None:
-        self.link.wggo.stop_all()
-        self.link.netlink.close()
+        if self.wggo is not None:
+            self.wggo.stop_all()
+        if isinstance(self.wireguard, KernelWireGuard):
+            self.wireguard.close()
+        self.netlink.close()
 
     def diagnose(self) -> str:
         """What a failing assertion shows: both ends' WireGuard state, the node's table and routes."""
@@ -182,15 +214,21 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
-def site(lab: Lab, tmp_path: Path) -> Iterator[Site]:
-    made = make_site(lab, tmp_path)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The Site's WireGuard backend: userspace unless the test is parametrized (``both_backends``)."""
+    return str(getattr(request, "param", "userspace"))
+
+
+@pytest.fixture
+def site(lab: Lab, tmp_path: Path, backend: str) -> Iterator[Site]:
+    made = make_site(lab, tmp_path, backend)
     try:
         yield made
     finally:
         made.close()  # before the lab removes the namespaces under it
 
 
-def make_site(lab: Lab, tmp_path: Path) -> Site:
+def make_site(lab: Lab, tmp_path: Path, backend: str = "userspace") -> Site:
     node, laptop, service = lab.netns("node"), lab.netns("lap"), lab.netns("svc")
     lab.veth(node, f"{UNDERLAY_NODE}/24", laptop, f"{UNDERLAY_LAPTOP}/24")
     lab.veth(node, f"{NODE_SIDE}/24", service, f"{SERVICE}/24")
@@ -198,11 +236,11 @@ def make_site(lab: Lab, tmp_path: Path) -> Site:
     # Without masquerade the service needs the way back to the pool; with it, it never uses it.
     run("ip", "-n", service, "route", "add", POOL, "via", NODE_SIDE)
     run("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    for address in (SERVICE, OTHER_SERVICE):
-        for port in (PORT, OTHER_PORT):
-            whoami_server(lab, service, address, port)
+    whoami_servers(
+        lab, service, [(address, port) for address in (SERVICE, OTHER_SERVICE) for port in (PORT, OTHER_PORT)]
+    )
     server_key, server_public = keypair()
-    return Site(lab, tmp_path, node, laptop, service, lab.ifname("n"), server_key, server_public)
+    return Site(lab, tmp_path, node, laptop, service, lab.ifname("n"), server_key, server_public, backend=backend)
 
 
 def _first_veth(ns: str) -> str:
