@@ -13,7 +13,9 @@ ARG BASE=docker.io/library/python:3.11-slim-bookworm
 # them is keyed on this list alone: editing a .py file or pyproject.toml's tool settings reuses it.
 FROM ${BASE} AS requirements
 COPY pyproject.toml /
-RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("/pyproject.toml", "rb"))["project"]["dependencies"]))' \
+# The base list is the kubectl plugin's; the operator and the agent add their extras.
+RUN python -c 'import tomllib; p = tomllib.load(open("/pyproject.toml", "rb"))["project"]; \
+print("\n".join(p["dependencies"] + p["optional-dependencies"]["operator"] + p["optional-dependencies"]["agent"]))' \
       >/requirements.txt
 
 FROM ${BASE}
@@ -54,6 +56,7 @@ RUN --mount=type=secret,id=pip-conf --mount=type=secret,id=pip-cert \
  && rm /tmp/requirements.txt
 
 COPY pyproject.toml README.md ./
+COPY core/ core/
 COPY operator/ operator/
 COPY agent/ agent/
 COPY cli/ cli/

@@ -87,7 +87,7 @@ lint:
 	$(VENV)/bin/lint-imports
 
 crds:
-	$(PY) -m kvpn_operator.crdgen
+	$(PY) -m kvpn_core.crdgen
 
 bench:
 	$(PY) -m bench.reconcile

@@ -50,8 +50,8 @@ from kvpn_agent.netlink import Netlink
 from kvpn_agent.plan import AddPeer, UpdateFirewall
 from kvpn_agent.sync import NodeState, SyncResult, UapiBackend, sync
 from kvpn_agent.wggo import UserspaceLink, WireGuardGo
-from kvpn_operator.contract import PeerBinding, encode_data
-from kvpn_operator.keys import generate_private_key
+from kvpn_core.contract import PeerBinding, encode_data
+from kvpn_core.keys import generate_private_key
 
 POOL = "10.64.0.0/16"
 ROUTES = ["10.96.0.0/12"]

@@ -55,7 +55,7 @@ from kvpn_agent.nft import Nft
 from kvpn_agent.sync import LinkBackend, UapiBackend, WireGuardBackend, sync
 from kvpn_agent.uapi import SOCKET_DIR
 from kvpn_agent.wggo import UserspaceLink, WireGuardGo
-from kvpn_operator.contract import PeerBinding, encode_data
+from kvpn_core.contract import PeerBinding, encode_data
 
 REQUIRED = ("ip", "ss", "nft", "wireguard-go", "wg", "iperf3")
 BACKENDS = ("kernel", "userspace")

@@ -33,8 +33,8 @@ from typing import Any
 
 from kubernetes import client, watch
 
-from kvpn_operator.api import GROUP, VERSION
-from kvpn_operator.keys import generate_private_key, public_key_of
+from kvpn_core.api import GROUP, VERSION
+from kvpn_core.keys import generate_private_key, public_key_of
 from tests.support.cluster import Node
 from tests.support.world import CHART_NAMESPACE, ECHO_PORT, PEER_NAMESPACE, SERVER, TcpProbe, TrafficLoop, World
 

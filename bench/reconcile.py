@@ -39,8 +39,8 @@ from typing import Any, cast
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from kvpn_operator.api import GROUP, VERSION
-from kvpn_operator.contract import binding_selector
+from kvpn_core.api import GROUP, VERSION
+from kvpn_core.contract import binding_selector
 from tests.support.controlplane import ControlPlane, apply_crd_files
 from tests.support.operator_process import OperatorProcess
 

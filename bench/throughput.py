@@ -41,8 +41,8 @@ from kvpn_agent.plan import AddPeer, ReplaceFirewall
 from kvpn_agent.sync import UapiBackend, sync
 from kvpn_agent.uapi import SOCKET_DIR
 from kvpn_agent.wggo import UserspaceLink, WireGuardGo
-from kvpn_operator.contract import PeerBinding, encode_data
-from kvpn_operator.keys import generate_preshared_key, generate_private_key, public_key_of
+from kvpn_core.contract import PeerBinding, encode_data
+from kvpn_core.keys import generate_preshared_key, generate_private_key, public_key_of
 
 REQUIRED = ("ip", "ss", "nft", "wireguard-go", "wg", "iperf3")
 UNDERLAY_NODE, UNDERLAY_LAPTOP = "192.168.238.1", "192.168.238.2"

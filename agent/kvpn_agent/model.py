@@ -16,9 +16,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from kvpn_agent.linux import IFNAMSIZ
-from kvpn_operator.api import VpnServerSpec, VpnServerStatus
-from kvpn_operator.contract import SERVER_KEY_DATA, PeerBinding
-from kvpn_operator.keys import clamped, decode_key, public_key_of
+from kvpn_core.api import VpnServerSpec, VpnServerStatus
+from kvpn_core.contract import SERVER_KEY_DATA, PeerBinding
+from kvpn_core.keys import clamped, decode_key, public_key_of
 
 INTERFACE_PREFIX = "kvpn-"
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvpn_agent.model import DesiredServer, changed_peers, host_prefix
-from kvpn_operator.api import AllowedDestination, Protocol
-from kvpn_operator.contract import PeerBinding
+from kvpn_core.api import AllowedDestination, Protocol
+from kvpn_core.contract import PeerBinding
 
 log = logging.getLogger(__name__)
 

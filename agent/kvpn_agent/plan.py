@@ -19,7 +19,7 @@ from kvpn_agent.model import (
     sort_networks,
 )
 from kvpn_agent.nft import ObservedRuleset, PeerUpdate, Ruleset, RulesetChange
-from kvpn_operator.contract import PeerBinding
+from kvpn_core.contract import PeerBinding
 
 # Server-side keepalive stays off: the laptop behind NAT sends them (spec.persistentKeepalive is
 # rendered into its config), and 10,000 idle peers should cost the gateway nothing.

@@ -18,9 +18,9 @@ from pydantic import ValidationError
 
 from kvpn_agent.metrics import PeerStats
 from kvpn_agent.model import PeerProblem
-from kvpn_operator.api import API_VERSION, PLURALS, Condition, Kind
-from kvpn_operator.conditions import Outcome, set_condition
-from kvpn_operator.kube import ConflictError, Kube, KubeError, NotFoundError, kvpn_path
+from kvpn_core.api import API_VERSION, PLURALS, Condition, Kind
+from kvpn_core.conditions import Outcome, set_condition
+from kvpn_core.kube import ConflictError, Kube, KubeError, NotFoundError, kvpn_path
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from kvpn_agent.supervisor_api import SupervisorClient, SupervisorError, Supervi
 from kvpn_agent.sync import SERVER_ERRORS, Firewall, LinkBackend, NodeState, UapiBackend, WireGuardBackend, sync
 from kvpn_agent.watch import Informer, Key, Obj, key_of
 from kvpn_agent.wggo import UserspaceLink
-from kvpn_operator.api import API_VERSION
-from kvpn_operator.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, server_key_secret_name
-from kvpn_operator.kube import Kube, KubeError, core_path
+from kvpn_core.api import API_VERSION
+from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, server_key_secret_name
+from kvpn_core.kube import Kube, KubeError, core_path
 
 log = logging.getLogger(__name__)
 

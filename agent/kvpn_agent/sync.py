@@ -46,7 +46,7 @@ from kvpn_agent.plan import (
 from kvpn_agent.processes import WireGuardGoError
 from kvpn_agent.supervisor_api import SupervisorError
 from kvpn_agent.uapi import UapiClient, UapiError
-from kvpn_operator.contract import PeerBinding
+from kvpn_core.contract import PeerBinding
 
 # What one server's link or device can fail with; the other servers are synced all the same.
 SERVER_ERRORS = (UapiError, WireGuardGoError, SupervisorError, NetlinkError, OSError, ValueError)

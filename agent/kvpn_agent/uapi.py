@@ -16,7 +16,7 @@ from kvpn_agent.model import (
     PeerConfig,
     sort_networks,
 )
-from kvpn_operator.keys import KEY_BYTES, decode_key
+from kvpn_core.keys import KEY_BYTES, decode_key
 
 _ZERO_KEY = "0" * (2 * KEY_BYTES)
 _CHUNK = 1 << 16

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from kubernetes.client import ApiClient
 from urllib3.exceptions import HTTPError
 
-from kvpn_operator.kube import Kube, KubeError
+from kvpn_core.kube import Kube, KubeError
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import kubernetes.config
 from kubernetes.client import ApiClient
 from kubernetes.config.kube_config import list_kube_config_contexts
 
-from kvpn_operator.api import API_VERSION, GROUP, PLURALS, Kind
-from kvpn_operator.kube import ForbiddenError, Kube, KubeError, core_path, kvpn_path
+from kvpn_core.api import API_VERSION, GROUP, PLURALS, Kind
+from kvpn_core.kube import ForbiddenError, Kube, KubeError, core_path, kvpn_path
 
 Obj = dict[str, Any]
 

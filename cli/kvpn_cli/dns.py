@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kvpn_cli import wgquick
 from kvpn_cli.cluster import CliError
+from kvpn_core import wgquick as wgfile
 
 
 def resolved_running() -> bool:
@@ -27,7 +28,7 @@ def check_mode(mode: wgquick.DnsMode) -> None:
     )
 
 
-def print_followup(mode: wgquick.DnsMode, dns: wgquick.Dns) -> None:
+def print_followup(mode: wgquick.DnsMode, dns: wgfile.Dns) -> None:
     """On macOS, split DNS is /etc/resolver files, which need root: say which ones to write."""
     if mode is not wgquick.DnsMode.SPLIT or sys.platform != "darwin":
         return

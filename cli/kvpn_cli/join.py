@@ -14,8 +14,9 @@ from typing import Any
 
 from kvpn_cli import dns, routes, wgquick
 from kvpn_cli.cluster import CliError, Cluster
-from kvpn_operator import keys
-from kvpn_operator.api import Kind
+from kvpn_core import keys
+from kvpn_core import wgquick as wgfile
+from kvpn_core.api import Kind
 
 Obj = dict[str, Any]
 
@@ -102,7 +103,7 @@ def join(cluster: Cluster, req: JoinRequest) -> None:
     try:
         peer = wait_ready(cluster, req, public_key)
         config = fetch_config(cluster, req, peer, private_key)
-        check_routes(wgquick.allowed_ips(config), interface, req.force, req.routes_file)
+        check_routes(wgfile.allowed_ips(config), interface, req.force, req.routes_file)
         wgquick.write_private(req.output, config)
     except (CliError, OSError, KeyboardInterrupt) as error:
         # The private key dies with this process, so a peer left behind could never be used.
@@ -110,7 +111,7 @@ def join(cluster: Cluster, req: JoinRequest) -> None:
         raise CliError(f"{reason}; {abandon(cluster, req)}") from None
     print(f"wrote {req.output} for VpnPeer {req.namespace}/{req.name} (address {peer['status'].get('address')})")
     nameservers = [status["dnsNameserver"]] if status.get("dnsNameserver") else []
-    dns.print_followup(req.dns_mode, wgquick.Dns(nameservers, status.get("dnsSearch", [])))
+    dns.print_followup(req.dns_mode, wgfile.Dns(nameservers, status.get("dnsSearch", [])))
     print(f"bring the tunnel up with: kubectl vpn up {req.output}")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kvpn_cli import join, peers, tunnel, wgquick
 from kvpn_cli.cluster import CliError, connect
+from kvpn_core import wgquick as wgfile
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
         elif args.output is None:
             print(config, end="")
         else:
-            join.check_routes(wgquick.allowed_ips(config), args.output.stem, args.force, args.routes_from)
+            join.check_routes(wgfile.allowed_ips(config), args.output.stem, args.force, args.routes_from)
             wgquick.write_private(args.output, config)
             print(f"wrote {args.output}")
     elif args.command == "status":

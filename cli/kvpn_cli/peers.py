@@ -14,7 +14,7 @@ import yaml
 
 from kvpn_cli import status as table
 from kvpn_cli.cluster import CliError, Cluster
-from kvpn_operator.api import Kind
+from kvpn_core.api import Kind
 
 Obj = dict[str, Any]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kvpn_cli import dns, join, wgquick
 from kvpn_cli.cluster import CliError
+from kvpn_core import wgquick as wgfile
 
 
 def resolve_file(target: str | None) -> Path:
@@ -35,7 +36,7 @@ def wg_quick(action: str, target: str | None, force: bool = False, routes_file: 
     if action == "up":
         if "resolvectl" in config and not dns.resolved_running():
             raise CliError(f"{path} uses split DNS, which needs systemd-resolved: join again with --dns full or none")
-        join.check_routes(wgquick.allowed_ips(config), path.stem, force, routes_file)
+        join.check_routes(wgfile.allowed_ips(config), path.stem, force, routes_file)
     command = ["wg-quick", action, str(path)]
     if os.geteuid() != 0:
         command = ["sudo", *command]

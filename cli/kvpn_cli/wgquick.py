@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+from kvpn_core.wgquick import Dns, dns_of, field
 
 PRIVATE_KEY_PLACEHOLDER = re.compile(r"^# PrivateKey = .*$", re.MULTILINE)
 INTERFACE_NAME = re.compile(r"^[a-zA-Z0-9_=+.-]{1,15}$")
@@ -20,37 +20,6 @@ class DnsMode(StrEnum):
     """Every lookup goes to cluster DNS while the tunnel is up (the classic `DNS =` line)."""
     NONE = "none"
     """The tunnel leaves DNS alone."""
-
-
-@dataclass(frozen=True)
-class Dns:
-    servers: list[str]
-    domains: list[str]
-
-
-def field(config: str, key: str) -> str | None:
-    """The value of the first `key = value` line of a wg-quick file."""
-    match = re.search(rf"^{key}\s*=\s*(.*)$", config, re.MULTILINE)
-    return match.group(1).strip() if match else None
-
-
-def allowed_ips(config: str) -> list[str]:
-    return [item.strip() for item in (field(config, "AllowedIPs") or "").split(",") if item.strip()]
-
-
-def dns_of(config: str) -> Dns:
-    """The DNS line split as wg-quick reads it: IP addresses are servers, anything else a search domain."""
-    servers, domains = [], []
-    for item in (field(config, "DNS") or "").split(","):
-        if not (item := item.strip()):
-            continue
-        try:
-            ipaddress.ip_address(item)
-        except ValueError:
-            domains.append(item)
-        else:
-            servers.append(item)
-    return Dns(servers, domains)
 
 
 def split_dns_hooks(dns: Dns) -> list[str]:

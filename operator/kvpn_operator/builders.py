@@ -6,8 +6,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from kvpn_operator.api import ExposeType, VpnServerSpec
-from kvpn_operator.contract import (
+from kvpn_core.api import ExposeType, VpnServerSpec
+from kvpn_core.contract import (
     ANNOTATION_PEER,
     LABEL_MANAGED_BY,
     LABEL_PEER_UID,

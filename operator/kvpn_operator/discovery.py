@@ -7,8 +7,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kvpn_operator.api import ExposeType, VpnServerSpec
-from kvpn_operator.conditions import (
+from kvpn_core.api import ExposeType, VpnServerSpec
+from kvpn_core.conditions import (
     DNS_DISABLED,
     DNS_SERVICE_FOUND,
     DNS_SERVICE_HAS_NO_CLUSTER_IP,

@@ -12,10 +12,10 @@ from typing import Any
 
 import kopf
 
+from kvpn_core.api import GROUP, VERSION
+from kvpn_core.contract import LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
+from kvpn_core.kube import ForbiddenError, Kube, KubeError, Retry
 from kvpn_operator import peer, server
-from kvpn_operator.api import GROUP, VERSION
-from kvpn_operator.contract import LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
-from kvpn_operator.kube import ForbiddenError, Kube, KubeError, Retry
 from kvpn_operator.reporting import Report
 from kvpn_operator.state import AddressBooks, PeerEntry
 

@@ -19,8 +19,8 @@ import kubernetes
 from kopf._cogs.structs.references import Insights
 from kopf._core.engines.peering import Identity
 
+from kvpn_core.kube import Kube
 from kvpn_operator import handlers, readiness
-from kvpn_operator.kube import Kube
 from kvpn_operator.server import Settings
 
 log = logging.getLogger("kvpn.operator")

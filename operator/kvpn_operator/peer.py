@@ -11,21 +11,22 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kvpn_operator import builders, keys
-from kvpn_operator.api import Kind, VpnPeerSpec, VpnPeerStatus, VpnServerSpec, VpnServerStatus
-from kvpn_operator.conditions import READY, Outcome, find, set_condition
-from kvpn_operator.contract import (
+from kvpn_core import keys
+from kvpn_core.api import Kind, VpnPeerSpec, VpnPeerStatus, VpnServerSpec, VpnServerStatus
+from kvpn_core.conditions import READY, Outcome, find, set_condition
+from kvpn_core.contract import (
     LABEL_PEER_UID,
     PeerBinding,
     binding_secret_name,
     binding_selector,
     peer_config_secret_name,
 )
+from kvpn_core.kube import ConflictError, Kube, Retry, core_path, kvpn_path
+from kvpn_core.wgquick import ClientConfig, render_client_config
+from kvpn_operator import builders
 from kvpn_operator.ipam import AllocationError
-from kvpn_operator.kube import ConflictError, Kube, Retry, core_path, kvpn_path
 from kvpn_operator.reporting import Report, describe_validation_error, write_status
 from kvpn_operator.state import ANNOTATION_NUDGE, AddressBook, AddressBooks, PeerEntry, is_revision
-from kvpn_operator.wgconfig import ClientConfig, render_client_config
 
 Obj = dict[str, Any]
 

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from kvpn_operator.api import API_VERSION, GROUP, PLURALS, Kind
-from kvpn_operator.kube import ForbiddenError, Kube, KubeError, NotFoundError, kvpn_path
+from kvpn_core.api import API_VERSION, GROUP, PLURALS, Kind
+from kvpn_core.kube import ForbiddenError, Kube, KubeError, NotFoundError, kvpn_path
 
 # A kubelet probes every 10 s: the reads behind a verdict are reused for 5 s, so most probes cost none.
 CACHE_SECONDS = 5.0

@@ -8,9 +8,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kvpn_operator.api import Condition
-from kvpn_operator.conditions import READY, Outcome, find
-from kvpn_operator.kube import ConflictError, Kube
+from kvpn_core.api import Condition
+from kvpn_core.conditions import READY, Outcome, find
+from kvpn_core.kube import ConflictError, Kube
 
 Obj = dict[str, Any]
 

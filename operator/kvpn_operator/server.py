@@ -15,12 +15,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kvpn_operator import builders, discovery, keys
-from kvpn_operator.api import ExposeType, Kind, PeerCounts, VpnServerSpec, VpnServerStatus
-from kvpn_operator.conditions import CLUSTER_DNS, POD_NETWORK, READY, SERVER_CONDITIONS, Outcome, set_condition
-from kvpn_operator.contract import SERVER_KEY_DATA, server_key_secret_name
-from kvpn_operator.ipam import Pool
-from kvpn_operator.kube import (
+from kvpn_core import keys
+from kvpn_core.api import ExposeType, Kind, PeerCounts, VpnServerSpec, VpnServerStatus
+from kvpn_core.conditions import CLUSTER_DNS, POD_NETWORK, READY, SERVER_CONDITIONS, Outcome, set_condition
+from kvpn_core.contract import SERVER_KEY_DATA, server_key_secret_name
+from kvpn_core.kube import (
     ConflictError,
     InvalidError,
     Kube,
@@ -29,6 +28,8 @@ from kvpn_operator.kube import (
     core_path,
     kvpn_path,
 )
+from kvpn_operator import builders, discovery
+from kvpn_operator.ipam import Pool
 from kvpn_operator.reporting import Report, describe_validation_error, write_status
 from kvpn_operator.state import ANNOTATION_NUDGE, PeerEntry
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kvpn_operator.contract import LABEL_PEER_UID, PeerBinding
+from kvpn_core.contract import LABEL_PEER_UID, PeerBinding
 from kvpn_operator.ipam import AllocationError, Pool, choose_index
 
 Obj = dict[str, Any]

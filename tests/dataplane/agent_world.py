@@ -27,7 +27,7 @@ from kvpn_agent.model import ObservedDevice, interface_name
 from kvpn_agent.state import ServerInputs, StateFile
 from kvpn_agent.supervisor_api import SupervisorClient
 from kvpn_agent.uapi import UapiClient
-from kvpn_operator.contract import encode_data
+from kvpn_core.contract import encode_data
 from tests.dataplane.conftest import (
     LISTEN_PORT,
     NODE_SIDE,

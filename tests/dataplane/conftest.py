@@ -17,8 +17,8 @@ from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
 from kvpn_agent.sync import LinkBackend, SyncResult, UapiBackend, WireGuardBackend, sync
 from kvpn_agent.wggo import UserspaceLink, WireGuardGo
-from kvpn_operator.api import AllowedDestination
-from kvpn_operator.contract import PeerBinding, encode_data
+from kvpn_core.api import AllowedDestination
+from kvpn_core.contract import PeerBinding, encode_data
 from tests.dataplane.kit import Lab, binding_secret, keypair, run, wg_quick_config, whoami_servers
 
 REQUIRED = ("ip", "nft", "wireguard-go", "wg", "wg-quick", "curl")

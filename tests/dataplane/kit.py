@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from kvpn_agent.uapi import SOCKET_DIR
-from kvpn_operator.contract import PeerBinding, encode_data
+from kvpn_core.contract import PeerBinding, encode_data
 
 TIMEOUT = 30.0 if os.environ.get("KVPN_IN_VM") else 10.0
 """Per command; the VM tier runs everything 10-20 times slower."""

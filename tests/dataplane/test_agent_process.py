@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kvpn_operator.contract import binding_secret_name
+from kvpn_core.contract import binding_secret_name
 from tests.dataplane.agent_world import (
     RESYNC,
     SERVER,

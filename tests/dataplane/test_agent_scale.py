@@ -17,7 +17,7 @@ from kvpn_agent.runner import Agent, Settings, build_dataplane, secret_index
 from kvpn_agent.state import StateFile
 from kvpn_agent.uapi import UapiClient
 from kvpn_agent.watch import Obj, Store
-from kvpn_operator.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, PeerBinding, encode_data
+from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, PeerBinding, encode_data
 from tests.dataplane.kit import Lab, keypair, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

@@ -11,9 +11,9 @@ from pydantic import SecretStr
 from kvpn_agent import nft
 from kvpn_agent.model import DesiredServer
 from kvpn_agent.plan import UpdateFirewall, plan_firewall
-from kvpn_operator.api import AllowedDestination
-from kvpn_operator.contract import PeerBinding
-from kvpn_operator.keys import public_key_of
+from kvpn_core.api import AllowedDestination
+from kvpn_core.contract import PeerBinding
+from kvpn_core.keys import public_key_of
 from tests.dataplane.kit import Lab
 
 pytestmark = [pytest.mark.root]

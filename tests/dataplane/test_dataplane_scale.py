@@ -24,7 +24,7 @@ from kvpn_agent.netlink import Netlink
 from kvpn_agent.plan import AddPeer, UpdateFirewall
 from kvpn_agent.sync import LinkBackend, UapiBackend, WireGuardBackend, sync
 from kvpn_agent.wggo import UserspaceLink, WireGuardGo
-from kvpn_operator.contract import PeerBinding, encode_data
+from kvpn_core.contract import PeerBinding, encode_data
 from tests.dataplane.conftest import BACKENDS
 from tests.dataplane.kit import Lab, binding_secret, keypair, run
 

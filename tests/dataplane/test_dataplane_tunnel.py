@@ -13,8 +13,8 @@ import pytest
 
 from kvpn_agent.model import DeviceConfig, PeerConfig
 from kvpn_agent.plan import AddPeer, RemovePeer, ReplaceFirewall, UpdateFirewall
-from kvpn_operator.api import AllowedDestination
-from kvpn_operator.contract import PeerBinding
+from kvpn_core.api import AllowedDestination
+from kvpn_core.contract import PeerBinding
 from tests.dataplane.conftest import NODE_SIDE, OTHER_PORT, OTHER_SERVICE, PORT, SERVICE, Site, both_backends
 from tests.dataplane.kit import curl, keypair, run, wait_for
 

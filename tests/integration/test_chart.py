@@ -23,7 +23,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kvpn_operator.contract import binding_selector
+from kvpn_core.contract import binding_selector
 from tests.conftest import TEST_NAMESPACE_LABEL
 from tests.support import chart
 from tests.support.controlplane import ControlPlane, free_port, log_tail

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from kvpn_operator import keys
+from kvpn_core import keys
 from tests.support.controlplane import ControlPlane
 from tests.support.kvpn import Kvpn, decode, wait_for
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kvpn_operator import keys
-from kvpn_operator.contract import PeerBinding, binding_selector
+from kvpn_core import keys
+from kvpn_core.contract import PeerBinding, binding_selector
 from tests.support.kvpn import Kvpn, decode, ready, wait_for
 from tests.support.operator_process import OperatorProcess
 

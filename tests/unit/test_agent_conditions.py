@@ -18,8 +18,8 @@ from kvpn_agent.report import (
     conditions_update,
     dataplane_problems,
 )
-from kvpn_operator.api import Kind
-from kvpn_operator.kube import ConflictError, KubeError
+from kvpn_core.api import Kind
+from kvpn_core.kube import ConflictError, KubeError
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 READY = {

@@ -16,8 +16,8 @@ from kvpn_agent import nft
 from kvpn_agent.model import DesiredBuilder, DesiredServer, DeviceConfig, ObservedDevice, ObservedLink, PeerConfig
 from kvpn_agent.model import build_desired as build
 from kvpn_agent.sync import NodeState, SyncResult, assumed, assumed_ruleset, sync
-from kvpn_operator.contract import encode_data
-from kvpn_operator.keys import public_key_of
+from kvpn_core.contract import encode_data
+from kvpn_core.keys import public_key_of
 
 SERVER_KEY = base64.b64encode(hashlib.sha256(b"server").digest()).decode()
 KEYS = [base64.b64encode(hashlib.sha256(f"k{i}".encode()).digest()).decode() for i in range(4)]

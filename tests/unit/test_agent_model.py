@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from kvpn_agent.model import DesiredStateError, build_desired, interface_name, sort_networks
-from kvpn_operator.api import AllowedDestination
-from kvpn_operator.contract import PeerBinding, encode_data
-from kvpn_operator.keys import decode_key, generate_private_key, public_key_of
+from kvpn_core.api import AllowedDestination
+from kvpn_core.contract import PeerBinding, encode_data
+from kvpn_core.keys import decode_key, generate_private_key, public_key_of
 
 
 def key() -> str:

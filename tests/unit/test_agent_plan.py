@@ -32,9 +32,9 @@ from kvpn_agent.plan import (
     plan_firewall,
     plan_server,
 )
-from kvpn_operator.api import AllowedDestination
-from kvpn_operator.contract import PeerBinding
-from kvpn_operator.keys import public_key_of
+from kvpn_core.api import AllowedDestination
+from kvpn_core.contract import PeerBinding
+from kvpn_core.keys import public_key_of
 
 
 def det_key(seed: str) -> str:

@@ -40,8 +40,8 @@ from kvpn_agent.supervisor_api import SupervisorClient
 from kvpn_agent.sync import assumed_ruleset, sync
 from kvpn_agent.uapi import UapiError
 from kvpn_agent.watch import Obj, Store, key_of
-from kvpn_operator.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, PeerBinding, encode_data
-from kvpn_operator.keys import public_key_of
+from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, PeerBinding, encode_data
+from kvpn_core.keys import public_key_of
 from tests.support.agent_process import SupervisorProcess, fake_wireguard_go
 
 NS, NAME = "team", "office"

@@ -13,8 +13,8 @@ from pydantic import SecretStr
 from kvpn_agent import nft
 from kvpn_agent.model import DesiredServer, DeviceConfig, ObservedDevice, ObservedLink, PeerConfig
 from kvpn_agent.sync import sync
-from kvpn_operator.contract import PeerBinding
-from kvpn_operator.keys import public_key_of
+from kvpn_core.contract import PeerBinding
+from kvpn_core.keys import public_key_of
 
 PRIVATE = base64.b64encode(hashlib.sha256(b"server").digest()).decode()
 

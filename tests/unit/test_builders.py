@@ -13,9 +13,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvpn_core.api import AllowedDestination, VpnServerSpec
+from kvpn_core.contract import PeerBinding, binding_selector
 from kvpn_operator import builders
-from kvpn_operator.api import AllowedDestination, VpnServerSpec
-from kvpn_operator.contract import PeerBinding, binding_selector
 
 Obj = dict[str, Any]
 GOLDEN = Path(__file__).parent / "golden"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kvpn_operator import api, crdgen
+from kvpn_core import api, crdgen
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"

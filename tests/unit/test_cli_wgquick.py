@@ -10,18 +10,15 @@ from pathlib import Path
 import pytest
 
 from kvpn_cli.wgquick import (
-    Dns,
     DnsMode,
-    allowed_ips,
     assemble,
-    dns_of,
     interface_name,
     macos_resolver_files,
     split_dns_hooks,
     write_private,
 )
-from kvpn_operator import keys
-from kvpn_operator.wgconfig import ClientConfig, render_client_config
+from kvpn_core import keys
+from kvpn_core.wgquick import ClientConfig, Dns, allowed_ips, dns_of, render_client_config
 
 PRIVATE = keys.generate_private_key()
 PSK = keys.generate_preshared_key()

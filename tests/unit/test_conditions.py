@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from kvpn_operator.api import Condition
-from kvpn_operator.conditions import (
+from kvpn_core.api import Condition
+from kvpn_core.conditions import (
     CLUSTER_DNS,
     DNS_SERVICE_NOT_FOUND,
     POD_NETWORK,

@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from kvpn_core.api import AllowedDestination
+from kvpn_core.contract import PeerBinding, binding_secret_name, encode_data
 from kvpn_operator import builders
-from kvpn_operator.api import AllowedDestination
-from kvpn_operator.contract import PeerBinding, binding_secret_name, encode_data
 
 SERVER: dict[str, Any] = {
     "apiVersion": "kvpn.dev/v1alpha1",

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvpn_operator import api, crdgen
+from kvpn_core import api, crdgen
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from kvpn_operator.api import VpnServerSpec
-from kvpn_operator.conditions import (
+from kvpn_core.api import VpnServerSpec
+from kvpn_core.conditions import (
     DNS_DISABLED,
     DNS_SERVICE_FOUND,
     DNS_SERVICE_HAS_NO_CLUSTER_IP,

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvpn_operator.api import PUBLIC_KEY_PATTERN
-from kvpn_operator.keys import (
+from kvpn_core.api import PUBLIC_KEY_PATTERN
+from kvpn_core.keys import (
     InvalidKeyError,
     generate_preshared_key,
     generate_private_key,

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 import kvpn_operator
@@ -37,8 +38,8 @@ def test_source_roots_are_not_packages() -> None:
     source_root = Path(kvpn_operator.__file__ or "").resolve().parent.parent
     assert source_root == REPO / "operator"
     assert not (source_root / "__init__.py").exists()
-    assert not (REPO / "agent" / "__init__.py").exists()
-    assert not (REPO / "cli" / "__init__.py").exists()
+    for root in ("core", "agent", "cli"):
+        assert not (REPO / root / "__init__.py").exists()
 
 
 def test_console_script_help() -> None:
@@ -47,3 +48,37 @@ def test_console_script_help() -> None:
     assert result.returncode == 0, result.stderr
     for option in ("--all-namespaces", "--liveness-port", "--log-format"):
         assert option in result.stdout
+
+
+SERVER_SIDE = ("kopf", "pyroute2", "prometheus_client")
+"""The operator's and the agent's own dependencies, which a laptop's install of the CLI must not need."""
+
+BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(f"{{name}} is not installed on a laptop")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_the_cli_installs_and_runs_without_the_operators_or_the_agents_dependencies() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    base = " ".join(project["dependencies"]).lower()
+    assert not [name for name in ("kopf", "pyroute2", "prometheus-client") if name in base]
+    assert project["optional-dependencies"]["operator"]
+    assert project["optional-dependencies"]["agent"]
+    # Every module of the CLI and of the core imports, and `kubectl-vpn --help` runs, with them absent.
+    probe = BLOCKER.format(blocked=set(SERVER_SIDE)) + (
+        "import pkgutil, importlib, kvpn_cli, kvpn_core, sys\n"
+        "for package in (kvpn_core, kvpn_cli):\n"
+        "    for module in pkgutil.iter_modules(package.__path__, package.__name__ + '.'):\n"
+        "        importlib.import_module(module.name)\n"
+        "from kvpn_cli.main import main\n"
+        "sys.argv = ['kubectl-vpn', '--help']\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "join" in result.stdout

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 
-from kvpn_operator.kube import ForbiddenError, Kube, KubeError, NotFoundError
+from kvpn_core.kube import ForbiddenError, Kube, KubeError, NotFoundError
 from kvpn_operator.readiness import CACHE_SECONDS, MAX_NAMESPACES, Readiness, serve
 
 Obj = dict[str, Any]

@@ -8,8 +8,8 @@ from typing import Any, cast
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from kvpn_operator.api import VpnPeerSpec, VpnServerSpec
-from kvpn_operator.kube import ConflictError, Kube
+from kvpn_core.api import VpnPeerSpec, VpnServerSpec
+from kvpn_core.kube import ConflictError, Kube
 from kvpn_operator.reporting import describe_validation_error, write_status
 
 Obj = dict[str, Any]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kvpn_operator.api import VpnServerSpec
-from kvpn_operator.conditions import (
+from kvpn_core.api import VpnServerSpec
+from kvpn_core.conditions import (
     CLUSTER_DNS,
     DNS_SERVICE_FOUND,
     DNS_SERVICE_NOT_FOUND,

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from kvpn_core.contract import LABEL_PEER_UID, PeerBinding, encode_data
 from kvpn_operator import builders
-from kvpn_operator.contract import LABEL_PEER_UID, PeerBinding, encode_data
 from kvpn_operator.ipam import AllocationError, Pool
 from kvpn_operator.state import AddressBook, AddressBooks
 

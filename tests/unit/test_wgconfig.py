@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kvpn_operator.wgconfig import ClientConfig, render_client_config
+from kvpn_core.wgquick import ClientConfig, render_client_config
 
 GOLDEN = Path(__file__).parent / "golden"
 

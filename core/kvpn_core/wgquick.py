@@ -1,8 +1,10 @@
-"""Render a peer's wg-quick file (wg0.conf), as wg-quick and the WireGuard apps read it."""
+"""The wg-quick file format: a peer's file rendered (wg0.conf, as wg-quick and the WireGuard apps read it), and read."""
 
 from __future__ import annotations
 
 import ipaddress
+import re
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
@@ -89,3 +91,37 @@ def _allowed_ips(cfg: ClientConfig) -> list[str]:
         if not any(ipaddress.ip_address(server) in route for route in routes)
     ]
     return [str(net) for net in dict.fromkeys([*routes, *dns])]
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dns:
+    servers: list[str]
+    domains: list[str]
+
+
+def field(config: str, key: str) -> str | None:
+    """The value of the first `key = value` line of a wg-quick file."""
+    match = re.search(rf"^{key}\s*=\s*(.*)$", config, re.MULTILINE)
+    return match.group(1).strip() if match else None
+
+
+def allowed_ips(config: str) -> list[str]:
+    return [item.strip() for item in (field(config, "AllowedIPs") or "").split(",") if item.strip()]
+
+
+def dns_of(config: str) -> Dns:
+    """The DNS line split as wg-quick reads it: IP addresses are servers, anything else a search domain."""
+    servers, domains = [], []
+    for item in (field(config, "DNS") or "").split(","):
+        if not (item := item.strip()):
+            continue
+        try:
+            ipaddress.ip_address(item)
+        except ValueError:
+            domains.append(item)
+        else:
+            servers.append(item)
+    return Dns(servers, domains)

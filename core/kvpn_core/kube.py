@@ -12,7 +12,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from kvpn_operator.api import API_VERSION, PLURALS, Kind
+from kvpn_core.api import API_VERSION, PLURALS, Kind
 
 Obj = dict[str, Any]
 

@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Literal
 
-from kvpn_operator.api import Condition
+from kvpn_core.api import Condition
 
 READY = "Ready"
 

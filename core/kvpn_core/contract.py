@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import Field, TypeAdapter
 
-from kvpn_operator.api import AllowedDestination, Model
+from kvpn_core.api import AllowedDestination, Model
 
 LABEL_SERVER = "kvpn.dev/server"
 LABEL_ROLE = "kvpn.dev/role"
