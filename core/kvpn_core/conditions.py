@@ -3,29 +3,73 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from enum import StrEnum
+from typing import Any, Literal
 
 from kvpn_core.api import Condition
 
 READY = "Ready"
+"""The condition type both kinds carry: whether the object does what its spec asks."""
 
 # A VpnServer's discovery conditions: whether peers get the pod networks and cluster DNS. True when
 # nothing is missing (found, or taken from the spec, or DNS switched off); False names what to set.
 POD_NETWORK = "PodNetwork"
-POD_NETWORK_FOUND = "PodNetworkFound"
-POD_NETWORK_NOT_FOUND = "PodNetworkNotFound"
-ROUTES_FROM_SPEC = "RoutesFromSpec"
-
 CLUSTER_DNS = "ClusterDNS"
-DNS_SERVICE_FOUND = "DNSServiceFound"
-DNS_SERVICE_NOT_FOUND = "DNSServiceNotFound"
-DNS_SERVICE_HAS_NO_CLUSTER_IP = "DNSServiceHasNoClusterIP"
-NAMESERVER_FROM_SPEC = "NameserverFromSpec"
-DNS_DISABLED = "Disabled"
 
 # The condition types the operator writes on a VpnServer; others (the agents' Dataplane) are kept as found.
 SERVER_CONDITIONS = (READY, POD_NETWORK, CLUSTER_DNS)
+
+
+class Reason(StrEnum):
+    """Every condition and Event reason kvpn writes, operator's and agent's alike.
+
+    The values are API: users and alerts match on them, so a value never changes once released.
+    """
+
+    # Ready, both kinds
+    READY = "Ready"
+    INVALID_NAME = "InvalidName"
+    INVALID_SPEC = "InvalidSpec"
+    # Ready, VpnServer
+    POOL_OVERLAPS_ROUTES = "PoolOverlapsRoutes"
+    ENDPOINT_PENDING = "EndpointPending"
+    NO_ROUTES = "NoRoutes"
+    # Ready, VpnPeer
+    SERVER_NOT_FOUND = "ServerNotFound"
+    SERVER_NOT_READY = "ServerNotReady"
+    NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"
+    INVALID_PUBLIC_KEY = "InvalidPublicKey"
+    DESTINATION_NOT_ROUTED = "DestinationNotRouted"
+    SECRET_CONFLICT = "SecretConflict"  # noqa: S105 - a reason, not a password
+    DISABLED = "Disabled"
+    """Also ClusterDNS's reason when spec.dns.enabled is false."""
+    EXPIRED = "Expired"
+    POOL_EXHAUSTED = "PoolExhausted"
+    ADDRESS_CONFLICT = "AddressConflict"
+    """Also the agent's, for a binding whose address the server or an older binding holds."""
+    ADDRESS_OUT_OF_POOL = "AddressOutOfPool"
+    # PodNetwork, VpnServer
+    POD_NETWORK_FOUND = "PodNetworkFound"
+    POD_NETWORK_NOT_FOUND = "PodNetworkNotFound"
+    ROUTES_FROM_SPEC = "RoutesFromSpec"
+    # ClusterDNS, VpnServer
+    DNS_SERVICE_FOUND = "DNSServiceFound"
+    DNS_SERVICE_NOT_FOUND = "DNSServiceNotFound"
+    DNS_SERVICE_HAS_NO_CLUSTER_IP = "DNSServiceHasNoClusterIP"
+    NAMESERVER_FROM_SPEC = "NameserverFromSpec"
+    # Dataplane, written by the agents (kvpn_agent.condition_report, kvpn_agent.desired)
+    SYNC_FAILED = "SyncFailed"
+    KERNEL_WIREGUARD_FAILED = "KernelWireGuardFailed"
+    SERVER_KEY_MISSING = "ServerKeyMissing"
+    INVALID_SERVER_KEY = "InvalidServerKey"
+    ADDRESS_OUTSIDE_POOL = "AddressOutsidePool"
+    INVALID_BINDING = "InvalidBinding"
+    DESTINATION_OUTSIDE_ROUTES = "DestinationOutsideRoutes"
+    INVALID_PRESHARED_KEY = "InvalidPresharedKey"
+    INVALID_ADDRESS = "InvalidAddress"
+    DUPLICATE_PUBLIC_KEY = "DuplicatePublicKey"
 
 
 @dataclass(frozen=True)
@@ -86,3 +130,40 @@ def set_condition(
 
 def find(conditions: list[Condition], type_: str) -> Condition | None:
     return next((c for c in conditions if c.type == type_), None)
+
+
+def find_current(conditions: list[Condition], type_: str, generation: int | None) -> Condition | None:
+    """The condition of type `type_`, if it was written for `generation`; None when absent or stale.
+
+    A condition written for an older generation says nothing about the spec the object has now (tailscale's
+    k8s-operator asks the same of its Ready conditions). One that records no generation, or an object that
+    has none, cannot be judged stale, and counts as current.
+    """
+    found = find(conditions, type_)
+    if found is None:
+        return None
+    if generation is not None and found.observed_generation is not None and found.observed_generation != generation:
+        return None
+    return found
+
+
+def condition_of(obj: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    """The current condition of type `type_` of a Kubernetes object as the API returns it (plain dicts).
+
+    Checked against the object's metadata.generation, as `find_current` does; the condition stays a plain
+    dict, so an entry another writer left incomplete does not fail the caller.
+    """
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    found: Mapping[str, Any] | None = next((c for c in conditions if c.get("type") == type_), None)
+    if found is None:
+        return None
+    generation, observed = (obj.get("metadata") or {}).get("generation"), found.get("observedGeneration")
+    if generation is not None and observed is not None and observed != generation:
+        return None
+    return found
+
+
+def is_ready(obj: Mapping[str, Any]) -> bool:
+    """Whether the object's Ready condition is True and was written for its current generation."""
+    ready = condition_of(obj, READY)
+    return ready is not None and ready.get("status") == "True"

@@ -8,17 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kvpn_core.api import ExposeType, VpnServerSpec
-from kvpn_core.conditions import (
-    DNS_DISABLED,
-    DNS_SERVICE_FOUND,
-    DNS_SERVICE_HAS_NO_CLUSTER_IP,
-    DNS_SERVICE_NOT_FOUND,
-    NAMESERVER_FROM_SPEC,
-    POD_NETWORK_FOUND,
-    POD_NETWORK_NOT_FOUND,
-    ROUTES_FROM_SPEC,
-    Outcome,
-)
+from kvpn_core.conditions import Outcome, Reason
 
 Obj = dict[str, Any]
 
@@ -114,13 +104,13 @@ def pod_network(spec: VpnServerSpec, pod_networks: list[str]) -> Outcome:
     Without a Node's podCIDR the routes hold only the Service network: ClusterIPs work, pod IPs do not.
     """
     if spec.routes:
-        return Outcome.ready(ROUTES_FROM_SPEC, "spec.routes is set: peers get exactly those routes")
+        return Outcome.ready(Reason.ROUTES_FROM_SPEC, "spec.routes is set: peers get exactly those routes")
     if pod_networks:
         return Outcome.ready(
-            POD_NETWORK_FOUND, f"pod networks from the Nodes' spec.podCIDRs: {', '.join(pod_networks)}"
+            Reason.POD_NETWORK_FOUND, f"pod networks from the Nodes' spec.podCIDRs: {', '.join(pod_networks)}"
         )
     return Outcome.missing(
-        POD_NETWORK_NOT_FOUND,
+        Reason.POD_NETWORK_NOT_FOUND,
         "no Node has spec.podCIDR (is the controller manager's --allocate-node-cidrs on? some CNIs allocate "
         "pod addresses elsewhere): set spec.routes to the Service and pod networks",
     )
@@ -133,10 +123,10 @@ def cluster_dns(spec: VpnServerSpec, service: Obj | None, dns_service: tuple[str
     Switched off in the spec counts as nothing missing: False always means there is something to set.
     """
     if not spec.dns.enabled:
-        return None, Outcome.ready(DNS_DISABLED, "spec.dns.enabled is false: peers get no DNS server")
+        return None, Outcome.ready(Reason.DISABLED, "spec.dns.enabled is false: peers get no DNS server")
     if spec.dns.nameserver:
         return spec.dns.nameserver, Outcome.ready(
-            NAMESERVER_FROM_SPEC, f"peers use {spec.dns.nameserver} (spec.dns.nameserver)"
+            Reason.NAMESERVER_FROM_SPEC, f"peers use {spec.dns.nameserver} (spec.dns.nameserver)"
         )
     name = "/".join(dns_service)
     remedy = (
@@ -144,7 +134,7 @@ def cluster_dns(spec: VpnServerSpec, service: Obj | None, dns_service: tuple[str
         "or spec.dns.enabled: false"
     )
     if service is None:
-        return None, Outcome.missing(DNS_SERVICE_NOT_FOUND, f"Service {name} not found: {remedy}")
+        return None, Outcome.missing(Reason.DNS_SERVICE_NOT_FOUND, f"Service {name} not found: {remedy}")
     if (address := kube_dns_address(service)) is None:
-        return None, Outcome.missing(DNS_SERVICE_HAS_NO_CLUSTER_IP, f"Service {name} has no ClusterIP: {remedy}")
-    return address, Outcome.ready(DNS_SERVICE_FOUND, f"peers use {address}, the ClusterIP of Service {name}")
+        return None, Outcome.missing(Reason.DNS_SERVICE_HAS_NO_CLUSTER_IP, f"Service {name} has no ClusterIP: {remedy}")
+    return address, Outcome.ready(Reason.DNS_SERVICE_FOUND, f"peers use {address}, the ClusterIP of Service {name}")

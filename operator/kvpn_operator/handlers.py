@@ -14,10 +14,11 @@ import kopf
 
 from kvpn_core.api import GROUP, VERSION
 from kvpn_core.contract import LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
-from kvpn_core.kube import ForbiddenError, Kube, KubeError, Retry
+from kvpn_core.kube import ForbiddenError, KubeError, Retry
 from kvpn_operator import peer, server
 from kvpn_operator.reporting import Report
 from kvpn_operator.state import AddressBooks, PeerEntry
+from kvpn_operator.storage import Storage
 
 PEERS = (GROUP, VERSION, "vpnpeers")
 SERVERS = (GROUP, VERSION, "vpnservers")
@@ -32,7 +33,7 @@ log = logging.getLogger("kvpn.operator")
 class Services:
     """What the handlers share, handed to kopf as its memo."""
 
-    kube: Kube
+    storage: Storage
     settings: server.Settings = field(default_factory=server.Settings)
     books: AddressBooks = field(default_factory=AddressBooks)
     service_networks: server.ServiceNetworks = field(default_factory=server.ServiceNetworks)
@@ -116,7 +117,7 @@ def _peers_of(handler_kwargs: dict[str, Any], namespace: str, name: str) -> list
 def reconcile_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
     with api_errors():
         report = server.reconcile_server(
-            memo.kube,
+            memo.storage,
             plain(body),
             settings=memo.settings,
             service_networks=memo.service_networks,
@@ -130,7 +131,7 @@ def reconcile_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
 def watch_server_service(body: kopf.Body, memo: Services, **_: Any) -> None:
     """A cloud controller gives a LoadBalancer its address: the server learns its endpoint now, not at resync."""
     with api_errors():
-        server.nudge_for_service(memo.kube, plain(body))
+        server.nudge_for_service(memo.storage, plain(body))
 
 
 @kopf.on.delete(*SERVERS, optional=True)
@@ -139,7 +140,7 @@ def forget_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
     memo.books.forget(body.metadata.uid or "")
     with api_errors():
         dependents = _peers_of(kwargs, body.metadata.namespace or "", body.metadata.name or "")
-        server.nudge(memo.kube, dependents, f"deleted-{body.metadata.uid}")
+        server.nudge(memo.storage, dependents, f"deleted-{body.metadata.uid}")
 
 
 @kopf.on.resume(*PEERS)
@@ -154,7 +155,7 @@ def _reconcile_peer(body: kopf.Body, memo: Services, servers: kopf.Index[tuple[s
         return next(iter(servers.get((namespace, name), [])), None)
 
     with api_errors():
-        report = peer.reconcile_peer(memo.kube, memo.books, plain(body), now=now(), cached_server=cached_server)
+        report = peer.reconcile_peer(memo.storage, memo.books, plain(body), now=now(), cached_server=cached_server)
     post(body, report)
 
 
@@ -162,11 +163,11 @@ def _reconcile_peer(body: kopf.Body, memo: Services, servers: kopf.Index[tuple[s
 def release_vpnpeer(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
     """Frees the peer's address (its binding may live in another namespace, so no owner reference can)."""
     with api_errors():
-        if peer.release_peer(memo.kube, memo.books, plain(body)):
+        if peer.release_peer(memo.storage, memo.books, plain(body)):
             ref = body.spec.get("serverRef") or {}
             dependents = _peers_of(kwargs, ref.get("namespace") or body.metadata.namespace or "", ref.get("name", ""))
             waiting = peer.waiting_for_addresses(dependents)
-            server.nudge(memo.kube, waiting, f"freed-{body.metadata.uid}")
+            server.nudge(memo.storage, waiting, f"freed-{body.metadata.uid}")
 
 
 def _expiry(spec: kopf.Spec) -> dt.datetime | None:

@@ -22,6 +22,7 @@ from kopf._core.engines.peering import Identity
 from kvpn_core.kube import Kube
 from kvpn_operator import handlers, readiness
 from kvpn_operator.server import Settings
+from kvpn_operator.storage import KubeStorage
 
 log = logging.getLogger("kvpn.operator")
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     _load_config()
     memo = handlers.Services(
-        kube=Kube(_api_client()),
+        storage=KubeStorage(Kube(_api_client())),
         settings=Settings(
             cluster_domain=args.cluster_domain,
             gateway_selector=_selector(args.gateway_selector),

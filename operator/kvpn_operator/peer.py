@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from kvpn_core import keys
 from kvpn_core.api import Kind, VpnPeerSpec, VpnPeerStatus, VpnServerSpec, VpnServerStatus
-from kvpn_core.conditions import READY, Outcome, find, set_condition
+from kvpn_core.conditions import READY, Outcome, Reason, find, find_current, is_ready, set_condition
 from kvpn_core.contract import (
     LABEL_PEER_UID,
     PeerBinding,
@@ -21,12 +21,13 @@ from kvpn_core.contract import (
     binding_selector,
     peer_config_secret_name,
 )
-from kvpn_core.kube import ConflictError, Kube, Retry, core_path, kvpn_path
+from kvpn_core.kube import Retry
 from kvpn_core.wgquick import ClientConfig, render_client_config
 from kvpn_operator import builders
 from kvpn_operator.ipam import AllocationError
-from kvpn_operator.reporting import Report, describe_validation_error, write_status
+from kvpn_operator.reporting import Report, describe_validation_error
 from kvpn_operator.state import ANNOTATION_NUDGE, AddressBook, AddressBooks, PeerEntry, is_revision
+from kvpn_operator.storage import Storage, write_status
 
 Obj = dict[str, Any]
 
@@ -72,12 +73,14 @@ def index_entry(obj: Obj) -> tuple[tuple[str, str], PeerEntry]:
     """The peer's entry in the operator's index of peers by server: ((namespace, server), entry)."""
     spec, status, meta = obj.get("spec") or {}, obj.get("status") or {}, obj["metadata"]
     ref = spec.get("serverRef") or {}
-    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == READY), {})
+    # The reason as last written, even for an older generation: it only picks peers to nudge, and a
+    # nudge is harmless. Ready counts only when it was written for the spec the peer has now.
+    last: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == READY), {})
     entry = PeerEntry(
         namespace=meta["namespace"],
         name=meta["name"],
-        ready=ready.get("status") == "True",
-        reason=str(ready.get("reason", "")),
+        ready=is_ready(obj),
+        reason=str(last.get("reason", "")),
         has_address=bool(status.get("address")),
         server_revision=status.get("serverRevision"),
         nudge=(meta.get("annotations") or {}).get(ANNOTATION_NUDGE),
@@ -140,48 +143,47 @@ class SecretExists(Exception):  # noqa: N818 - a signal inside this module, not 
 
 
 def reconcile_peer(
-    kube: Kube, books: AddressBooks, obj: Obj, *, now: dt.datetime, cached_server: ServerLookup | None = None
+    storage: Storage, books: AddressBooks, obj: Obj, *, now: dt.datetime, cached_server: ServerLookup | None = None
 ) -> Report:
     """Brings the peer's binding, config Secret and status in line with its spec and its server."""
     peer = Peer.of(obj)
     fields: dict[str, Any] = {}
     if problem := builders.peer_name_problem(peer.name):
-        return _finish(kube, peer, Outcome.rejected("InvalidName", problem), now, fields)
+        return _finish(storage, peer, Outcome.rejected(Reason.INVALID_NAME, problem), now, fields)
     try:
         try:
             spec = VpnPeerSpec.model_validate(obj.get("spec") or {})
         except ValidationError as exc:
-            raise Verdict(Outcome.rejected("InvalidSpec", describe_validation_error(exc))) from None
-        target = _target(kube, peer, spec, cached_server)
+            raise Verdict(Outcome.rejected(Reason.INVALID_SPEC, describe_validation_error(exc))) from None
+        target = _target(storage, peer, spec, cached_server)
         fields["server_revision"] = target.status.revision
         _check_against(spec, target)
         try:
             # A peer without a config Secret in its status is new: its Secret is created, not read first.
-            fields.update(_apply(kube, books, peer, spec, target, now=now, new=not peer.status.config_secret_name))
+            fields.update(_apply(storage, books, peer, spec, target, now=now, new=not peer.status.config_secret_name))
         except SecretExists:
-            fields.update(_apply(kube, books, peer, spec, target, now=now, new=False))
+            fields.update(_apply(storage, books, peer, spec, target, now=now, new=False))
         if spec.disabled:
-            outcome = Outcome.waiting("Disabled", "spec.disabled is true: the gateways drop this peer's traffic")
+            outcome = Outcome.waiting(Reason.DISABLED, "spec.disabled is true: the gateways drop this peer's traffic")
         elif _expired(spec, now):
-            outcome = Outcome.waiting("Expired", f"expired at {spec.expires_at}: the gateways drop its traffic")
+            outcome = Outcome.waiting(Reason.EXPIRED, f"expired at {spec.expires_at}: the gateways drop its traffic")
         else:
             addresses = ", ".join(fields["addresses"])
-            outcome = Outcome.ready("Ready", f"address {addresses}; config in Secret {fields['config_secret_name']}")
+            outcome = Outcome.ready(
+                Reason.READY, f"address {addresses}; config in Secret {fields['config_secret_name']}"
+            )
     except Verdict as verdict:
         outcome = verdict.outcome
-    return _finish(kube, peer, outcome, now, fields)
+    return _finish(storage, peer, outcome, now, fields)
 
 
 def _expired(spec: VpnPeerSpec, now: dt.datetime) -> bool:
     return spec.expires_at is not None and spec.expires_at <= now
 
 
-def _is_ready(server: Obj | None) -> bool:
-    conditions = ((server or {}).get("status") or {}).get("conditions") or []
-    return any(c.get("type") == READY and c.get("status") == "True" for c in conditions)
-
-
-def _find_server(kube: Kube, cached: ServerLookup | None, namespace: str, name: str, nudge: str | None) -> Obj | None:
+def _find_server(
+    storage: Storage, cached: ServerLookup | None, namespace: str, name: str, nudge: str | None
+) -> Obj | None:
     """The server from the operator's index; from the API when the index may be behind.
 
     A nudge carrying a newer revision than the cached copy means the server's status has been
@@ -190,20 +192,20 @@ def _find_server(kube: Kube, cached: ServerLookup | None, namespace: str, name: 
     """
     server = cached(namespace, name) if cached else None
     revision = ((server or {}).get("status") or {}).get("revision")
-    if server is not None and _is_ready(server) and (not is_revision(nudge) or nudge == revision):
+    if server is not None and is_ready(server) and (not is_revision(nudge) or nudge == revision):
         return server
-    return kube.get(kvpn_path(Kind.VPN_SERVER, namespace, name))
+    return storage.get(Kind.VPN_SERVER, namespace, name)
 
 
-def _target(kube: Kube, peer: Peer, spec: VpnPeerSpec, cached: ServerLookup | None) -> Target:
+def _target(storage: Storage, peer: Peer, spec: VpnPeerSpec, cached: ServerLookup | None) -> Target:
     """The peer's server, if it exists, is valid and admits peers from the peer's namespace."""
     server_ns = spec.server_ref.namespace or peer.namespace
     server_id = f"{server_ns}/{spec.server_ref.name}"
-    server = _find_server(kube, cached, server_ns, spec.server_ref.name, peer.nudge)
+    server = _find_server(storage, cached, server_ns, spec.server_ref.name, peer.nudge)
     if server is None:
         raise Verdict(
             Outcome.rejected(
-                "ServerNotFound", f"VpnServer {server_id} does not exist; the peer becomes Ready once it does"
+                Reason.SERVER_NOT_FOUND, f"VpnServer {server_id} does not exist; the peer becomes Ready once it does"
             )
         )
     status = VpnServerStatus.model_validate(server.get("status") or {})
@@ -211,22 +213,29 @@ def _target(kube: Kube, peer: Peer, spec: VpnPeerSpec, cached: ServerLookup | No
         target = Target(server, VpnServerSpec.model_validate(server.get("spec") or {}), status)
     except ValidationError:
         raise Verdict(
-            Outcome.waiting("ServerNotReady", f"VpnServer {server_id} has an invalid spec; see its Ready condition")
+            Outcome.waiting(
+                Reason.SERVER_NOT_READY, f"VpnServer {server_id} has an invalid spec; see its Ready condition"
+            )
         ) from None
     if not _namespace_allowed(peer.namespace, server_ns, target.spec):
         allowed = target.spec.peer_namespaces or [server_ns]
         raise Verdict(
             Outcome.rejected(
-                "NamespaceNotAllowed",
+                Reason.NAMESPACE_NOT_ALLOWED,
                 f"VpnServer {server_id} accepts peers from namespaces {allowed} only; "
                 f"ask its owner to add {peer.namespace!r} to spec.peerNamespaces",
             )
         )
-    ready = find(status.conditions, READY)
+    generation = server["metadata"].get("generation")
+    ready = find_current(status.conditions, READY, generation)
+    if ready is None and find(status.conditions, READY) is not None:
+        # Ready was written for an older spec: the server's own reconcile is due and settles it; a verdict
+        # taken now from the stale status would stand until something else wakes this peer.
+        raise Retry(f"VpnServer {server_id}'s status is for an older generation than its spec")
     complete = status.public_key and status.endpoint and status.addresses and status.routes
     if not (complete and ready and ready.status == "True"):
         raise Verdict(
-            Outcome.waiting("ServerNotReady", f"VpnServer {server_id} is not Ready yet; see its Ready condition")
+            Outcome.waiting(Reason.SERVER_NOT_READY, f"VpnServer {server_id} is not Ready yet; see its Ready condition")
         )
     return target
 
@@ -237,11 +246,11 @@ def _check_against(spec: VpnPeerSpec, target: Target) -> None:
         try:
             keys.validate_public_key(spec.public_key)
         except keys.InvalidKeyError as exc:
-            raise Verdict(Outcome.rejected("InvalidPublicKey", str(exc))) from None
+            raise Verdict(Outcome.rejected(Reason.INVALID_PUBLIC_KEY, str(exc))) from None
     if unrouted := _unrouted(spec, target.status.routes):
         raise Verdict(
             Outcome.rejected(
-                "DestinationNotRouted",
+                Reason.DESTINATION_NOT_ROUTED,
                 f"allowedDestinations {', '.join(unrouted)} lie outside the server's routes "
                 f"{', '.join(target.status.routes)}",
             )
@@ -249,18 +258,27 @@ def _check_against(spec: VpnPeerSpec, target: Target) -> None:
 
 
 def _apply(
-    kube: Kube, books: AddressBooks, peer: Peer, spec: VpnPeerSpec, target: Target, *, now: dt.datetime, new: bool
+    storage: Storage,
+    books: AddressBooks,
+    peer: Peer,
+    spec: VpnPeerSpec,
+    target: Target,
+    *,
+    now: dt.datetime,
+    new: bool,
 ) -> dict[str, Any]:
     """Claims the address, settles the keys, writes binding and config Secret; returns the status fields."""
-    config_path = core_path("secrets", peer.namespace, peer_config_secret_name(peer.name))
-    config_secret = None if new else kube.get(config_path)
+    config_name = peer_config_secret_name(peer.name)
+    config_secret = None if new else storage.get_secret(peer.namespace, config_name)
     if config_secret is not None and not builders.owned_by(config_secret, peer.uid):
         refs = config_secret["metadata"].get("ownerReferences") or []
         if any(r.get("kind") == Kind.VPN_PEER and r.get("name") == peer.name for r in refs):
-            raise Retry(f"Secret {config_path} of an earlier VpnPeer {peer.name} is still being deleted")
+            raise Retry(
+                f"Secret {peer.namespace}/{config_name} of an earlier VpnPeer {peer.name} is still being deleted"
+            )
         raise Verdict(
             Outcome.rejected(
-                "SecretConflict",
+                Reason.SECRET_CONFLICT,
                 f"Secret {peer_config_secret_name(peer.name)} exists and is not this peer's; rename or delete it",
             )
         )
@@ -274,9 +292,7 @@ def _apply(
     book = books.get(
         target.obj["metadata"]["uid"],
         tuple(target.spec.address_pool),
-        lambda: kube.list(
-            core_path("secrets", target.namespace), label_selector=binding_selector(target.name), cached=True
-        ),
+        lambda: storage.list_secrets(target.namespace, label_selector=binding_selector(target.name), cached=True),
     )
 
     def binding_for(addresses: list[str]) -> PeerBinding:
@@ -292,7 +308,7 @@ def _apply(
         )
 
     try:
-        binding = claim(kube, book, target.obj, peer, requested=spec.address, binding_for=binding_for)
+        binding = claim(storage, book, target.obj, peer, requested=spec.address, binding_for=binding_for)
     except AllocationError as exc:
         raise Verdict(Outcome.rejected(exc.reason, str(exc))) from None
 
@@ -318,7 +334,7 @@ def _apply(
         data["privateKey"] = private_key
     if binding.preshared_key:
         data["presharedKey"] = binding.preshared_key
-    _ensure_config_secret(kube, peer, target.name, config_secret, data, new=new)
+    _ensure_config_secret(storage, peer, target.name, config_secret, data, new=new)
     return {
         "address": binding.addresses[0],
         "addresses": binding.addresses,
@@ -328,7 +344,7 @@ def _apply(
 
 
 def claim(
-    kube: Kube,
+    storage: Storage,
     book: AddressBook,
     server: Obj,
     peer: Peer,
@@ -344,118 +360,113 @@ def claim(
     server_ns = server["metadata"]["namespace"]
     current = book.index_of_peer(peer.uid)
     if current is None and peer.status.address:
-        current = _adopt(kube, book, server, peer, peer.status.address)
+        current = _adopt(storage, book, server, peer, peer.status.address)
     if current is not None and (requested is None or book.pool.index_of(requested) == current):
-        return _update_binding(kube, server, binding_for(book.pool.addresses(current)))
+        return _update_binding(storage, server, binding_for(book.pool.addresses(current)))
     while True:
         index = book.reserve(peer.uid, requested)
         binding: PeerBinding = binding_for(book.pool.addresses(index))
         try:
-            kube.create(core_path("secrets", server_ns), builders.binding_secret(server, binding))
-        except ConflictError:
-            if _adopt(kube, book, server, peer, binding.addresses[0]) == index:
-                binding = _update_binding(kube, server, binding)
-                break
-            book.taken_by_other(index, "")
-            if requested:
-                raise AllocationError("AddressConflict", f"address {requested} is taken by another peer") from None
-            continue
+            created = storage.create_secret(server_ns, builders.binding_secret(server, binding))
         except Exception:
             book.release(peer.uid, index)
             raise
+        if created is None:  # a binding of that name exists: the address is claimed, maybe by this peer
+            if _adopt(storage, book, server, peer, binding.addresses[0]) == index:
+                binding = _update_binding(storage, server, binding)
+                break
+            book.taken_by_other(index, "")
+            if requested:
+                raise AllocationError(Reason.ADDRESS_CONFLICT, f"address {requested} is taken by another peer")
+            continue
         book.confirm(peer.uid, index)
         break
     if current is not None and current != index:
-        _delete_binding(kube, server, peer.uid, book.pool.addresses(current)[0])
+        _delete_binding(storage, server, peer.uid, book.pool.addresses(current)[0])
         book.release(peer.uid, current)
     elif current is None and peer.status.address and peer.status.address != binding.addresses[0]:
         # The address it held is no longer in the pool (the server's addressPool changed): free its name too.
-        _delete_binding(kube, server, peer.uid, peer.status.address)
+        _delete_binding(storage, server, peer.uid, peer.status.address)
     return binding
 
 
-def _adopt(kube: Kube, book: AddressBook, server: Obj, peer: Peer, address: str) -> int | None:
+def _adopt(storage: Storage, book: AddressBook, server: Obj, peer: Peer, address: str) -> int | None:
     """The index of `address` if its binding exists and belongs to `peer` (recorded in the book)."""
     try:
         index = book.pool.index_of(address)
     except AllocationError:
         return None
     meta = server["metadata"]
-    secret = kube.get(core_path("secrets", meta["namespace"], binding_secret_name(meta["name"], address)))
+    secret = storage.get_secret(meta["namespace"], binding_secret_name(meta["name"], address))
     if secret is None or (secret["metadata"].get("labels") or {}).get(LABEL_PEER_UID) != peer.uid:
         return None
     book.confirm(peer.uid, index)
     return index
 
 
-def _update_binding(kube: Kube, server: Obj, binding: PeerBinding) -> PeerBinding:
+def _update_binding(storage: Storage, server: Obj, binding: PeerBinding) -> PeerBinding:
     """Patches the binding's data where it differs; a preshared key already in it is kept."""
-    path = core_path("secrets", server["metadata"]["namespace"], binding.secret_name(server["metadata"]["name"]))
-    existing = kube.get(path)
+    namespace, name = server["metadata"]["namespace"], binding.secret_name(server["metadata"]["name"])
+    existing = storage.get_secret(namespace, name)
     if existing is None:
-        raise Retry(f"peer binding {path} disappeared; claiming again", delay=0.5)
+        raise Retry(f"peer binding {namespace}/{name} disappeared; claiming again", delay=0.5)
     stored = PeerBinding.from_secret(existing)
     if stored.preshared_key and binding.preshared_key:
         binding = binding.model_copy(update={"preshared_key": stored.preshared_key})
     desired = builders.binding_secret(server, binding)["data"]
     if existing.get("data") != desired:
-        kube.merge_patch(path, {"data": {**dict.fromkeys(existing.get("data") or {}), **desired}})
+        storage.patch_secret_data(namespace, name, {**dict.fromkeys(existing.get("data") or {}), **desired})
     return binding
 
 
-def _delete_binding(kube: Kube, server: Obj, uid: str, address: str) -> None:
+def _delete_binding(storage: Storage, server: Obj, uid: str, address: str) -> None:
     """Deletes the binding named after `address` if it is this peer's (by UID), and only then."""
     meta = server["metadata"]
-    path = core_path("secrets", meta["namespace"], binding_secret_name(meta["name"], address))
-    secret = kube.get(path)
+    name = binding_secret_name(meta["name"], address)
+    secret = storage.get_secret(meta["namespace"], name)
     if secret and (secret["metadata"].get("labels") or {}).get(LABEL_PEER_UID) == uid:
-        kube.delete(path, uid=secret["metadata"]["uid"])
+        storage.delete_secret(meta["namespace"], name, uid=secret["metadata"]["uid"])
 
 
 def _ensure_config_secret(
-    kube: Kube, peer: Peer, server: str, existing: Obj | None, data: dict[str, str], *, new: bool
+    storage: Storage, peer: Peer, server: str, existing: Obj | None, data: dict[str, str], *, new: bool
 ) -> None:
     desired = builders.peer_config_secret(peer.obj, server, data)
     if existing is None:
-        try:
-            kube.create(core_path("secrets", peer.namespace), desired)
-        except ConflictError as exc:
+        if storage.create_secret(peer.namespace, desired) is None:
             if new:
-                raise SecretExists from exc
-            raise Retry(f"Secret {desired['metadata']['name']} appeared meanwhile", delay=0.5) from exc
+                raise SecretExists
+            raise Retry(f"Secret {desired['metadata']['name']} appeared meanwhile", delay=0.5)
     elif existing.get("data") != desired["data"]:
-        stale = {k: None for k in existing.get("data") or {} if k not in desired["data"]}
-        kube.merge_patch(
-            core_path("secrets", peer.namespace, desired["metadata"]["name"]),
-            {"data": {**stale, **desired["data"]}},
-        )
+        stale: dict[str, str | None] = {k: None for k in existing.get("data") or {} if k not in desired["data"]}
+        storage.patch_secret_data(peer.namespace, desired["metadata"]["name"], {**stale, **desired["data"]})
 
 
-def _finish(kube: Kube, peer: Peer, outcome: Outcome, now: dt.datetime, fields: dict[str, Any] | None = None) -> Report:
+def _finish(
+    storage: Storage, peer: Peer, outcome: Outcome, now: dt.datetime, fields: dict[str, Any] | None = None
+) -> Report:
     previous = peer.status.conditions
     conditions = set_condition(previous, type_=READY, outcome=outcome, generation=peer.generation, now=now)
     status = peer.status.model_copy(
         update={**(fields or {}), "conditions": conditions, "observed_generation": peer.generation}
     )
     desired = status.model_dump(by_alias=True, mode="json", include=set(_OWNED))
-    write_status(kube, kvpn_path(Kind.VPN_PEER, peer.namespace, peer.name, "status"), peer.obj, desired)
+    write_status(storage, Kind.VPN_PEER, peer.obj, desired)
     return Report.of(previous, conditions, outcome)
 
 
-def release_peer(kube: Kube, books: AddressBooks, obj: Obj) -> bool:
+def release_peer(storage: Storage, books: AddressBooks, obj: Obj) -> bool:
     """Deletes the peer's binding, freeing its address. True when an address was released."""
     peer = Peer.of(obj)
     spec = obj.get("spec") or {}
     ref = spec.get("serverRef") or {}
     server_ns, server_name = ref.get("namespace") or peer.namespace, ref.get("name", "")
     released = False
-    claims = kube.list(core_path("secrets", server_ns), label_selector=f"{LABEL_PEER_UID}={peer.uid}")
+    claims = storage.list_secrets(server_ns, label_selector=f"{LABEL_PEER_UID}={peer.uid}")
     for secret in claims:
         if (secret["metadata"].get("labels") or {}).get("kvpn.dev/server") == server_name:
-            released |= kube.delete(
-                core_path("secrets", server_ns, secret["metadata"]["name"]), uid=secret["metadata"]["uid"]
-            )
-    server = kube.get(kvpn_path(Kind.VPN_SERVER, server_ns, server_name))
+            released |= storage.delete_secret(server_ns, secret["metadata"]["name"], uid=secret["metadata"]["uid"])
+    server = storage.get(Kind.VPN_SERVER, server_ns, server_name)
     if server is not None:
         try:
             pool = tuple(VpnServerSpec.model_validate(server.get("spec") or {}).address_pool)
@@ -469,4 +480,4 @@ def release_peer(kube: Kube, books: AddressBooks, obj: Obj) -> bool:
 
 def waiting_for_addresses(peers: Iterable[PeerEntry]) -> list[PeerEntry]:
     """Peers of a server that are waiting for a free address."""
-    return [p for p in peers if p.reason == "PoolExhausted"]
+    return [p for p in peers if p.reason == Reason.POOL_EXHAUSTED]

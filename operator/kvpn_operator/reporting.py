@@ -1,18 +1,14 @@
-"""Status and Event reporting shared by both kinds: write status only on change, say what changed."""
+"""What a reconcile reports, shared by both kinds: which of its verdicts are news, and refusals in the user's words."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import ValidationError
 
 from kvpn_core.api import Condition
 from kvpn_core.conditions import READY, Outcome, find
-from kvpn_core.kube import ConflictError, Kube
-
-Obj = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -55,48 +51,3 @@ def describe_validation_error(exc: ValidationError) -> str:
         parts.append(f"{loc}: {error['msg'].removeprefix('Value error, ')}")
     more = len(exc.errors()) - 3
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
-
-
-def _same(current: Obj, desired: Obj) -> bool:
-    return all(current.get(k) == v for k, v in desired.items())
-
-
-def _with_their_conditions(desired: Obj, current: Obj, owned: Collection[str]) -> Obj:
-    """`desired` with the conditions of types the operator does not own taken from `current`.
-
-    Others write conditions too (the agents' Dataplane): a list built from a stale copy must not
-    undo what they wrote since.
-    """
-    if "conditions" not in desired:
-        return desired
-    ours = [c for c in desired["conditions"] or [] if c.get("type") in owned]
-    theirs = [c for c in current.get("conditions") or [] if c.get("type") not in owned]
-    return {**desired, "conditions": ours + theirs}
-
-
-def write_status(kube: Kube, status_path: str, obj: Obj, desired: Obj, *, owned: Collection[str] = (READY,)) -> bool:
-    """Merge-patches the status fields in `desired` (None deletes one), unless they already hold.
-
-    `owned` are the condition types the operator writes on this kind; the others are someone else's.
-
-    The patch carries the resourceVersion it was computed from, so a reconcile working from a stale
-    copy cannot overwrite a newer status: on conflict it reads the object again, keeps the conditions
-    others wrote meanwhile, and compares again.
-    """
-    for _ in range(3):
-        if _same(obj.get("status") or {}, desired):
-            return False
-        try:
-            kube.merge_patch(
-                status_path,
-                {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": desired},
-            )
-        except ConflictError:
-            fresh = kube.get(status_path.removesuffix("/status"))
-            if fresh is None:
-                return False
-            obj = fresh
-            desired = _with_their_conditions(desired, obj.get("status") or {}, owned)
-            continue
-        return True
-    raise ConflictError(409, f"status of {obj['metadata'].get('name')} kept changing under three attempts")

@@ -17,21 +17,14 @@ from pydantic import ValidationError
 
 from kvpn_core import keys
 from kvpn_core.api import ExposeType, Kind, PeerCounts, VpnServerSpec, VpnServerStatus
-from kvpn_core.conditions import CLUSTER_DNS, POD_NETWORK, READY, SERVER_CONDITIONS, Outcome, set_condition
+from kvpn_core.conditions import CLUSTER_DNS, POD_NETWORK, READY, SERVER_CONDITIONS, Outcome, Reason, set_condition
 from kvpn_core.contract import SERVER_KEY_DATA, server_key_secret_name
-from kvpn_core.kube import (
-    ConflictError,
-    InvalidError,
-    Kube,
-    KubeError,
-    NotFoundError,
-    core_path,
-    kvpn_path,
-)
+from kvpn_core.kube import KubeError, Retry
 from kvpn_operator import builders, discovery
 from kvpn_operator.ipam import Pool
-from kvpn_operator.reporting import Report, describe_validation_error, write_status
+from kvpn_operator.reporting import Report, describe_validation_error
 from kvpn_operator.state import ANNOTATION_NUDGE, PeerEntry
+from kvpn_operator.storage import Storage, write_status
 
 Obj = dict[str, Any]
 
@@ -59,23 +52,20 @@ class ServiceNetworks:
         self._cidrs: list[str] = []
         self._at = -self.ttl
 
-    def get(self, kube: Kube, namespace: str) -> list[str]:
+    def get(self, storage: Storage, namespace: str) -> list[str]:
         with self._lock:
             if time.monotonic() - self._at < self.ttl:
                 return self._cidrs
-        cidrs = self._discover(kube, namespace)
+        cidrs = self._discover(storage, namespace)
         with self._lock:
             self._cidrs, self._at = cidrs, time.monotonic()
         return cidrs
 
     @staticmethod
-    def _discover(kube: Kube, namespace: str) -> list[str]:
+    def _discover(storage: Storage, namespace: str) -> list[str]:
         for version in ("v1", "v1beta1"):
-            try:
-                objs = kube.list(f"/apis/networking.k8s.io/{version}/servicecidrs", cached=True)
-            except KubeError:
-                continue
-            if cidrs := discovery.service_cidrs_from_objects(objs):
+            objs = storage.list_service_cidrs(version)
+            if objs is not None and (cidrs := discovery.service_cidrs_from_objects(objs)):
                 return cidrs
         # Older clusters have no ServiceCIDR objects. Their API server names the Service network when it
         # refuses a clusterIP outside of it. A dry run would not do: it skips IP allocation (seen on 1.20).
@@ -85,14 +75,8 @@ class ServiceNetworks:
             "metadata": {"name": "kvpn-service-network-probe"},
             "spec": {"clusterIP": "0.0.0.0", "ports": [{"port": 1, "protocol": "UDP"}]},  # noqa: S104 - never bound
         }
-        try:
-            kube.create(core_path("services", namespace), probe)
-        except InvalidError as exc:
-            return discovery.service_cidrs_from_error(str(exc))
-        except ConflictError:
-            pass
-        kube.delete(core_path("services", namespace, "kvpn-service-network-probe"))  # accepted: no range to learn
-        return []
+        refusal = storage.refusal_of_service(namespace, probe)
+        return discovery.service_cidrs_from_error(refusal) if refusal else []  # accepted: no range to learn
 
 
 def revision(status: VpnServerStatus, spec: VpnServerSpec) -> str:
@@ -112,39 +96,38 @@ def revision(status: VpnServerStatus, spec: VpnServerSpec) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def ensure_server_key(kube: Kube, server: Obj) -> str:
+def ensure_server_key(storage: Storage, server: Obj) -> str:
     """The server's private key: read from its Secret, generated and stored once when there is none."""
     meta = server["metadata"]
-    path = core_path("secrets", meta["namespace"], server_key_secret_name(meta["name"]))
-    secret = kube.get(path)
+    name = server_key_secret_name(meta["name"])
+    secret = storage.get_secret(meta["namespace"], name)
     if secret is None:
-        try:
-            secret = kube.create(
-                core_path("secrets", meta["namespace"]),
-                builders.server_key_secret(server, keys.generate_private_key()),
-            )
-        except ConflictError:
-            secret = kube.get(path)
+        secret = storage.create_secret(
+            meta["namespace"], builders.server_key_secret(server, keys.generate_private_key())
+        ) or storage.get_secret(meta["namespace"], name)
     encoded = ((secret or {}).get("data") or {}).get(SERVER_KEY_DATA)
     if not encoded:
         raise KubeError(0, f"Secret {meta['namespace']}/{server_key_secret_name(meta['name'])} holds no privateKey")
     return base64.b64decode(encoded).decode()
 
 
-def ensure_service(kube: Kube, server: Obj, spec: VpnServerSpec, settings: Settings) -> Obj | None:
+def ensure_service(storage: Storage, server: Obj, spec: VpnServerSpec, settings: Settings) -> Obj | None:
     """Creates or updates the UDP Service (none for HostPort, where agents listen on the node itself)."""
     meta = server["metadata"]
-    path = core_path("services", meta["namespace"], builders.service_name(meta["name"]))
-    existing = kube.get(path)
+    namespace, name = meta["namespace"], builders.service_name(meta["name"])
+    existing = storage.get_service(namespace, name)
     if not builders.exposes_service(spec):
         if existing and builders.owned_by(existing, meta["uid"]):
-            kube.delete(path, uid=existing["metadata"]["uid"])
+            storage.delete_service(namespace, name, uid=existing["metadata"]["uid"])
         return None
     desired = builders.service(server, spec, settings.gateway_selector)
     if existing is None:
-        return kube.create(core_path("services", meta["namespace"]), desired)
+        created = storage.create_service(namespace, desired)
+        if created is None:
+            raise Retry(f"Service {namespace}/{name} appeared meanwhile")
+        return created
     if patch := builders.service_patch(existing, desired):
-        return kube.merge_patch(path, patch)
+        return storage.patch_service(namespace, name, patch)
     return existing
 
 
@@ -157,7 +140,7 @@ def _pool_overlap(spec: VpnServerSpec) -> str | None:
 
 
 def reconcile_server(
-    kube: Kube,
+    storage: Storage,
     server: Obj,
     *,
     settings: Settings,
@@ -169,23 +152,25 @@ def reconcile_server(
     meta = server["metadata"]
     status = VpnServerStatus.model_validate(server.get("status") or {})
     if problem := builders.server_name_problem(meta["name"]):
-        return _finish(kube, server, status, Outcome.rejected("InvalidName", problem), now)
+        return _finish(storage, server, status, Outcome.rejected(Reason.INVALID_NAME, problem), now)
     try:
         spec = VpnServerSpec.model_validate(server.get("spec") or {})
     except ValidationError as exc:
-        return _finish(kube, server, status, Outcome.rejected("InvalidSpec", describe_validation_error(exc)), now)
+        return _finish(
+            storage, server, status, Outcome.rejected(Reason.INVALID_SPEC, describe_validation_error(exc)), now
+        )
     if overlap := _pool_overlap(spec):
-        return _finish(kube, server, status, Outcome.rejected("PoolOverlapsRoutes", overlap), now)
+        return _finish(storage, server, status, Outcome.rejected(Reason.POOL_OVERLAPS_ROUTES, overlap), now)
 
-    private_key = ensure_server_key(kube, server)
-    service = ensure_service(kube, server, spec, settings)
-    nodes = kube.list(core_path("nodes"), cached=True)
+    private_key = ensure_server_key(storage, server)
+    service = ensure_service(storage, server, spec, settings)
+    nodes = storage.list_nodes()
 
     pod_networks = discovery.pod_cidrs(nodes)
-    routes = list(spec.routes) or [*service_networks.get(kube, meta["namespace"]), *pod_networks]
+    routes = list(spec.routes) or [*service_networks.get(storage, meta["namespace"]), *pod_networks]
     dns_service = None
     if spec.dns.enabled and not spec.dns.nameserver:
-        dns_service = kube.get(core_path("services", *settings.dns_service))
+        dns_service = storage.get_service(*settings.dns_service)
     nameserver, dns = discovery.cluster_dns(spec, dns_service, settings.dns_service)
     search = (list(spec.dns.search) or discovery.default_search(settings.cluster_domain)) if spec.dns.enabled else []
     gaps = {POD_NETWORK: discovery.pod_network(spec, pod_networks), CLUSTER_DNS: dns}
@@ -206,11 +191,11 @@ def reconcile_server(
     observed = observed.model_copy(update={"revision": revision(observed, spec)})
 
     outcome = serving_outcome(spec, observed.endpoint, routes, gaps)
-    report = _finish(kube, server, observed, outcome, now, gaps=gaps)
+    report = _finish(storage, server, observed, outcome, now, gaps=gaps)
     # Read the peers again: one that looked at this server before the status above was written is in the
     # index by now (kopf indexes an object before handling it), and learns of the new revision here.
     current = observed.revision or ""
-    nudge(kube, [p for p in peers() if current not in (p.server_revision, p.nudge)], current)
+    nudge(storage, [p for p in peers() if current not in (p.server_revision, p.nudge)], current)
     return report
 
 
@@ -227,14 +212,14 @@ def serving_outcome(
     """The Ready verdict. A server with its Service network alone is Ready (peers reach ClusterIPs), but
     its message names what `gaps` (the discovery conditions) say peers lack."""
     if endpoint is None:
-        return Outcome.waiting("EndpointPending", _endpoint_hint(spec))
+        return Outcome.waiting(Reason.ENDPOINT_PENDING, _endpoint_hint(spec))
     if not routes:
         return Outcome.rejected(
-            "NoRoutes",
+            Reason.NO_ROUTES,
             "spec.routes is empty and the cluster's Service and pod networks could not be discovered: set spec.routes",
         )
     notes = [_GAP_NOTES[type_] for type_, gap in gaps.items() if gap.status != "True" and type_ in _GAP_NOTES]
-    return Outcome.ready("Ready", "; ".join([f"serving at {endpoint}, routes {', '.join(routes)}", *notes]))
+    return Outcome.ready(Reason.READY, "; ".join([f"serving at {endpoint}, routes {', '.join(routes)}", *notes]))
 
 
 def _endpoint_hint(spec: VpnServerSpec) -> str:
@@ -247,7 +232,7 @@ def _endpoint_hint(spec: VpnServerSpec) -> str:
 
 
 def _finish(
-    kube: Kube,
+    storage: Storage,
     server: Obj,
     status: VpnServerStatus,
     outcome: Outcome,
@@ -264,38 +249,28 @@ def _finish(
     for type_, gap in (gaps or {}).items():
         conditions = set_condition(conditions, type_=type_, outcome=gap, generation=generation, now=now)
     desired = status.model_copy(update={"conditions": conditions, "observed_generation": generation})
-    path = kvpn_path(Kind.VPN_SERVER, meta["namespace"], meta["name"], "status")
-    write_status(kube, path, server, desired.model_dump(by_alias=True, mode="json"), owned=SERVER_CONDITIONS)
+    write_status(
+        storage, Kind.VPN_SERVER, server, desired.model_dump(by_alias=True, mode="json"), owned=SERVER_CONDITIONS
+    )
     return Report.of(previous, conditions, outcome, gaps)
 
 
-def nudge(kube: Kube, peers: Iterable[PeerEntry], token: str) -> int:
+def nudge(storage: Storage, peers: Iterable[PeerEntry], token: str) -> int:
     """Asks peers to reconcile by setting an annotation to `token`; a change of it is a change kopf acts on.
 
     Used when something a peer depends on changed elsewhere: its server's revision, a freed address.
     """
-    nudged = 0
-    for peer in peers:
-        try:
-            kube.merge_patch(
-                kvpn_path(Kind.VPN_PEER, peer.namespace, peer.name),
-                {"metadata": {"annotations": {ANNOTATION_NUDGE: token}}},
-            )
-            nudged += 1
-        except NotFoundError:
-            continue
-    return nudged
+    return sum(storage.annotate(Kind.VPN_PEER, p.namespace, p.name, {ANNOTATION_NUDGE: token}) for p in peers)
 
 
-def nudge_for_service(kube: Kube, service: Obj) -> bool:
+def nudge_for_service(storage: Storage, service: Obj) -> bool:
     """Nudges the Service's VpnServer when the Service's load-balancer address is not yet in its status."""
     meta = service["metadata"]
     owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == Kind.VPN_SERVER), None)
     ingress = (service.get("status") or {}).get("loadBalancer", {}).get("ingress") or []
     if owner is None or not ingress:
         return False
-    path = kvpn_path(Kind.VPN_SERVER, meta["namespace"], owner["name"])
-    vpn_server = kube.get(path)
+    vpn_server = storage.get(Kind.VPN_SERVER, meta["namespace"], owner["name"])
     if vpn_server is None or vpn_server["metadata"]["uid"] != owner["uid"]:
         return False
     hosts = [i.get("ip") or i.get("hostname") for i in ingress]
@@ -303,5 +278,4 @@ def nudge_for_service(kube: Kube, service: Obj) -> bool:
     if any(h and endpoint.startswith((f"{h}:", f"[{h}]:")) for h in hosts):
         return False
     token = hashlib.sha256(json.dumps(ingress, sort_keys=True).encode()).hexdigest()[:16]
-    kube.merge_patch(path, {"metadata": {"annotations": {ANNOTATION_NUDGE: token}}})
-    return True
+    return storage.annotate(Kind.VPN_SERVER, meta["namespace"], owner["name"], {ANNOTATION_NUDGE: token})

@@ -1,4 +1,4 @@
-"""Status conditions: lastTransitionTime moves only when the status flips; a Ready change is news."""
+"""Status conditions: lastTransitionTime moves only on a flip; Ready changes are news; stale ones are not current."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import pytest
 from kvpn_core.api import Condition
 from kvpn_core.conditions import (
     CLUSTER_DNS,
-    DNS_SERVICE_NOT_FOUND,
     POD_NETWORK,
-    POD_NETWORK_FOUND,
-    POD_NETWORK_NOT_FOUND,
     READY,
     SERVER_CONDITIONS,
     Outcome,
+    Reason,
+    condition_of,
     find,
+    find_current,
+    is_ready,
     set_condition,
 )
 from kvpn_operator.reporting import Report
@@ -139,12 +140,24 @@ def other(status: str, reason: str, type_: str = POD_NETWORK) -> Condition:
 @pytest.mark.parametrize(
     ("before", "outcome", "news"),
     [
-        ([], Outcome.missing(POD_NETWORK_NOT_FOUND, "set spec.routes"), True),
-        ([], Outcome.ready(POD_NETWORK_FOUND, "10.244.0.0/16"), False),
-        ([other("True", POD_NETWORK_FOUND)], Outcome.missing(POD_NETWORK_NOT_FOUND, "set spec.routes"), True),
-        ([other("False", POD_NETWORK_NOT_FOUND)], Outcome.ready(POD_NETWORK_FOUND, "10.244.0.0/16"), True),
-        ([other("False", POD_NETWORK_NOT_FOUND)], Outcome.missing(POD_NETWORK_NOT_FOUND, "other words"), False),
-        ([other("True", POD_NETWORK_FOUND)], Outcome.ready(POD_NETWORK_FOUND, "10.244.0.0/15"), False),
+        ([], Outcome.missing(Reason.POD_NETWORK_NOT_FOUND, "set spec.routes"), True),
+        ([], Outcome.ready(Reason.POD_NETWORK_FOUND, "10.244.0.0/16"), False),
+        (
+            [other("True", Reason.POD_NETWORK_FOUND)],
+            Outcome.missing(Reason.POD_NETWORK_NOT_FOUND, "set spec.routes"),
+            True,
+        ),
+        (
+            [other("False", Reason.POD_NETWORK_NOT_FOUND)],
+            Outcome.ready(Reason.POD_NETWORK_FOUND, "10.244.0.0/16"),
+            True,
+        ),
+        (
+            [other("False", Reason.POD_NETWORK_NOT_FOUND)],
+            Outcome.missing(Reason.POD_NETWORK_NOT_FOUND, "other words"),
+            False,
+        ),
+        ([other("True", Reason.POD_NETWORK_FOUND)], Outcome.ready(Reason.POD_NETWORK_FOUND, "10.244.0.0/15"), False),
     ],
     ids=["first-false", "first-true", "lost", "recovered", "still-false", "still-true"],
 )
@@ -161,15 +174,84 @@ def test_report_news_of_other_conditions_is_a_status_flip(
 
 
 def test_report_news_follows_the_order_given() -> None:
-    pod, dns = Outcome.missing(POD_NETWORK_NOT_FOUND, "p"), Outcome.missing(DNS_SERVICE_NOT_FOUND, "d")
+    pod, dns = Outcome.missing(Reason.POD_NETWORK_NOT_FOUND, "p"), Outcome.missing(Reason.DNS_SERVICE_NOT_FOUND, "d")
     report = Report.of([], [], Outcome.ready("Ready", "ok"), others={POD_NETWORK: pod, CLUSTER_DNS: dns})
     assert report.news == (pod, dns)
 
 
 def test_missing_outcomes_are_warnings() -> None:
-    outcome = Outcome.missing(DNS_SERVICE_NOT_FOUND, "set spec.dns.nameserver")
+    outcome = Outcome.missing(Reason.DNS_SERVICE_NOT_FOUND, "set spec.dns.nameserver")
     assert (outcome.status, outcome.warning) == ("False", True)
 
 
 def test_the_server_owns_its_discovery_conditions() -> None:
     assert SERVER_CONDITIONS == (READY, POD_NETWORK, CLUSTER_DNS)
+
+
+# --- reading conditions: current only when written for the object's generation ---------------------
+
+
+def obj(generation: int | None, *conditions: dict[str, object]) -> dict[str, object]:
+    metadata = {"name": "office"} if generation is None else {"name": "office", "generation": generation}
+    return {"metadata": metadata, "status": {"conditions": list(conditions)}}
+
+
+def raw(type_: str = READY, status: str = "True", observed: int | None = 2) -> dict[str, object]:
+    entry: dict[str, object] = {"type": type_, "status": status, "reason": "Ready", "message": ""}
+    if observed is not None:
+        entry["observedGeneration"] = observed
+    return entry
+
+
+def test_find_current_returns_the_condition_written_for_this_generation() -> None:
+    ready = condition()  # observedGeneration 1
+    assert find_current([condition("Degraded"), ready], READY, 1) == ready
+
+
+def test_find_current_refuses_a_condition_of_an_older_generation() -> None:
+    assert find_current([condition()], READY, 2) is None
+
+
+def test_find_current_counts_a_condition_without_generation_as_current() -> None:
+    """The agents write Dataplane without one; an object without a generation cannot be judged either."""
+    unversioned = condition().model_copy(update={"observed_generation": None})
+    assert find_current([unversioned], READY, 5) == unversioned
+    assert find_current([condition()], READY, None) is not None
+
+
+def test_find_current_is_none_when_absent() -> None:
+    assert find_current([condition("Degraded")], READY, 1) is None
+
+
+def test_condition_of_reads_a_plain_object() -> None:
+    assert condition_of(obj(2, raw("Dataplane"), raw()), READY) == raw()
+    assert condition_of(obj(3, raw()), READY) is None
+    assert condition_of({"metadata": {}}, READY) is None
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        (obj(2, raw()), True),
+        (obj(2, raw(status="False")), False),
+        (obj(3, raw()), False),  # the spec changed since Ready was written: not yet known to be Ready
+        (obj(3, raw(observed=None)), True),
+        (obj(None, raw()), True),
+        (obj(2, raw("Dataplane")), False),
+        ({"metadata": {"generation": 1}}, False),
+    ],
+    ids=["ready", "not-ready", "stale", "no-observed-generation", "no-generation", "other-type", "no-status"],
+)
+def test_is_ready_needs_a_true_ready_of_the_current_generation(subject: dict[str, object], expected: bool) -> None:
+    assert is_ready(subject) is expected
+
+
+def test_reasons_are_their_api_values() -> None:
+    """Reasons are API: users and alerts match on these words."""
+    assert [Reason.READY, Reason.POOL_EXHAUSTED, Reason.SYNC_FAILED, Reason.KERNEL_WIREGUARD_FAILED] == [
+        "Ready",
+        "PoolExhausted",
+        "SyncFailed",
+        "KernelWireGuardFailed",
+    ]
+    assert len({r.value for r in Reason}) == len(Reason)

@@ -9,16 +9,7 @@ from typing import Any
 import pytest
 
 from kvpn_core.api import VpnServerSpec
-from kvpn_core.conditions import (
-    DNS_DISABLED,
-    DNS_SERVICE_FOUND,
-    DNS_SERVICE_HAS_NO_CLUSTER_IP,
-    DNS_SERVICE_NOT_FOUND,
-    NAMESERVER_FROM_SPEC,
-    POD_NETWORK_FOUND,
-    POD_NETWORK_NOT_FOUND,
-    ROUTES_FROM_SPEC,
-)
+from kvpn_core.conditions import Reason
 from kvpn_operator.discovery import (
     cluster_dns,
     default_search,
@@ -269,18 +260,18 @@ def spec_of(**fields: Any) -> VpnServerSpec:
 
 def test_pod_network_found_names_the_networks() -> None:
     outcome = pod_network(spec_of(), ["10.244.0.0/16", "fd00:244::/56"])
-    assert (outcome.status, outcome.reason, outcome.warning) == ("True", POD_NETWORK_FOUND, False)
+    assert (outcome.status, outcome.reason, outcome.warning) == ("True", Reason.POD_NETWORK_FOUND, False)
     assert "10.244.0.0/16, fd00:244::/56" in outcome.message
 
 
 def test_pod_network_from_spec_is_not_discovered_at_all() -> None:
     outcome = pod_network(spec_of(routes=["10.96.0.0/12"]), [])
-    assert (outcome.status, outcome.reason) == ("True", ROUTES_FROM_SPEC)
+    assert (outcome.status, outcome.reason) == ("True", Reason.ROUTES_FROM_SPEC)
 
 
 def test_no_pod_network_is_a_warning_that_says_what_to_set() -> None:
     outcome = pod_network(spec_of(), [])
-    assert (outcome.status, outcome.reason, outcome.warning) == ("False", POD_NETWORK_NOT_FOUND, True)
+    assert (outcome.status, outcome.reason, outcome.warning) == ("False", Reason.POD_NETWORK_NOT_FOUND, True)
     assert outcome.message == (
         "no Node has spec.podCIDR (is the controller manager's --allocate-node-cidrs on? some CNIs allocate "
         "pod addresses elsewhere): set spec.routes to the Service and pod networks"
@@ -290,7 +281,7 @@ def test_no_pod_network_is_a_warning_that_says_what_to_set() -> None:
 def test_cluster_dns_found() -> None:
     nameserver, outcome = cluster_dns(spec_of(), {"spec": {"clusterIP": "10.96.0.10"}}, DNS_SERVICE)
     assert nameserver == "10.96.0.10"
-    assert (outcome.status, outcome.reason, outcome.warning) == ("True", DNS_SERVICE_FOUND, False)
+    assert (outcome.status, outcome.reason, outcome.warning) == ("True", Reason.DNS_SERVICE_FOUND, False)
     assert "10.96.0.10" in outcome.message
     assert "kube-system/kube-dns" in outcome.message
 
@@ -298,7 +289,7 @@ def test_cluster_dns_found() -> None:
 def test_cluster_dns_service_missing_says_what_to_set() -> None:
     nameserver, outcome = cluster_dns(spec_of(), None, ("dns", "coredns"))
     assert nameserver is None
-    assert (outcome.status, outcome.reason, outcome.warning) == ("False", DNS_SERVICE_NOT_FOUND, True)
+    assert (outcome.status, outcome.reason, outcome.warning) == ("False", Reason.DNS_SERVICE_NOT_FOUND, True)
     assert outcome.message == (
         "Service dns/coredns not found: set spec.dns.nameserver, or the chart's operator.dnsService "
         "(the operator's --dns-service), or spec.dns.enabled: false"
@@ -308,7 +299,7 @@ def test_cluster_dns_service_missing_says_what_to_set() -> None:
 def test_cluster_dns_service_without_cluster_ip() -> None:
     nameserver, outcome = cluster_dns(spec_of(), {"spec": {"clusterIP": "None"}}, DNS_SERVICE)
     assert nameserver is None
-    assert (outcome.status, outcome.reason, outcome.warning) == ("False", DNS_SERVICE_HAS_NO_CLUSTER_IP, True)
+    assert (outcome.status, outcome.reason, outcome.warning) == ("False", Reason.DNS_SERVICE_HAS_NO_CLUSTER_IP, True)
     assert "Service kube-system/kube-dns has no ClusterIP" in outcome.message
     assert "spec.dns.nameserver" in outcome.message
 
@@ -316,7 +307,7 @@ def test_cluster_dns_service_without_cluster_ip() -> None:
 def test_cluster_dns_from_spec_needs_no_service() -> None:
     nameserver, outcome = cluster_dns(spec_of(dns={"nameserver": "10.0.0.53"}), None, DNS_SERVICE)
     assert nameserver == "10.0.0.53"
-    assert (outcome.status, outcome.reason) == ("True", NAMESERVER_FROM_SPEC)
+    assert (outcome.status, outcome.reason) == ("True", Reason.NAMESERVER_FROM_SPEC)
 
 
 def test_cluster_dns_disabled_is_true_and_says_so() -> None:
@@ -325,5 +316,5 @@ def test_cluster_dns_disabled_is_true_and_says_so() -> None:
         spec_of(dns={"enabled": False}), {"spec": {"clusterIP": "10.96.0.10"}}, DNS_SERVICE
     )
     assert nameserver is None
-    assert (outcome.status, outcome.reason) == ("True", DNS_DISABLED)
+    assert (outcome.status, outcome.reason) == ("True", Reason.DISABLED)
     assert "spec.dns.enabled is false" in outcome.message

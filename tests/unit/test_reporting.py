@@ -8,9 +8,10 @@ from typing import Any, cast
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from kvpn_core.api import VpnPeerSpec, VpnServerSpec
+from kvpn_core.api import Kind, VpnPeerSpec, VpnServerSpec
 from kvpn_core.kube import ConflictError, Kube
-from kvpn_operator.reporting import describe_validation_error, write_status
+from kvpn_operator.reporting import describe_validation_error
+from kvpn_operator.storage import KubeStorage, write_status
 
 Obj = dict[str, Any]
 STATUS_PATH = "/apis/kvpn.dev/v1alpha1/namespaces/dev/vpnservers/office/status"
@@ -129,6 +130,11 @@ class FakeKube:
         return self.fresh.pop(0)
 
 
+def over(kube: FakeKube) -> KubeStorage:
+    """The real Storage, over the fake client: write_status's requests as the API server would see them."""
+    return KubeStorage(cast(Kube, kube))
+
+
 def server(resource_version: str, status: Obj | None) -> Obj:
     obj: Obj = {"metadata": {"name": "office", "namespace": "dev", "resourceVersion": resource_version}}
     if status is not None:
@@ -139,14 +145,14 @@ def server(resource_version: str, status: Obj | None) -> Obj:
 def test_equal_status_writes_nothing() -> None:
     kube = FakeKube()
     current = {"endpoint": "203.0.113.10:31820", "routes": ["10.96.0.0/12"], "peerCount": 2}
-    assert not write_status(cast(Kube, kube), STATUS_PATH, server("7", current), {"endpoint": "203.0.113.10:31820"})
+    assert not write_status(over(kube), Kind.VPN_SERVER, server("7", current), {"endpoint": "203.0.113.10:31820"})
     assert kube.patches == []
 
 
 @pytest.mark.parametrize("status", [None, {}, {"publicKey": None}], ids=["no-status", "empty", "explicit-none"])
 def test_none_equals_missing(status: Obj | None) -> None:
     kube = FakeKube()
-    assert not write_status(cast(Kube, kube), STATUS_PATH, server("7", status), {"publicKey": None, "revision": None})
+    assert not write_status(over(kube), Kind.VPN_SERVER, server("7", status), {"publicKey": None, "revision": None})
     assert kube.patches == []
 
 
@@ -154,7 +160,7 @@ def test_different_status_is_one_merge_patch_carrying_resource_version() -> None
     kube = FakeKube()
     desired = {"endpoint": "203.0.113.10:31820", "dnsNameserver": None}
     obj = server("7", {"endpoint": None, "dnsNameserver": "10.96.0.10", "peerCount": 3})
-    assert write_status(cast(Kube, kube), STATUS_PATH, obj, desired)
+    assert write_status(over(kube), Kind.VPN_SERVER, obj, desired)
     assert kube.patches == [(STATUS_PATH, {"metadata": {"resourceVersion": "7"}, "status": desired})]
     assert kube.gets == []
 
@@ -162,7 +168,7 @@ def test_different_status_is_one_merge_patch_carrying_resource_version() -> None
 def test_conflict_rereads_and_patches_with_the_new_resource_version() -> None:
     kube = FakeKube(conflicts=1, fresh=[server("8", {"endpoint": "old:1"})])
     desired = {"endpoint": "new:1"}
-    assert write_status(cast(Kube, kube), STATUS_PATH, server("7", {"endpoint": "old:1"}), desired)
+    assert write_status(over(kube), Kind.VPN_SERVER, server("7", {"endpoint": "old:1"}), desired)
     assert kube.gets == [OBJECT_PATH]
     assert [p["metadata"]["resourceVersion"] for _, p in kube.patches] == ["7", "8"]
 
@@ -170,20 +176,20 @@ def test_conflict_rereads_and_patches_with_the_new_resource_version() -> None:
 def test_conflict_then_fresh_copy_already_holds_the_status() -> None:
     """Another writer got there first: compare again and write nothing more."""
     kube = FakeKube(conflicts=1, fresh=[server("8", {"endpoint": "new:1"})])
-    assert not write_status(cast(Kube, kube), STATUS_PATH, server("7", {}), {"endpoint": "new:1"})
+    assert not write_status(over(kube), Kind.VPN_SERVER, server("7", {}), {"endpoint": "new:1"})
     assert len(kube.patches) == 1
 
 
 def test_conflict_on_a_deleted_object_gives_up_quietly() -> None:
     kube = FakeKube(conflicts=1, fresh=[None])
-    assert not write_status(cast(Kube, kube), STATUS_PATH, server("7", {}), {"endpoint": "new:1"})
+    assert not write_status(over(kube), Kind.VPN_SERVER, server("7", {}), {"endpoint": "new:1"})
     assert len(kube.patches) == 1
 
 
 def test_three_conflicts_raise_conflict_error() -> None:
     kube = FakeKube(conflicts=3, fresh=[server(str(v), {}) for v in (8, 9, 10)])
     with pytest.raises(ConflictError, match="office"):
-        write_status(cast(Kube, kube), STATUS_PATH, server("7", {}), {"endpoint": "new:1"})
+        write_status(over(kube), Kind.VPN_SERVER, server("7", {}), {"endpoint": "new:1"})
     assert [p["metadata"]["resourceVersion"] for _, p in kube.patches] == ["7", "8", "9"]
 
 
@@ -200,7 +206,10 @@ def test_conflict_keeps_a_condition_another_writer_added_meanwhile() -> None:
     stale_ready = {**ready, "status": "False", "reason": "ServerNotReady"}
     kube = FakeKube(conflicts=1, fresh=[server("8", {"conditions": [stale_ready, dataplane]})])
     assert write_status(
-        cast(Kube, kube), STATUS_PATH, server("7", {"conditions": [stale_ready]}), {"conditions": [ready]}
+        KubeStorage(cast(Kube, kube)),
+        Kind.VPN_SERVER,
+        server("7", {"conditions": [stale_ready]}),
+        {"conditions": [ready]},
     )
     assert kube.patches[-1][1]["status"]["conditions"] == [ready, dataplane]
 
@@ -217,5 +226,5 @@ def test_conflict_takes_every_owned_condition_from_desired_and_keeps_the_rest() 
     kube = FakeKube(conflicts=1, fresh=[server("8", {"conditions": [ready, stale_pods, dataplane]})])
     owned = ("Ready", "PodNetwork", "ClusterDNS")
     desired = {"conditions": [ready, pods]}
-    assert write_status(cast(Kube, kube), STATUS_PATH, server("7", {"conditions": [stale_pods]}), desired, owned=owned)
+    assert write_status(over(kube), Kind.VPN_SERVER, server("7", {"conditions": [stale_pods]}), desired, owned=owned)
     assert kube.patches[-1][1]["status"]["conditions"] == [ready, pods, dataplane]

@@ -1,0 +1,195 @@
+"""The service layer's door to the API: domain methods behind a Protocol, implemented over kvpn_core.kube.
+
+server.py and peer.py ask for Secrets, Services, Nodes and kvpn objects by namespace and name; only this
+module builds REST paths. Expected outcomes come back as values (None for "not there" or "name taken",
+False for "stale resourceVersion"); anything else stays a KubeError, which the handlers turn into retries.
+The unit tests put a fake with the API's 404, 409 and resourceVersion behaviour behind the same Protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any, Protocol
+
+from kvpn_core.api import Kind
+from kvpn_core.conditions import READY
+from kvpn_core.kube import ConflictError, InvalidError, Kube, KubeError, NotFoundError, core_path, kvpn_path
+
+Obj = dict[str, Any]
+
+
+class Storage(Protocol):
+    """What the reconcilers read and write. Objects are plain dicts, as the API returns them."""
+
+    def get(self, kind: Kind, namespace: str, name: str) -> Obj | None:
+        """A VpnServer or VpnPeer; None when there is none."""
+        ...
+
+    def patch_status(self, kind: Kind, namespace: str, name: str, status: Obj, *, resource_version: str) -> bool:
+        """Merge-patches the status, only if the object is still at `resource_version`; False when it is not."""
+        ...
+
+    def annotate(self, kind: Kind, namespace: str, name: str, annotations: Mapping[str, str]) -> bool:
+        """Merge-patches annotations onto a VpnServer or VpnPeer; False when it is gone."""
+        ...
+
+    def get_secret(self, namespace: str, name: str) -> Obj | None: ...
+
+    def list_secrets(self, namespace: str, *, label_selector: str, cached: bool = False) -> list[Obj]:
+        """The Secrets matching `label_selector` (equality terms, comma-separated); `cached` may be a little stale."""
+        ...
+
+    def create_secret(self, namespace: str, secret: Obj) -> Obj | None:
+        """The created Secret; None when a Secret of that name exists already (409)."""
+        ...
+
+    def patch_secret_data(self, namespace: str, name: str, data: Mapping[str, str | None]) -> None:
+        """Merge-patches the Secret's data; a None value deletes that key."""
+        ...
+
+    def delete_secret(self, namespace: str, name: str, *, uid: str) -> bool:
+        """Deletes that incarnation of the Secret; False when it was gone or is another one by now."""
+        ...
+
+    def get_service(self, namespace: str, name: str) -> Obj | None: ...
+
+    def create_service(self, namespace: str, service: Obj) -> Obj | None:
+        """The created Service; None when a Service of that name exists already (409)."""
+        ...
+
+    def patch_service(self, namespace: str, name: str, patch: Obj) -> Obj: ...
+
+    def delete_service(self, namespace: str, name: str, *, uid: str) -> bool: ...
+
+    def refusal_of_service(self, namespace: str, service: Obj) -> str | None:
+        """Creates `service` to learn why the API server refuses it: the refusal, or None when it was
+        accepted (and deleted again) or its name was taken."""
+        ...
+
+    def list_nodes(self) -> list[Obj]:
+        """Every Node, from the watch cache."""
+        ...
+
+    def list_service_cidrs(self, version: str) -> list[Obj] | None:
+        """The ServiceCIDR objects of networking.k8s.io/`version`; None when the API server serves none."""
+        ...
+
+
+class KubeStorage:
+    """Storage over the operator's JSON client."""
+
+    def __init__(self, kube: Kube) -> None:
+        self._kube = kube
+
+    def get(self, kind: Kind, namespace: str, name: str) -> Obj | None:
+        return self._kube.get(kvpn_path(kind, namespace, name))
+
+    def patch_status(self, kind: Kind, namespace: str, name: str, status: Obj, *, resource_version: str) -> bool:
+        try:
+            self._kube.merge_patch(
+                kvpn_path(kind, namespace, name, "status"),
+                {"metadata": {"resourceVersion": resource_version}, "status": status},
+            )
+        except ConflictError:
+            return False
+        return True
+
+    def annotate(self, kind: Kind, namespace: str, name: str, annotations: Mapping[str, str]) -> bool:
+        try:
+            self._kube.merge_patch(kvpn_path(kind, namespace, name), {"metadata": {"annotations": dict(annotations)}})
+        except NotFoundError:
+            return False
+        return True
+
+    def get_secret(self, namespace: str, name: str) -> Obj | None:
+        return self._kube.get(core_path("secrets", namespace, name))
+
+    def list_secrets(self, namespace: str, *, label_selector: str, cached: bool = False) -> list[Obj]:
+        return self._kube.list(core_path("secrets", namespace), label_selector=label_selector, cached=cached)
+
+    def create_secret(self, namespace: str, secret: Obj) -> Obj | None:
+        try:
+            return self._kube.create(core_path("secrets", namespace), secret)
+        except ConflictError:
+            return None
+
+    def patch_secret_data(self, namespace: str, name: str, data: Mapping[str, str | None]) -> None:
+        self._kube.merge_patch(core_path("secrets", namespace, name), {"data": dict(data)})
+
+    def delete_secret(self, namespace: str, name: str, *, uid: str) -> bool:
+        return self._kube.delete(core_path("secrets", namespace, name), uid=uid)
+
+    def get_service(self, namespace: str, name: str) -> Obj | None:
+        return self._kube.get(core_path("services", namespace, name))
+
+    def create_service(self, namespace: str, service: Obj) -> Obj | None:
+        try:
+            return self._kube.create(core_path("services", namespace), service)
+        except ConflictError:
+            return None
+
+    def patch_service(self, namespace: str, name: str, patch: Obj) -> Obj:
+        return self._kube.merge_patch(core_path("services", namespace, name), patch)
+
+    def delete_service(self, namespace: str, name: str, *, uid: str) -> bool:
+        return self._kube.delete(core_path("services", namespace, name), uid=uid)
+
+    def refusal_of_service(self, namespace: str, service: Obj) -> str | None:
+        try:
+            self._kube.create(core_path("services", namespace), service)
+        except InvalidError as exc:
+            return str(exc)
+        except ConflictError:
+            return None
+        self._kube.delete(core_path("services", namespace, service["metadata"]["name"]))
+        return None
+
+    def list_nodes(self) -> list[Obj]:
+        return self._kube.list(core_path("nodes"), cached=True)
+
+    def list_service_cidrs(self, version: str) -> list[Obj] | None:
+        try:
+            return self._kube.list(f"/apis/networking.k8s.io/{version}/servicecidrs", cached=True)
+        except KubeError:
+            return None
+
+
+def _same(current: Obj, desired: Obj) -> bool:
+    return all(current.get(k) == v for k, v in desired.items())
+
+
+def _with_their_conditions(desired: Obj, current: Obj, owned: Collection[str]) -> Obj:
+    """`desired` with the conditions of types the operator does not own taken from `current`.
+
+    Others write conditions too (the agents' Dataplane): a list built from a stale copy must not
+    undo what they wrote since.
+    """
+    if "conditions" not in desired:
+        return desired
+    ours = [c for c in desired["conditions"] or [] if c.get("type") in owned]
+    theirs = [c for c in current.get("conditions") or [] if c.get("type") not in owned]
+    return {**desired, "conditions": ours + theirs}
+
+
+def write_status(storage: Storage, kind: Kind, obj: Obj, desired: Obj, *, owned: Collection[str] = (READY,)) -> bool:
+    """Merge-patches the status fields in `desired` (None deletes one), unless they already hold.
+
+    `owned` are the condition types the operator writes on this kind; the others are someone else's.
+
+    The patch carries the resourceVersion it was computed from, so a reconcile working from a stale
+    copy cannot overwrite a newer status: on conflict it reads the object again, keeps the conditions
+    others wrote meanwhile, and compares again.
+    """
+    meta = obj["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    for _ in range(3):
+        if _same(obj.get("status") or {}, desired):
+            return False
+        if storage.patch_status(kind, namespace, name, desired, resource_version=obj["metadata"]["resourceVersion"]):
+            return True
+        fresh = storage.get(kind, namespace, name)
+        if fresh is None:
+            return False
+        obj = fresh
+        desired = _with_their_conditions(desired, obj.get("status") or {}, owned)
+    raise ConflictError(409, f"status of {name} kept changing under three attempts")
