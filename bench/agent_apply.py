@@ -36,20 +36,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench.netlab import Interrupted, Lab, guard, load_average, median_p90, run
-from kvpn_agent import nft as nftmod
-from kvpn_agent.model import (
-    DesiredBuilder,
-    DesiredServer,
-    DeviceConfig,
-    ObservedDevice,
-    ObservedLink,
-    PeerConfig,
-    build_desired,
-)
+from kvpn_agent.builder import DesiredBuilder
+from kvpn_agent.desired import DesiredServer, build_desired
 from kvpn_agent.netlink import Netlink
+from kvpn_agent.nft import Nft
+from kvpn_agent.observed import ObservedDevice, ObservedLink
 from kvpn_agent.plan import AddPeer, UpdateFirewall
+from kvpn_agent.ruleset import ObservedRuleset, PeerUpdate, Ruleset
 from kvpn_agent.sync import NodeState, SyncResult, UapiBackend, sync
 from kvpn_agent.wggo import UserspaceLink, WireGuardGo
+from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.contract import PeerBinding, encode_data
 from kvpn_core.keys import generate_private_key
 
@@ -103,7 +99,7 @@ def server_object() -> dict[str, Any]:
 class Node:
     """The agent's three backends behind one object that adds up the time spent in each kind of call."""
 
-    def __init__(self, link: UserspaceLink, wireguard: UapiBackend, firewall: nftmod.Nft) -> None:
+    def __init__(self, link: UserspaceLink, wireguard: UapiBackend, firewall: Nft) -> None:
         self.link, self.wireguard, self.firewall = link, wireguard, firewall
         self.spent: dict[str, float] = {}
 
@@ -144,13 +140,13 @@ class Node:
         self._timed("apply uapi", lambda: self.wireguard.set(interface, device, peers))
 
     # Firewall
-    def list_table(self) -> nftmod.ObservedRuleset | None:
+    def list_table(self) -> ObservedRuleset | None:
         return self._timed("read nft", self.firewall.list_table)
 
-    def replace(self, ruleset: nftmod.Ruleset) -> None:
+    def replace(self, ruleset: Ruleset) -> None:
         self._timed("apply nft", lambda: self.firewall.replace(ruleset))
 
-    def update(self, ruleset: nftmod.Ruleset, update: nftmod.PeerUpdate) -> None:
+    def update(self, ruleset: Ruleset, update: PeerUpdate) -> None:
         self._timed("apply nft", lambda: self.firewall.update(ruleset, update))
 
 
@@ -198,7 +194,7 @@ def measure(lab: Lab, n: int, reps: int, warmup: int, readbacks: int) -> Scale:
         wggo = WireGuardGo()
         netlink = Netlink()
         lab.closers.extend([wggo.stop_all, netlink.close])
-        node = Node(UserspaceLink(netlink, wggo), UapiBackend(), nftmod.Nft())
+        node = Node(UserspaceLink(netlink, wggo), UapiBackend(), Nft())
         state = cold_and_readback(scale, node, desired, readbacks)
 
         desired = one_peer_changes(

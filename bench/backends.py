@@ -48,13 +48,14 @@ from bench.throughput import (
     iperf3_server,
     write_conf,
 )
+from kvpn_agent.desired import build_desired
 from kvpn_agent.kernel import KernelLink, KernelWireGuard
-from kvpn_agent.model import DeviceConfig, PeerConfig, build_desired
 from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
 from kvpn_agent.sync import LinkBackend, UapiBackend, WireGuardBackend, sync
 from kvpn_agent.uapi import SOCKET_DIR
 from kvpn_agent.wggo import UserspaceLink, WireGuardGo
+from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.contract import PeerBinding, encode_data
 
 REQUIRED = ("ip", "ss", "nft", "wireguard-go", "wg", "iperf3")

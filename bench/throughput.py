@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.netlab import Interrupted, Lab, guard, load_average, run, wait_for
-from kvpn_agent.model import build_desired
+from kvpn_agent.desired import build_desired
 from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
 from kvpn_agent.plan import AddPeer, ReplaceFirewall

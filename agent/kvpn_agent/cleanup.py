@@ -6,9 +6,9 @@ import contextlib
 import shutil
 from pathlib import Path
 
+from kvpn_agent.desired import GATEWAY_PREFIX, interface_name, legacy_interface_name
 from kvpn_agent.kernel import KernelWireGuard, empty
 from kvpn_agent.linux import SOCKET_DIR
-from kvpn_agent.model import INTERFACE_PREFIX, interface_name
 from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
 from kvpn_agent.processes import LOG_FOLDER, process_start_time, socket_owner, terminate
@@ -23,7 +23,7 @@ def cleanup(
     timeout: float = 5.0,
     supervisor: Path | None = None,
 ) -> list[str]:
-    """Removes kvpn-* interfaces with their wireguard-go, the table and the state file; what it did.
+    """Removes the gateway's kvgw-* interfaces with their wireguard-go, the table and the state file; what it did.
 
     With ``supervisor`` the supervisor is asked to stop the devices (they are its children). One
     that does not answer has taken its devices with it in a pod; outside a pod they may live on,
@@ -34,11 +34,13 @@ def cleanup(
     client = SupervisorClient(supervisor, socket_dir) if supervisor is not None else None
     kernel = KernelWireGuard(netns)
     with Netlink(netns) as netlink, contextlib.closing(kernel):
-        names = set(netlink.interfaces(INTERFACE_PREFIX))
+        names = set(netlink.interfaces(GATEWAY_PREFIX))
         names |= {interface_name(*s.key) for s in saved.servers} if saved else set()
+        # Left by an agent before the kvgw- names; by exact name, so a laptop's kvpn-<server> stays.
+        names |= {legacy_interface_name(*s.key) for s in saved.servers} if saved else set()
         if client is not None:
             try:
-                names |= {n for n in client.devices() if n.startswith(INTERFACE_PREFIX)}
+                names |= {n for n in client.devices() if n.startswith(GATEWAY_PREFIX)}
             except SupervisorError as exc:
                 done.append(f"wireguard-go supervisor not asked ({exc}): ending wireguard-go here")
                 client = None

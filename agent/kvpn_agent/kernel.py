@@ -9,9 +9,10 @@ from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvpn_agent.model import DeviceConfig, ObservedDevice, PeerConfig
 from kvpn_agent.netlink import Netlink, NetlinkConfigured
+from kvpn_agent.observed import ObservedDevice
 from kvpn_agent.wgnetlink import WireGuardMissingError, WireGuardSocket, get_message, parse_dump, set_messages
+from kvpn_agent.wire import DeviceConfig, PeerConfig
 
 NO_DEVICE = (errno.ENODEV, errno.EOPNOTSUPP)
 """What GET_DEVICE answers for a missing interface, and for one of that name that is not WireGuard

@@ -148,9 +148,10 @@ def api_client() -> kubernetes.client.ApiClient | None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from kvpn_agent.dataplane import build_dataplane  # noqa: PLC0415
     from kvpn_agent.metrics import serve  # noqa: PLC0415 -- see the imports
     from kvpn_agent.processes import LOG_FOLDER  # noqa: PLC0415
-    from kvpn_agent.runner import Agent, Settings, build_dataplane  # noqa: PLC0415
+    from kvpn_agent.runner import Agent, Settings  # noqa: PLC0415
     from kvpn_agent.state import StateFile  # noqa: PLC0415
 
     # auto: the kernel where `ip link add type wireguard` works, with wireguard-go (the supervisor's,

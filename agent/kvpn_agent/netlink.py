@@ -12,7 +12,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvpn_agent.model import ObservedLink
+from kvpn_agent.observed import ObservedLink
 
 log = logging.getLogger(__name__)
 

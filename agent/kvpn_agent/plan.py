@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from kvpn_agent.model import (
-    DesiredServer,
-    DeviceConfig,
-    Observed,
-    ObservedDevice,
-    ObservedLink,
-    PeerConfig,
-    changed_peers,
-    host_prefix,
-    sort_networks,
-)
-from kvpn_agent.nft import ObservedRuleset, PeerUpdate, Ruleset, RulesetChange
+from kvpn_agent.desired import DesiredServer, PeerChange, changed_peers, host_prefix
+from kvpn_agent.observed import Observed, ObservedDevice, ObservedLink
+from kvpn_agent.ruleset import ObservedRuleset, PeerUpdate, Ruleset, RulesetChange
+from kvpn_agent.wire import DeviceConfig, PeerConfig, sort_networks
 from kvpn_core.contract import PeerBinding
 
 # Server-side keepalive stays off: the laptop behind NAT sends them (spec.persistentKeepalive is
@@ -173,16 +165,19 @@ def plan_server_change(
     desired: DesiredServer,
     observed: Observed,
     endpoints: Mapping[str, str] | None = None,
+    *,
+    changes: Callable[[DesiredServer | None, DesiredServer | None], PeerChange] = changed_peers,
 ) -> list[Action]:
     """``plan_server`` for an interface that holds what ``previous`` was planned to: only changed peers compared.
 
     ``observed`` must be what a sync of ``previous`` left (``assumed(previous)``); the periodic
-    read-back resync, with ``plan_server``, is what catches anything else.
+    read-back resync, with ``plan_server``, is what catches anything else. ``changes`` tells the
+    changed peers (a sync pass hands in its PeerChanges).
     """
     link, device = observed.link, observed.device
     if link is None or device is None:
         return plan_server(desired, observed, endpoints)
-    gone, added = changed_peers(previous, desired)
+    gone, added = changes(previous, desired)
     actions: list[Action] = [*_plan_link(desired, link), *_plan_device(desired, device)]
     wanted = {p.public_key: p for p in added if p.public_key}
     stale = sorted(k for p in gone if (k := p.public_key) and k in device.peers and k not in wanted)

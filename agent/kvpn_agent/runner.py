@@ -1,4 +1,4 @@
-"""The running agent: desired state from watches (or the state file), applied per change, resynced, reported."""
+"""The agent's loop: desired state from watches (or the state file), applied per change, resynced, reported."""
 
 from __future__ import annotations
 
@@ -8,42 +8,38 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from kubernetes.client import ApiClient
-from pyroute2.netlink.exceptions import NetlinkError
 
-from kvpn_agent.kernel import KernelLink, KernelWireGuard
-from kvpn_agent.metrics import Metrics, PeerStats
-from kvpn_agent.model import (
-    INTERFACE_PREFIX,
-    DesiredBuilder,
+from kvpn_agent.builder import DesiredBuilder
+from kvpn_agent.condition_report import ConditionReporter, dataplane_problems
+from kvpn_agent.dataplane import Dataplane
+from kvpn_agent.desired import (
+    GATEWAY_PREFIX,
+    LEGACY_PREFIX,
+    BindingCache,
     DesiredServer,
     DesiredStateError,
-    DeviceConfig,
-    ObservedDevice,
-    PeerConfig,
     PeerProblem,
+    legacy_interface_name,
 )
-from kvpn_agent.netlink import Netlink, NetlinkConfigured, enable_forwarding
-from kvpn_agent.nft import Nft, NftError
-from kvpn_agent.processes import WireGuardGo, WireGuardGoProcesses
-from kvpn_agent.report import ConditionReporter, StatusReporter, dataplane_problems
+from kvpn_agent.metrics import Metrics, PeerStats
+from kvpn_agent.nft import NftError
 from kvpn_agent.state import ServerInputs, StateFile, selected
-from kvpn_agent.supervisor_api import SupervisorClient, SupervisorError, SupervisorUnreachableError
-from kvpn_agent.sync import SERVER_ERRORS, Firewall, LinkBackend, NodeState, UapiBackend, WireGuardBackend, sync
+from kvpn_agent.status_report import StatusReporter
+from kvpn_agent.supervisor_api import SupervisorError, SupervisorUnreachableError
+from kvpn_agent.sync import SERVER_ERRORS, NodeState, sync
 from kvpn_agent.watch import Informer, Key, Obj, key_of
-from kvpn_agent.wggo import UserspaceLink
 from kvpn_core.api import API_VERSION
 from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, server_key_secret_name
 from kvpn_core.kube import Kube, KubeError, core_path
 
 log = logging.getLogger(__name__)
 
-PROBE_INTERFACE = "kvpn-probe"
 POLL_SECONDS = 0.5
 """How often the loop asks which wireguard-go devices live: a dead one is replaced within about this."""
 RETRY_SECONDS = 8.0
@@ -63,156 +59,6 @@ class Settings:
 
     ready_file: Path | None = None
     """Where to leave the dataplane's verdict for the gateway pods' readiness (supervisor_api.READY_FILE)."""
-
-
-@dataclass
-class Dataplane:
-    """The node's WireGuard, links and firewall, behind the interfaces the sync module drives."""
-
-    backend: str
-    link: LinkBackend
-    wireguard: WireGuardBackend
-    reader: WireGuardBackend
-    """A second client for the reporter's thread (the kernel backend's socket is not thread-safe)."""
-
-    firewall: Firewall
-    netlink: Netlink
-    forwarding: Callable[[tuple[int, ...]], list[str]]
-    wggo: WireGuardGoProcesses | None = None
-    """The userspace backend's processes (the agent's own, or the supervisor's); None: kernel only."""
-
-    fallback: KernelFirstLink | None = None
-    """backend auto on a node with the module: which servers the kernel refused, now on wireguard-go."""
-
-    def userspace(self, interface: str) -> bool:
-        """Whether wireguard-go serves (or is to serve) the interface."""
-        return self.wggo is not None and (self.fallback is None or interface in self.fallback.failed)
-
-    def uses_wireguard_go(self) -> bool:
-        """Whether any interface is wireguard-go's: only then its processes (and supervisor) are watched."""
-        return self.wggo is not None and (self.fallback is None or bool(self.fallback.failed))
-
-
-class KernelFirstLink(NetlinkConfigured):
-    """LinkBackend of ``auto``: a kernel link per server, wireguard-go for a server whose link the kernel refuses.
-
-    The refusal is remembered for as long as the agent runs (a restart tries the kernel again) and
-    reported on the server's Dataplane condition; the WireGuard backends follow ``failed``.
-    """
-
-    def __init__(self, netlink: Netlink, kernel: KernelLink, userspace: UserspaceLink) -> None:
-        self.netlink = netlink
-        self.kernel = kernel
-        self.userspace = userspace
-        self.failed: dict[str, str] = {}
-        """Interface → why the kernel refused its link; replaced, never mutated (the reporter reads it)."""
-
-    def create(self, interface: str) -> None:
-        if interface not in self.failed:
-            try:
-                self.kernel.create(interface)
-            except (NetlinkError, OSError) as exc:
-                why = f"link creation refused: {exc}"
-                log.error(  # noqa: TRY400 - a fact about the node: no traceback
-                    "kernel WireGuard failed: serving the server with wireguard-go instead",
-                    extra={"interface": interface, "error": why},
-                )
-                self.failed = {**self.failed, interface: why}
-            else:
-                return
-        self.userspace.create(interface)
-
-    def delete(self, interface: str) -> None:
-        if interface in self.failed:
-            self.userspace.delete(interface)
-            self.failed = {k: v for k, v in self.failed.items() if k != interface}
-        else:
-            self.kernel.delete(interface)
-
-
-class KernelFirstWireGuard:
-    """WireGuardBackend of ``auto``: the kernel's, or wireguard-go's for the servers in ``link.failed``."""
-
-    def __init__(self, link: KernelFirstLink, kernel: WireGuardBackend, userspace: WireGuardBackend) -> None:
-        self.link, self.kernel, self.userspace = link, kernel, userspace
-
-    def _for(self, interface: str) -> WireGuardBackend:
-        return self.userspace if interface in self.link.failed else self.kernel
-
-    def get(self, interface: str) -> ObservedDevice | None:
-        return self._for(interface).get(interface)
-
-    def set(self, interface: str, device: DeviceConfig | None, peers: Sequence[PeerConfig]) -> None:
-        self._for(interface).set(interface, device, peers)
-
-
-def kernel_wireguard_works(netns: str | None = None) -> bool:
-    """Whether `ip link add type wireguard` works here: the kernel module is present (or loads)."""
-    try:
-        with Netlink(netns) as netlink:
-            netlink.add_wireguard(PROBE_INTERFACE)
-            netlink.delete(PROBE_INTERFACE)
-    except (NetlinkError, OSError):
-        return False
-    return True
-
-
-def build_dataplane(backend: str, netns: str | None, log_dir: Path | None, supervisor: Path | None = None) -> Dataplane:
-    """The backends for ``backend``, in ``netns`` when given (tests, demo).
-
-    ``kernel`` and ``userspace`` are what they say. ``auto`` is the kernel where `ip link add type
-    wireguard` works (KernelFirstLink: a server whose link is refused later on gets wireguard-go),
-    and ``userspace`` where it does not. With ``supervisor`` (the socket of `kvpn-agent
-    wireguard-go`) the userspace processes are the supervisor's, which outlive this agent; without
-    it the agent starts them itself.
-    """
-    if backend == "auto":
-        backend = "kernel-first" if kernel_wireguard_works(netns) else "userspace"
-        log.info("backend auto", extra={"chosen": "kernel" if backend == "kernel-first" else "userspace"})
-    prefix = ("ip", "netns", "exec", netns) if netns else ()
-    netlink = Netlink(netns)
-    firewall = Nft(prefix)
-    forwarding = _netns_forwarding(netns) if netns else enable_forwarding
-    wg = KernelWireGuard(netns)
-    kernel = KernelLink(netlink, wg)  # the sync thread's socket
-    if backend == "kernel":
-        return Dataplane("kernel", kernel, wg, KernelWireGuard(netns), firewall, netlink, forwarding)
-    wggo: WireGuardGoProcesses
-    if supervisor is not None:
-        wggo = SupervisorClient(supervisor)
-    else:
-        if log_dir is not None:
-            log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        wggo = WireGuardGo(prefix=prefix, log_dir=log_dir)
-    userspace = UserspaceLink(netlink, wggo)
-    if backend == "userspace":
-        return Dataplane("userspace", userspace, UapiBackend(), UapiBackend(), firewall, netlink, forwarding, wggo)
-    link = KernelFirstLink(netlink, kernel, userspace)
-    return Dataplane(
-        "kernel",
-        link,
-        KernelFirstWireGuard(link, wg, UapiBackend()),
-        KernelFirstWireGuard(link, KernelWireGuard(netns), UapiBackend()),
-        firewall,
-        netlink,
-        forwarding,
-        wggo,
-        link,
-    )
-
-
-def _netns_forwarding(netns: str) -> Callable[[tuple[int, ...]], list[str]]:
-    def forwarding(families: tuple[int, ...]) -> list[str]:
-        changed = []
-        for family in families:
-            key = "net.ipv4.ip_forward" if family == 4 else "net.ipv6.conf.all.forwarding"
-            argv = ["ip", "netns", "exec", netns, "sysctl", "-n", key]
-            if subprocess.run(argv, capture_output=True, text=True, check=True, timeout=10).stdout.strip() != "1":
-                subprocess.run([*argv[:-2], "-qw", f"{key}=1"], check=True, timeout=10)
-                changed.append(key)
-        return changed
-
-    return forwarding
 
 
 class Agent:
@@ -247,6 +93,8 @@ class Agent:
         self._dirty_bindings: dict[Key, set[str]] = {}
         """Binding Secrets changed per server since the last pass: patched in without a rebuild."""
         self._builders: dict[Key, DesiredBuilder] = {}
+        self._parsed = BindingCache()
+        """Parsed bindings of every served server, kept across their rebuilds."""
         self._lock = threading.Lock()  # _good and _endpoints, shared with the reporter
         self._good: dict[Key, tuple[ServerInputs, DesiredServer]] = {}
         self._endpoints: dict[str, str] = {}
@@ -590,7 +438,7 @@ class Agent:
 
     def _build(self, key: Key, inputs: ServerInputs) -> bool:
         try:
-            builder = DesiredBuilder(inputs.server, inputs.key_secret, inputs.bindings)
+            builder = DesiredBuilder(inputs.server, inputs.key_secret, inputs.bindings, cache=self._parsed)
         except DesiredStateError as exc:
             self._set_problems(key, (exc.reason, exc.message), ())
             return False
@@ -665,7 +513,11 @@ class Agent:
             if full:
                 # Interfaces of servers deleted while the agent was away are found by their prefix.
                 ours = {s.interface for s in servers}
-                gone |= {i for i in self.dp.netlink.interfaces(INTERFACE_PREFIX) if i not in ours}
+                gone |= {i for i in self.dp.netlink.interfaces(GATEWAY_PREFIX) if i not in ours}
+                # An upgrade from the kvpn- names: the served servers' old interfaces go (they hold
+                # the listen ports), picked by exact name so that a laptop's kvpn-<server> stays.
+                legacy = {legacy_interface_name(s.namespace, s.name) for s in servers}
+                gone |= {i for i in self.dp.netlink.interfaces(LEGACY_PREFIX) if i in legacy}
                 families = {ipaddress.ip_interface(a).version for s in servers for a in s.addresses}
                 for setting in self.dp.forwarding(tuple(sorted(families))):
                     log.info("IP forwarding turned on", extra={"setting": setting})

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvpn_agent.model import DesiredServer, build_desired
+from kvpn_agent.desired import DesiredServer, build_desired
 from kvpn_agent.watch import Key, Obj, key_of
 
 log = logging.getLogger(__name__)

@@ -2,9 +2,9 @@
 
 One request, one response, each a JSON object on one line:
 
-    {"op": "start", "interface": "kvpn-0123456789"}  -> {"ok": true, "pid": 4242}
-    {"op": "stop", "interface": "kvpn-0123456789"}   -> {"ok": true, "pid": 4242}  (null: none ran)
-    {"op": "list"}                                   -> {"ok": true, "devices": {"kvpn-0123456789": 4242}}
+    {"op": "start", "interface": "kvgw-0123456789"}  -> {"ok": true, "pid": 4242}
+    {"op": "stop", "interface": "kvgw-0123456789"}   -> {"ok": true, "pid": 4242}  (null: none ran)
+    {"op": "list"}                                   -> {"ok": true, "devices": {"kvgw-0123456789": 4242}}
     anything refused                                 -> {"ok": false, "error": "why, as text"}
 
 A connection may carry several requests in turn. The two ends ship in separate DaemonSets and the
@@ -39,7 +39,7 @@ MAX_REPLY = 1 << 20
 """Longest reply the client reads (a list of every device)."""
 
 # What `ip link` accepts, narrowed: no leading "-" (wireguard-go would read an option), no "/" or
-# ":" (paths, aliases), no space, nothing outside ASCII. kvpn's names are kvpn-<hex>.
+# ":" (paths, aliases), no space, nothing outside ASCII. The agent's names are kvgw-<hex>.
 _INTERFACE = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.=+-]{{0,{IFNAMSIZ - 1}}}")
 
 

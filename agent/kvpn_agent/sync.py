@@ -5,23 +5,15 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvpn_agent import nft as nftmod
-from kvpn_agent.model import (
-    DesiredServer,
-    DeviceConfig,
-    Observed,
-    ObservedDevice,
-    ObservedLink,
-    ObservedPeer,
-    PeerConfig,
-    changed_peers,
-)
+from kvpn_agent.desired import DesiredServer, PeerChange, PeerChanges, changed_peers
+from kvpn_agent.nft import NftError
+from kvpn_agent.observed import Observed, ObservedDevice, ObservedLink, ObservedPeer
 from kvpn_agent.plan import (
     SERVER_KEEPALIVE,
     Action,
@@ -44,8 +36,10 @@ from kvpn_agent.plan import (
     plan_server_change,
 )
 from kvpn_agent.processes import WireGuardGoError
+from kvpn_agent.ruleset import ObservedRuleset, PeerUpdate, Ruleset, RulesetChange, build_ruleset, patch_ruleset
 from kvpn_agent.supervisor_api import SupervisorError
 from kvpn_agent.uapi import UapiClient, UapiError
+from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.contract import PeerBinding
 
 # What one server's link or device can fail with; the other servers are synced all the same.
@@ -72,9 +66,9 @@ class WireGuardBackend(Protocol):
 
 
 class Firewall(Protocol):
-    def list_table(self) -> nftmod.ObservedRuleset | None: ...
-    def replace(self, ruleset: nftmod.Ruleset) -> None: ...
-    def update(self, ruleset: nftmod.Ruleset, update: nftmod.PeerUpdate) -> None: ...
+    def list_table(self) -> ObservedRuleset | None: ...
+    def replace(self, ruleset: Ruleset) -> None: ...
+    def update(self, ruleset: Ruleset, update: PeerUpdate) -> None: ...
 
 
 class UapiBackend:
@@ -111,11 +105,11 @@ class NodeState:
     servers: Mapping[str, Observed]
     """Per interface; an interface missing here is read back."""
 
-    ruleset: nftmod.ObservedRuleset
+    ruleset: ObservedRuleset
     desired: Mapping[str, DesiredServer] = field(default_factory=dict)
     """The servers that sync was given, per interface: the next one plans only what changed since."""
 
-    rules: nftmod.Ruleset | None = None
+    rules: Ruleset | None = None
     """The ruleset that sync loaded (``ruleset`` is what it looks like read back); None: plan it all."""
 
 
@@ -145,6 +139,7 @@ def sync(
     """
     started = time.perf_counter()
     result = SyncResult()
+    changes = PeerChanges()
     for interface in gone:
         if link.observe(interface) is not None:
             _run([DeleteInterface(interface)], link, wireguard, firewall, result)
@@ -160,23 +155,26 @@ def sync(
             if previous is None:
                 _run(plan_server(server, observed, endpoints), link, wireguard, firewall, result)
             else:
-                _run(plan_server_change(previous, server, observed, endpoints), link, wireguard, firewall, result)
+                actions = plan_server_change(previous, server, observed, endpoints, changes=changes)
+                _run(actions, link, wireguard, firewall, result)
         except SERVER_ERRORS as exc:
             result.errors[server.interface] = server_error(server, exc)  # the caller logs and counts it
             continue
-        synced[server.interface] = assumed(server) if previous is None else assumed_change(previous, server, observed)
+        synced[server.interface] = (
+            assumed(server) if previous is None else assumed_change(previous, server, observed, changes=changes)
+        )
     if known is not None and known.rules is not None:
-        change = nftmod.patch_ruleset(known.rules, known.desired, servers)
+        change = patch_ruleset(known.rules, known.desired, servers, changes=changes)
         ruleset = change.ruleset
         actions = plan_firewall_change(change, known.ruleset)
         observed_rules = assumed_ruleset_change(known.ruleset, change)
     else:
-        ruleset = nftmod.build_ruleset(servers)
+        ruleset = build_ruleset(servers)
         actions = plan_firewall(ruleset, known.ruleset if known is not None else firewall.list_table())
         observed_rules = assumed_ruleset(ruleset)
     try:
         _run(actions, link, wireguard, firewall, result)
-    except nftmod.NftError as exc:
+    except NftError as exc:
         if not any(isinstance(a, UpdateFirewall) for a in actions):
             raise
         # The table changed between read-back and update (a hand edit): swap the whole table.
@@ -209,11 +207,17 @@ def assumed(server: DesiredServer) -> Observed:
     )
 
 
-def assumed_change(previous: DesiredServer, server: DesiredServer, observed: Observed) -> Observed:
+def assumed_change(
+    previous: DesiredServer,
+    server: DesiredServer,
+    observed: Observed,
+    *,
+    changes: Callable[[DesiredServer | None, DesiredServer | None], PeerChange] = changed_peers,
+) -> Observed:
     """``assumed(server)`` from ``observed``, which is ``assumed(previous)``: only changed peers redone."""
     if observed.device is None:
         return assumed(server)
-    gone, added = changed_peers(previous, server)
+    gone, added = changes(previous, server)
     peers = dict(observed.device.peers)
     for p in gone:
         peers.pop(p.public_key or "", None)
@@ -235,7 +239,7 @@ def _assumed_peer(p: PeerBinding) -> ObservedPeer:
     )
 
 
-def assumed_ruleset_change(observed: nftmod.ObservedRuleset, change: nftmod.RulesetChange) -> nftmod.ObservedRuleset:
+def assumed_ruleset_change(observed: ObservedRuleset, change: RulesetChange) -> ObservedRuleset:
     """``assumed_ruleset(change.ruleset)`` from ``observed``, the assumed ruleset it was patched from."""
     ruleset = change.ruleset
     peer_chains = dict(observed.peer_chains)
@@ -245,14 +249,12 @@ def assumed_ruleset_change(observed: nftmod.ObservedRuleset, change: nftmod.Rule
             peer_chains.pop(name, None)
         else:
             peer_chains[name] = tuple(r["rule"]["comment"] for r in rules)
-    return nftmod.ObservedRuleset(
-        fingerprint=ruleset.fingerprint, peer_chains=peer_chains, peer_map=dict(ruleset.peer_map)
-    )
+    return ObservedRuleset(fingerprint=ruleset.fingerprint, peer_chains=peer_chains, peer_map=dict(ruleset.peer_map))
 
 
-def assumed_ruleset(ruleset: nftmod.Ruleset) -> nftmod.ObservedRuleset:
+def assumed_ruleset(ruleset: Ruleset) -> ObservedRuleset:
     """What ``nft list table`` shows once ``ruleset`` is loaded."""
-    return nftmod.ObservedRuleset(
+    return ObservedRuleset(
         fingerprint=ruleset.fingerprint,
         peer_chains={name: tuple(r["rule"]["comment"] for r in rules) for name, rules in ruleset.peer_chains.items()},
         peer_map=dict(ruleset.peer_map),

@@ -9,13 +9,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from kvpn_agent.linux import SOCKET_DIR  # also found here by its older users
-from kvpn_agent.model import (
-    DeviceConfig,
-    ObservedDevice,
-    ObservedPeer,
-    PeerConfig,
-    sort_networks,
-)
+from kvpn_agent.observed import ObservedDevice, ObservedPeer
+from kvpn_agent.wire import DeviceConfig, PeerConfig, sort_networks
 from kvpn_core.keys import KEY_BYTES, decode_key
 
 _ZERO_KEY = "0" * (2 * KEY_BYTES)

@@ -41,7 +41,8 @@ from pyroute2.netlink import (
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import wireguard as wg
 
-from kvpn_agent.model import DeviceConfig, ObservedDevice, ObservedPeer, PeerConfig, sort_networks
+from kvpn_agent.observed import ObservedDevice, ObservedPeer
+from kvpn_agent.wire import DeviceConfig, PeerConfig, sort_networks
 
 KEY_LEN = wg.WG_KEY_LEN
 NETLINK_CAP_ACK = 10

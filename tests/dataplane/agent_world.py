@@ -23,7 +23,8 @@ from typing import Any
 import yaml
 from kubernetes import client
 
-from kvpn_agent.model import ObservedDevice, interface_name
+from kvpn_agent.desired import interface_name
+from kvpn_agent.observed import ObservedDevice
 from kvpn_agent.state import ServerInputs, StateFile
 from kvpn_agent.supervisor_api import SupervisorClient
 from kvpn_agent.uapi import UapiClient

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
+from kvpn_agent.desired import DesiredServer, build_desired
 from kvpn_agent.kernel import KernelLink, KernelWireGuard
-from kvpn_agent.model import DesiredServer, ObservedDevice, build_desired
 from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
+from kvpn_agent.observed import ObservedDevice
 from kvpn_agent.sync import LinkBackend, SyncResult, UapiBackend, WireGuardBackend, sync
 from kvpn_agent.wggo import UserspaceLink, WireGuardGo
 from kvpn_core.api import AllowedDestination

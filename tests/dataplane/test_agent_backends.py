@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpn_agent.runner import build_dataplane
+from kvpn_agent.dataplane import build_dataplane
 from kvpn_agent.sync import sync
 from kvpn_agent.uapi import UapiClient
 from kvpn_agent.wggo import WireGuardGo

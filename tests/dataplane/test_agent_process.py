@@ -248,7 +248,7 @@ def test_shutdown_leaves_the_dataplane_and_cleanup_removes_it(world: World) -> N
     result = run(
         sys.executable, "-m", "kvpn_agent.main", "cleanup", "--netns", world.site.node, "--state-dir", str(state_dir)
     )
-    assert "kvpn-" not in run("ip", "-n", world.site.node, "link").stdout, result.stderr
+    assert "kvgw-" not in run("ip", "-n", world.site.node, "link").stdout, result.stderr
     assert run("ip", "netns", "exec", world.site.node, "nft", "list", "tables").stdout.strip() == ""
     assert not world.uapi().exists()
     assert not (state_dir / "state.json").exists()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kvpn_agent.model import interface_name
-from kvpn_agent.runner import Agent, Settings, build_dataplane, secret_index
+from kvpn_agent.dataplane import build_dataplane
+from kvpn_agent.desired import interface_name
+from kvpn_agent.runner import Agent, Settings, secret_index
 from kvpn_agent.state import StateFile
 from kvpn_agent.uapi import UapiClient
 from kvpn_agent.watch import Obj, Store

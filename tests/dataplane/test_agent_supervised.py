@@ -243,7 +243,7 @@ def test_cleanup_asks_the_supervisor_to_stop_the_devices(world: World) -> None:
     assert "the supervisor stopped wireguard-go" in result.stderr, result.stderr
     assert world.supervisor_client().devices() == {}
     assert world.supervisor.listening()  # the supervisor itself stays: it is not the agent's to remove
-    assert "kvpn-" not in run("ip", "-n", world.site.node, "link").stdout
+    assert "kvgw-" not in run("ip", "-n", world.site.node, "link").stdout
     assert run("ip", "netns", "exec", world.site.node, "nft", "list", "tables").stdout.strip() == ""
     assert not world.uapi().exists()
     assert not (state_dir / "state.json").exists()

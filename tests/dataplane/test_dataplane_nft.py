@@ -8,9 +8,10 @@ import os
 import pytest
 from pydantic import SecretStr
 
-from kvpn_agent import nft
-from kvpn_agent.model import DesiredServer
+from kvpn_agent.desired import DesiredServer
+from kvpn_agent.nft import Nft
 from kvpn_agent.plan import UpdateFirewall, plan_firewall
+from kvpn_agent.ruleset import build_ruleset
 from kvpn_core.api import AllowedDestination
 from kvpn_core.contract import PeerBinding
 from kvpn_core.keys import public_key_of
@@ -45,7 +46,7 @@ def test_dual_stack_table_round_trips_through_nft(lab: Lab) -> None:
     server = DesiredServer(
         namespace="t",
         name="dual",
-        interface="kvpn-dualstack0",
+        interface="kvgw-dualstack0",
         private_key=SecretStr(private),
         public_key=public_key_of(private),
         listen_port=51820,
@@ -57,12 +58,12 @@ def test_dual_stack_table_round_trips_through_nft(lab: Lab) -> None:
         peers=tuple(peers),
     )
     ns = lab.netns("nft")
-    firewall = nft.Nft(prefix=("ip", "netns", "exec", ns))
-    ruleset = nft.build_ruleset([server])
+    firewall = Nft(prefix=("ip", "netns", "exec", ns))
+    ruleset = build_ruleset([server])
     firewall.replace(ruleset)
     assert plan_firewall(ruleset, firewall.list_table()) == []
 
-    fewer = nft.build_ruleset([server.model_copy(update={"peers": tuple(peers[:-1])})])
+    fewer = build_ruleset([server.model_copy(update={"peers": tuple(peers[:-1])})])
     (action,) = plan_firewall(fewer, firewall.list_table())
     assert isinstance(action, UpdateFirewall)
     firewall.update(fewer, action.update)

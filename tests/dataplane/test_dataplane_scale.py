@@ -17,13 +17,16 @@ from typing import Any
 
 import pytest
 
-from kvpn_agent import nft
+from kvpn_agent.builder import DesiredBuilder
 from kvpn_agent.kernel import KernelLink, KernelWireGuard
-from kvpn_agent.model import DesiredBuilder, DeviceConfig, ObservedDevice, PeerConfig
 from kvpn_agent.netlink import Netlink
+from kvpn_agent.nft import Nft
+from kvpn_agent.observed import ObservedDevice
 from kvpn_agent.plan import AddPeer, UpdateFirewall
+from kvpn_agent.ruleset import PeerUpdate, build_ruleset
 from kvpn_agent.sync import LinkBackend, UapiBackend, WireGuardBackend, sync
 from kvpn_agent.wggo import UserspaceLink, WireGuardGo
+from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.contract import PeerBinding, encode_data
 from tests.dataplane.conftest import BACKENDS
 from tests.dataplane.kit import Lab, binding_secret, keypair, run
@@ -183,7 +186,7 @@ def test_full_sync_of_ten_thousand_peers_then_one_more(node: Node) -> None:
     FIGURES[f"{node.backend}: build desired state from 10000 binding Secrets"] = (time.perf_counter() - started) * 1000
     assert len(desired.peers) == 10_000
 
-    firewall = nft.Nft(prefix=("ip", "netns", "exec", ns))
+    firewall = Nft(prefix=("ip", "netns", "exec", ns))
     backend = node.wireguard
     cold = sync([desired], link, backend, firewall)
     FIGURES[f"{node.backend}: cold sync of 10000 peers (WireGuard + nft)"] = cold.seconds * 1000
@@ -222,8 +225,8 @@ def test_full_sync_of_ten_thousand_peers_then_one_more(node: Node) -> None:
     )
     FIGURES[f"{node.backend}: apply one peer at 10000 peers"] = apply_ms
     desired = builder.apply({extra["metadata"]["name"]: extra})
-    ruleset = nft.build_ruleset([desired])
-    update = nft.PeerUpdate(add_elements=((("peers4_" + interface, "10.64.39.19"), f"routes_{interface}"),))
+    ruleset = build_ruleset([desired])
+    update = PeerUpdate(add_elements=((("peers4_" + interface, "10.64.39.19"), f"routes_{interface}"),))
     FIGURES[f"{node.backend}: apply one peer's nft elements at 10000 peers"] = timed(
         lambda: firewall.update(ruleset, update)
     )

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from kvpn_agent.model import DeviceConfig, PeerConfig
 from kvpn_agent.plan import AddPeer, RemovePeer, ReplaceFirewall, UpdateFirewall
+from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.api import AllowedDestination
 from kvpn_core.contract import PeerBinding
 from tests.dataplane.conftest import NODE_SIDE, OTHER_PORT, OTHER_SERVICE, PORT, SERVICE, Site, both_backends

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from kvpn_agent.model import interface_name
+from kvpn_agent.desired import interface_name
 from kvpn_agent.uapi import UapiClient
 from tests.support.chart import CHART, tool_dir
 from tests.support.cluster import (

@@ -12,10 +12,13 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpn_agent import nft
-from kvpn_agent.model import DesiredBuilder, DesiredServer, DeviceConfig, ObservedDevice, ObservedLink, PeerConfig
-from kvpn_agent.model import build_desired as build
+from kvpn_agent.builder import DesiredBuilder
+from kvpn_agent.desired import DesiredServer
+from kvpn_agent.desired import build_desired as build
+from kvpn_agent.observed import ObservedDevice, ObservedLink
+from kvpn_agent.ruleset import ObservedRuleset, PeerUpdate, Ruleset, build_ruleset
 from kvpn_agent.sync import NodeState, SyncResult, assumed, assumed_ruleset, sync
+from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.contract import encode_data
 from kvpn_core.keys import public_key_of
 
@@ -105,11 +108,11 @@ class Null:
 
     def set(self, interface: str, device: DeviceConfig | None, peers: Sequence[PeerConfig]) -> None: ...
 
-    def list_table(self) -> nft.ObservedRuleset | None:
+    def list_table(self) -> ObservedRuleset | None:
         return None
 
-    def replace(self, ruleset: nft.Ruleset) -> None: ...
-    def update(self, ruleset: nft.Ruleset, update: nft.PeerUpdate) -> None: ...
+    def replace(self, ruleset: Ruleset) -> None: ...
+    def update(self, ruleset: Ruleset, update: PeerUpdate) -> None: ...
 
 
 def full_sync(servers: list[DesiredServer], known: NodeState) -> SyncResult:
@@ -164,8 +167,8 @@ def test_patched_bindings_give_the_from_scratch_desired_state_and_plan(
         assert reference.state is not None
         assert result.state.servers == reference.state.servers == {s.interface: assumed(s) for s in servers}
         assert result.state.ruleset == reference.state.ruleset
-        assert result.state.rules == nft.build_ruleset(servers)
-        assert result.state.ruleset == assumed_ruleset(nft.build_ruleset(servers))
+        assert result.state.rules == build_ruleset(servers)
+        assert result.state.ruleset == assumed_ruleset(build_ruleset(servers))
         state = result.state
 
 

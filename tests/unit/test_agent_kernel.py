@@ -22,7 +22,6 @@ from pyroute2.netlink.generic.wireguard import wgmsg
 
 from kvpn_agent import wgnetlink
 from kvpn_agent.kernel import KernelLink, KernelWireGuard, kernel_available
-from kvpn_agent.model import DeviceConfig, PeerConfig
 from kvpn_agent.wgnetlink import (
     MAX_NEST,
     NLMSG_HEADER,
@@ -32,6 +31,7 @@ from kvpn_agent.wgnetlink import (
     peer_nests,
     set_messages,
 )
+from kvpn_agent.wire import DeviceConfig, PeerConfig
 
 FAMILY = 0x1B
 
@@ -63,7 +63,7 @@ def peer_of(nla: Any) -> dict[str, Any]:
 def test_a_change_is_one_set_device_message_as_pyroute2_reads_it() -> None:
     priv, pub, psk, other = key(), key(), key(), key()
     (payload,) = set_messages(
-        "kvpn-0123456789",
+        "kvgw-0123456789",
         DeviceConfig(private_key=priv, listen_port=51820, fwmark=7),
         [
             PeerConfig(
@@ -80,7 +80,7 @@ def test_a_change_is_one_set_device_message_as_pyroute2_reads_it() -> None:
     )
     msg = decoded(payload)
     assert (msg["cmd"], msg["version"]) == (wg.WG_CMD_SET_DEVICE, wg.WG_GENL_VERSION)
-    assert msg.get_attr("WGDEVICE_A_IFNAME") == "kvpn-0123456789"
+    assert msg.get_attr("WGDEVICE_A_IFNAME") == "kvgw-0123456789"
     assert msg.get_attr("WGDEVICE_A_PRIVATE_KEY").decode() == priv
     assert (msg.get_attr("WGDEVICE_A_LISTEN_PORT"), msg.get_attr("WGDEVICE_A_FWMARK")) == (51820, 7)
     assert msg.get_attr("WGDEVICE_A_FLAGS") is None  # no REPLACE_PEERS unless asked for
@@ -338,14 +338,14 @@ def test_a_missing_device_reads_as_none(exc: Exception) -> None:
     died with (19, 'No such device') outside the sync's error handling."""
     backend = KernelWireGuard()
     backend.socket = Refusing(exc)  # type: ignore[assignment]
-    assert backend.get("kvpn-0123456789") is None
+    assert backend.get("kvgw-0123456789") is None
 
 
 def test_other_netlink_errors_are_raised() -> None:
     backend = KernelWireGuard()
     backend.socket = Refusing(NetlinkError(errno.EPERM, "Operation not permitted"))  # type: ignore[assignment]
     with pytest.raises(NetlinkError):
-        backend.get("kvpn-0123456789")
+        backend.get("kvgw-0123456789")
 
 
 def test_the_socket_is_opened_in_the_interfaces_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -385,5 +385,5 @@ def test_a_kernel_link_is_emptied_in_one_message_before_it_is_deleted() -> None:
         def set(self, interface: str, device: DeviceConfig | None, peers: Any) -> None:
             calls.append(f"set {interface} replace_peers={device.replace_peers if device else None} peers={len(peers)}")
 
-    KernelLink(Links(), Devices()).delete("kvpn-0123456789")  # type: ignore[arg-type]
-    assert calls == ["set kvpn-0123456789 replace_peers=True peers=0", "delete kvpn-0123456789"]
+    KernelLink(Links(), Devices()).delete("kvgw-0123456789")  # type: ignore[arg-type]
+    assert calls == ["set kvgw-0123456789 replace_peers=True peers=0", "delete kvgw-0123456789"]

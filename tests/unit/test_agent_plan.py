@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from kvpn_agent import nft
-from kvpn_agent.model import DesiredServer, Observed, ObservedDevice, ObservedLink, ObservedPeer
+from kvpn_agent.desired import DesiredServer
+from kvpn_agent.observed import Observed, ObservedDevice, ObservedLink, ObservedPeer
 from kvpn_agent.plan import (
     Action,
     AddAddress,
@@ -32,6 +32,15 @@ from kvpn_agent.plan import (
     plan_firewall,
     plan_server,
 )
+from kvpn_agent.ruleset import (
+    ObservedRuleset,
+    PeerUpdate,
+    Ruleset,
+    build_ruleset,
+    parse_table,
+    replace_commands,
+    server_id,
+)
 from kvpn_core.api import AllowedDestination
 from kvpn_core.contract import PeerBinding
 from kvpn_core.keys import public_key_of
@@ -43,7 +52,7 @@ def det_key(seed: str) -> str:
 
 
 PRIVATE = det_key("server")
-IF = "kvpn-0123456789"
+IF = "kvgw-0123456789"
 
 
 def peer(i: int, *, psk: bool = True, dests: Sequence[AllowedDestination] = (), v6: bool = False) -> PeerBinding:
@@ -396,9 +405,9 @@ def test_plan_converges_and_touches_only_what_differs(
 WEB = AllowedDestination.model_validate({"cidr": "10.96.0.10/32", "protocol": "TCP", "ports": [{"port": 80}]})
 
 
-def observed_table(ruleset: nft.Ruleset) -> nft.ObservedRuleset:
+def observed_table(ruleset: Ruleset) -> ObservedRuleset:
     """What `nft -j list table` shows after ``ruleset`` was loaded: map elements inside their map."""
-    objects = [copy.deepcopy(c["add"]) for c in nft.replace_commands(ruleset)[2:]]
+    objects = [copy.deepcopy(c["add"]) for c in replace_commands(ruleset)[2:]]
     maps = {o["map"]["name"]: o["map"] for o in objects if "map" in o}
     listing = []
     for o in objects:
@@ -406,40 +415,40 @@ def observed_table(ruleset: nft.Ruleset) -> nft.ObservedRuleset:
             maps[o["element"]["name"]].setdefault("elem", []).extend(o["element"]["elem"])
         else:
             listing.append(o)
-    return nft.parse_table({"nftables": listing})
+    return parse_table({"nftables": listing})
 
 
 def test_observed_table_helper_matches_ruleset() -> None:
-    rs = nft.build_ruleset([desired([peer(0), peer(1, dests=[WEB])])])
+    rs = build_ruleset([desired([peer(0), peer(1, dests=[WEB])])])
     assert plan_firewall(rs, observed_table(rs)) == []
 
 
 def test_missing_table_is_replaced() -> None:
-    rs = nft.build_ruleset([desired([peer(0)])])
+    rs = build_ruleset([desired([peer(0)])])
     assert plan_firewall(rs, None) == [ReplaceFirewall(rs, reason="table missing")]
 
 
 def test_server_level_change_replaces_the_table() -> None:
-    before = nft.build_ruleset([desired([peer(0)])])
-    after = nft.build_ruleset([desired([peer(0)], routes=("10.96.0.0/12", "10.244.0.0/16"))])
+    before = build_ruleset([desired([peer(0)])])
+    after = build_ruleset([desired([peer(0)], routes=("10.96.0.0/12", "10.244.0.0/16"))])
     (action,) = plan_firewall(after, observed_table(before))
     assert isinstance(action, ReplaceFirewall)
-    unmasked = nft.build_ruleset([desired([peer(0)], masquerade=False)])
+    unmasked = build_ruleset([desired([peer(0)], masquerade=False)])
     assert isinstance(plan_firewall(unmasked, observed_table(before))[0], ReplaceFirewall)
 
 
 def test_adding_a_peer_adds_only_its_elements() -> None:
-    before = nft.build_ruleset([desired([peer(i) for i in range(100)])])
-    after = nft.build_ruleset([desired([peer(i) for i in range(101)])])
+    before = build_ruleset([desired([peer(i) for i in range(100)])])
+    after = build_ruleset([desired([peer(i) for i in range(101)])])
     (action,) = plan_firewall(after, observed_table(before))
     assert isinstance(action, UpdateFirewall)
-    sid = nft.server_id(desired())
-    assert action.update == nft.PeerUpdate(add_elements=(((f"peers4_{sid}", "10.8.0.102"), f"routes_{sid}"),))
+    sid = server_id(desired())
+    assert action.update == PeerUpdate(add_elements=(((f"peers4_{sid}", "10.8.0.102"), f"routes_{sid}"),))
 
 
 def test_adding_a_restricted_peer_adds_its_chain_then_its_elements() -> None:
-    before = nft.build_ruleset([desired([peer(0)])])
-    after = nft.build_ruleset([desired([peer(0), peer(1, dests=[WEB], v6=True)])])
+    before = build_ruleset([desired([peer(0)])])
+    after = build_ruleset([desired([peer(0), peer(1, dests=[WEB], v6=True)])])
     (action,) = plan_firewall(after, observed_table(before))
     assert isinstance(action, UpdateFirewall)
     (chain,) = action.update.put_chains
@@ -449,20 +458,20 @@ def test_adding_a_restricted_peer_adds_its_chain_then_its_elements() -> None:
 
 
 def test_removing_a_restricted_peer_deletes_its_elements_and_chain() -> None:
-    before = nft.build_ruleset([desired([peer(0), peer(1, dests=[WEB])])])
-    after = nft.build_ruleset([desired([peer(0)])])
+    before = build_ruleset([desired([peer(0), peer(1, dests=[WEB])])])
+    after = build_ruleset([desired([peer(0)])])
     (action,) = plan_firewall(after, observed_table(before))
     assert isinstance(action, UpdateFirewall)
-    sid = nft.server_id(desired())
+    sid = server_id(desired())
     assert action.update.delete_elements == ((f"peers4_{sid}", "10.8.0.3"),)
     assert len(action.update.delete_chains) == 1
     assert action.update.add_elements == ()
 
 
 def test_changing_a_peers_destinations_swaps_its_chain() -> None:
-    before = nft.build_ruleset([desired([peer(0), peer(1, dests=[WEB])])])
+    before = build_ruleset([desired([peer(0), peer(1, dests=[WEB])])])
     other = AllowedDestination(cidr="10.96.0.0/16")
-    after = nft.build_ruleset([desired([peer(0), peer(1, dests=[other])])])
+    after = build_ruleset([desired([peer(0), peer(1, dests=[other])])])
     (action,) = plan_firewall(after, observed_table(before))
     assert isinstance(action, UpdateFirewall)
     u = action.update
@@ -471,29 +480,29 @@ def test_changing_a_peers_destinations_swaps_its_chain() -> None:
 
 
 def test_flushed_peer_chain_is_refilled() -> None:
-    rs = nft.build_ruleset([desired([peer(1, dests=[WEB])])])
+    rs = build_ruleset([desired([peer(1, dests=[WEB])])])
     obs = observed_table(rs)
     (chain,) = obs.peer_chains
     flushed = replace(obs, peer_chains={chain: ()})
     (action,) = plan_firewall(rs, flushed)
     assert isinstance(action, UpdateFirewall)
-    assert action.update == nft.PeerUpdate(put_chains=(chain,))
+    assert action.update == PeerUpdate(put_chains=(chain,))
 
 
 def test_hand_removed_element_is_restored() -> None:
-    rs = nft.build_ruleset([desired([peer(0), peer(1)])])
+    rs = build_ruleset([desired([peer(0), peer(1)])])
     obs = observed_table(rs)
     missing = dict(obs.peer_map)
     key = next(iter(missing))
     del missing[key]
     (action,) = plan_firewall(rs, replace(obs, peer_map=missing))
     assert isinstance(action, UpdateFirewall)
-    assert action.update == nft.PeerUpdate(add_elements=((key, rs.peer_map[key]),))
+    assert action.update == PeerUpdate(add_elements=((key, rs.peer_map[key]),))
 
 
 def test_disabling_a_peer_removes_its_elements() -> None:
-    before = nft.build_ruleset([desired([peer(0), peer(1)])])
-    after = nft.build_ruleset([desired([peer(1)])])
+    before = build_ruleset([desired([peer(0), peer(1)])])
+    after = build_ruleset([desired([peer(1)])])
     (action,) = plan_firewall(after, observed_table(before))
     assert isinstance(action, UpdateFirewall)
-    assert list(action.update.delete_elements) == [(f"peers4_{nft.server_id(desired())}", "10.8.0.2")]
+    assert list(action.update.delete_elements) == [(f"peers4_{server_id(desired())}", "10.8.0.2")]

@@ -19,27 +19,20 @@ from typing import Any
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvpn_agent import nft
+from kvpn_agent.dataplane import Dataplane, KernelFirstLink, KernelFirstWireGuard
+from kvpn_agent.desired import DesiredServer, build_desired, interface_name, legacy_interface_name
 from kvpn_agent.metrics import Metrics
-from kvpn_agent.model import (
-    DesiredServer,
-    DeviceConfig,
-    ObservedDevice,
-    ObservedLink,
-    ObservedPeer,
-    PeerConfig,
-    build_desired,
-    interface_name,
-    sort_networks,
-)
+from kvpn_agent.observed import ObservedDevice, ObservedLink, ObservedPeer
 from kvpn_agent.processes import WireGuardGoProcesses
-from kvpn_agent.report import KERNEL_WIREGUARD_FAILED
-from kvpn_agent.runner import Agent, Dataplane, KernelFirstLink, KernelFirstWireGuard, Settings, secret_index
+from kvpn_agent.ruleset import ObservedRuleset, PeerUpdate, Ruleset
+from kvpn_agent.runner import Agent, Settings, secret_index
 from kvpn_agent.state import ServerInputs, StateFile
 from kvpn_agent.supervisor_api import SupervisorClient
 from kvpn_agent.sync import assumed_ruleset, sync
 from kvpn_agent.uapi import UapiError
 from kvpn_agent.watch import Obj, Store, key_of
+from kvpn_agent.wire import DeviceConfig, PeerConfig, sort_networks
+from kvpn_core.conditions import Reason
 from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, PeerBinding, encode_data
 from kvpn_core.keys import public_key_of
 from tests.support.agent_process import SupervisorProcess, fake_wireguard_go
@@ -63,7 +56,7 @@ class FakeNode:
         self.refuse: UapiError | None = None
         self.links: dict[str, ObservedLink] = {}
         self.devices: dict[str, ObservedDevice] = {}
-        self.table: nft.ObservedRuleset | None = None
+        self.table: ObservedRuleset | None = None
         self.reads = 0
         self.sets: list[tuple[str, tuple[PeerConfig, ...]]] = []
         self.calls: list[str] = []
@@ -130,14 +123,14 @@ class FakeNode:
         self.devices[interface] = replace(current, peers=have)
 
     # Firewall
-    def list_table(self) -> nft.ObservedRuleset | None:
+    def list_table(self) -> ObservedRuleset | None:
         self.reads += 1
         return self.table
 
-    def replace(self, ruleset: nft.Ruleset) -> None:
+    def replace(self, ruleset: Ruleset) -> None:
         self.table = assumed_ruleset(ruleset)
 
-    def update(self, ruleset: nft.Ruleset, update: nft.PeerUpdate) -> None:
+    def update(self, ruleset: Ruleset, update: PeerUpdate) -> None:
         self.table = assumed_ruleset(ruleset)
 
     def interfaces(self, prefix: str = "") -> list[str]:
@@ -324,6 +317,19 @@ def test_a_deleted_server_takes_its_interface_with_it(running: Running) -> None:
     wait(running.agent.synced.is_set, "the first sync")
     running.change(remove=[(NS, NAME)])
     wait(lambda: IFACE not in running.node.links, "the interface to go")
+
+
+def test_an_upgraded_gateway_replaces_its_old_kvpn_interface_and_spares_a_laptop_tunnel(tmp_path: Path) -> None:
+    node = FakeNode()
+    old = legacy_interface_name(NS, NAME)
+    for interface in (old, "kvpn-office", "kvgw-leftover0"):  # the old name, `kubectl vpn up`, a gone server
+        node.links[interface] = ObservedLink(mtu=1420, up=True)
+    with start(tmp_path, objs=[server_obj(), key_secret(), binding(0)], node=node) as run:
+        wait(run.agent.synced.is_set, "the first sync")
+        assert IFACE in node.links
+        assert old not in node.links
+        assert "kvgw-leftover0" not in node.links
+        assert "kvpn-office" in node.links
 
 
 def test_a_server_for_other_nodes_is_not_served(tmp_path: Path) -> None:
@@ -682,5 +688,5 @@ def test_a_kernel_fallback_is_a_dataplane_condition_naming_it(tmp_path: Path) ->
         agent.report_once()
     ((target, (reason, message)),) = conditions.reports[-1].items()
     assert target[1:] == (NS, NAME)
-    assert reason == KERNEL_WIREGUARD_FAILED
+    assert reason == Reason.KERNEL_WIREGUARD_FAILED
     assert "served by the userspace backend (wireguard-go) instead" in message

@@ -100,6 +100,6 @@ def test_run_is_the_default_command_and_namespaces_repeat(monkeypatch: pytest.Mo
 
 def test_log_lines_carry_their_fields() -> None:
     record = logging.LogRecord("kvpn_agent.sync", logging.INFO, "", 0, "AddPeer", None, None)
-    record.interface = "kvpn-0123456789"
-    assert json.loads(JsonFormatter().format(record))["interface"] == "kvpn-0123456789"
-    assert PlainFormatter().format(record).endswith("AddPeer interface=kvpn-0123456789")
+    record.interface = "kvgw-0123456789"
+    assert json.loads(JsonFormatter().format(record))["interface"] == "kvgw-0123456789"
+    assert PlainFormatter().format(record).endswith("AddPeer interface=kvgw-0123456789")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvpn_agent.model import interface_name
+from kvpn_agent.desired import interface_name
 from kvpn_agent.supervisor_api import (
     MAX_LINE,
     ProtocolError,
@@ -71,7 +71,7 @@ def test_an_accepted_name_is_one_argument_and_one_file_name(name: str) -> None:
 
 
 def test_requests_round_trip() -> None:
-    for request in (Request("start", "kvpn-0123456789"), Request("stop", "wg0"), Request("list")):
+    for request in (Request("start", "kvgw-0123456789"), Request("stop", "wg0"), Request("list")):
         line = request.encode()
         assert line.endswith(b"\n")
         assert b"\n" not in line[:-1]
@@ -82,7 +82,7 @@ def test_requests_round_trip() -> None:
     ("line", "complaint"),
     [
         (b"", "not JSON"),
-        (b"start kvpn-1", "not JSON"),
+        (b"start kvgw-1", "not JSON"),
         (b"\xff\xfe", "not JSON"),
         (b"[]", "not a JSON object"),
         (b'"list"', "not a JSON object"),

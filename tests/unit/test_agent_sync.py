@@ -10,16 +10,19 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from kvpn_agent import nft
-from kvpn_agent.model import DesiredServer, DeviceConfig, ObservedDevice, ObservedLink, PeerConfig
+from kvpn_agent.desired import DesiredServer
+from kvpn_agent.nft import NftError
+from kvpn_agent.observed import ObservedDevice, ObservedLink
+from kvpn_agent.ruleset import ObservedRuleset, PeerUpdate, Ruleset, build_ruleset
 from kvpn_agent.sync import sync
+from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.contract import PeerBinding
 from kvpn_core.keys import public_key_of
 
 PRIVATE = base64.b64encode(hashlib.sha256(b"server").digest()).decode()
 
 
-def server(n: int, interface: str = "kvpn-aaaaaaaaaa") -> DesiredServer:
+def server(n: int, interface: str = "kvgw-aaaaaaaaaa") -> DesiredServer:
     peers = tuple(
         PeerBinding(
             peer_namespace="t",
@@ -80,29 +83,29 @@ class Recorder:
     def set(self, interface: str, device: DeviceConfig | None, peers: Sequence[PeerConfig]) -> None:
         self.calls.append(("wg", interface, device is not None, len(peers)))
 
-    def list_table(self) -> nft.ObservedRuleset | None:
-        return nft.ObservedRuleset(fingerprint=nft.build_ruleset([server(0)]).fingerprint, peer_chains={}, peer_map={})
+    def list_table(self) -> ObservedRuleset | None:
+        return ObservedRuleset(fingerprint=build_ruleset([server(0)]).fingerprint, peer_chains={}, peer_map={})
 
-    def replace(self, ruleset: nft.Ruleset) -> None:
+    def replace(self, ruleset: Ruleset) -> None:
         self.calls.append(("nft-replace",))
 
-    def update(self, ruleset: nft.Ruleset, update: nft.PeerUpdate) -> None:
+    def update(self, ruleset: Ruleset, update: PeerUpdate) -> None:
         self.calls.append(("nft-update", len(update.add_elements)))
         if self.fail_update:
-            raise nft.NftError("element exists")
+            raise NftError("element exists")
 
 
 def test_wireguard_changes_of_an_interface_go_out_in_one_transaction() -> None:
     rec = Recorder()
-    result = sync([server(50), server(3, "kvpn-bbbbbbbbbb")], rec, rec, rec)
+    result = sync([server(50), server(3, "kvgw-bbbbbbbbbb")], rec, rec, rec)
     wg_calls = [c for c in rec.calls if c[0] == "wg"]
-    assert wg_calls == [("wg", "kvpn-aaaaaaaaaa", True, 50), ("wg", "kvpn-bbbbbbbbbb", True, 3)]
+    assert wg_calls == [("wg", "kvgw-aaaaaaaaaa", True, 50), ("wg", "kvgw-bbbbbbbbbb", True, 3)]
     assert rec.calls[:5] == [
-        ("create", "kvpn-aaaaaaaaaa"),
-        ("mtu", "kvpn-aaaaaaaaaa", 1420),
-        ("addr", "kvpn-aaaaaaaaaa", "10.8.0.1/24"),
-        ("up", "kvpn-aaaaaaaaaa"),
-        ("wg", "kvpn-aaaaaaaaaa", True, 50),
+        ("create", "kvgw-aaaaaaaaaa"),
+        ("mtu", "kvgw-aaaaaaaaaa", 1420),
+        ("addr", "kvgw-aaaaaaaaaa", "10.8.0.1/24"),
+        ("up", "kvgw-aaaaaaaaaa"),
+        ("wg", "kvgw-aaaaaaaaaa", True, 50),
     ]
     assert len(result.actions) == 2 * 4 + 2 + 53 + 1
     assert result.seconds > 0
@@ -116,20 +119,20 @@ def test_failed_element_update_falls_back_to_replacing_the_table() -> None:
 
 def test_interfaces_of_servers_no_longer_served_are_deleted_first() -> None:
     rec = Recorder()
-    rec.links["kvpn-gone000000"] = ObservedLink(mtu=1420, up=True)
-    sync([], rec, rec, rec, gone=["kvpn-gone000000", "kvpn-neverthere"])
-    assert rec.calls[0] == ("delete", "kvpn-gone000000")
-    assert ("delete", "kvpn-neverthere") not in rec.calls
+    rec.links["kvgw-gone000000"] = ObservedLink(mtu=1420, up=True)
+    sync([], rec, rec, rec, gone=["kvgw-gone000000", "kvgw-neverthere"])
+    assert rec.calls[0] == ("delete", "kvgw-gone000000")
+    assert ("delete", "kvgw-neverthere") not in rec.calls
 
 
 def test_a_failing_replace_is_not_swallowed() -> None:
     class Broken(Recorder):
-        def list_table(self) -> nft.ObservedRuleset | None:
+        def list_table(self) -> ObservedRuleset | None:
             return None
 
-        def replace(self, ruleset: nft.Ruleset) -> None:
-            raise nft.NftError("no nft")
+        def replace(self, ruleset: Ruleset) -> None:
+            raise NftError("no nft")
 
     rec = Broken()
-    with pytest.raises(nft.NftError):
+    with pytest.raises(NftError):
         sync([server(1)], rec, rec, rec)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kvpn_agent.model import DeviceConfig, PeerConfig
 from kvpn_agent.uapi import UapiClient, UapiError, key_from_hex, key_to_hex, parse_get, render_set
+from kvpn_agent.wire import DeviceConfig, PeerConfig
 
 
 def key() -> str:

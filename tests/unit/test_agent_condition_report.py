@@ -8,17 +8,16 @@ from typing import Any
 
 import pytest
 
-from kvpn_agent.model import PeerProblem
-from kvpn_agent.report import (
+from kvpn_agent.condition_report import (
     DATAPLANE,
-    KERNEL_WIREGUARD_FAILED,
-    SYNC_FAILED,
     ConditionReporter,
     Target,
     conditions_update,
     dataplane_problems,
 )
+from kvpn_agent.desired import PeerProblem
 from kvpn_core.api import Kind
+from kvpn_core.conditions import Reason
 from kvpn_core.kube import ConflictError, KubeError
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
@@ -62,7 +61,7 @@ def test_problems_land_on_their_peer_or_server_with_the_node_named() -> None:
 def test_a_server_this_node_cannot_program_is_a_sync_failed_condition_naming_the_node() -> None:
     port = "UDP port 51820 is taken by another process on the node (errno 98)"
     found = dataplane_problems({}, "gw-1", {("vpn", "office"): port})
-    assert found == {SERVER: (SYNC_FAILED, f"this node cannot program the server: {port} (gateway node gw-1)")}
+    assert found == {SERVER: (Reason.SYNC_FAILED, f"this node cannot program the server: {port} (gateway node gw-1)")}
     # A server whose desired state is bad and which also fails: both said, the desired state first.
     both = dataplane_problems(
         {("vpn", "office"): (("InvalidServerKey", "bad key"), frozenset())}, "gw-1", {("vpn", "office"): port}
@@ -76,7 +75,7 @@ def test_a_server_the_kernel_refused_names_the_fallback_it_runs_on() -> None:
     found = dataplane_problems({}, "gw-1", None, {("vpn", "office"): why})
     assert found == {
         SERVER: (
-            KERNEL_WIREGUARD_FAILED,
+            Reason.KERNEL_WIREGUARD_FAILED,
             f"kernel WireGuard failed on this node ({why}): the server is served by the userspace backend"
             " (wireguard-go) instead (gateway node gw-1)",
         )
@@ -286,7 +285,7 @@ def test_a_missing_object_is_not_an_error(kube: FakeKube) -> None:
 
 
 def test_another_gateways_kernel_fallback_is_left_to_that_gateway(kube: FakeKube) -> None:
-    theirs = {"type": DATAPLANE, "status": "False", "reason": KERNEL_WIREGUARD_FAILED,
+    theirs = {"type": DATAPLANE, "status": "False", "reason": Reason.KERNEL_WIREGUARD_FAILED,
               "message": "kernel WireGuard failed on this node (x) (gateway node gw-2)",
               "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
     kube.add(SERVER, [READY, theirs])
@@ -297,8 +296,8 @@ def test_another_gateways_kernel_fallback_is_left_to_that_gateway(kube: FakeKube
 
 def test_another_gateways_sync_failure_is_left_to_that_gateway(kube: FakeKube) -> None:
     """A SyncFailed condition is about one node: a healthy gateway of the same server leaves it."""
-    theirs = {"type": DATAPLANE, "status": "False", "reason": SYNC_FAILED, "message": "port taken (gateway node gw-2)",
-              "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
+    theirs = {"type": DATAPLANE, "status": "False", "reason": Reason.SYNC_FAILED,
+              "message": "port taken (gateway node gw-2)", "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
     kube.add(SERVER, [READY, theirs])
     healthy = ConditionReporter(kube, clock=Clock(), now=lambda: NOW, node="gw-1")  # type: ignore[arg-type]
     assert healthy.report({}, [kube.objects[kube.path(SERVER)]]) == 0

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from kvpn_agent.metrics import Metrics, PeerStats
-from kvpn_agent.report import StatusReporter, rfc3339, status_patch
+from kvpn_agent.status_report import StatusReporter, rfc3339, status_patch
 from kvpn_core.kube import ConflictError, KubeError
 
 T = 1_700_000_000.0  # 2023-11-14T22:13:20Z

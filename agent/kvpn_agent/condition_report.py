@@ -1,8 +1,5 @@
-"""VpnPeer status from what a gateway sees: last handshake, bytes, endpoint; the freshest gateway wins.
-
-And the agent's own condition, Dataplane, on the VpnPeers and VpnServers whose desired state it
-cannot use, or that its node fails to program (False, with the reason); removed when the problem is gone.
-"""
+"""The agent's own condition, Dataplane, on the VpnPeers and VpnServers whose desired state it cannot
+use, or that its node fails to program (False, with the reason); removed when the problem is gone."""
 
 from __future__ import annotations
 
@@ -16,142 +13,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kvpn_agent.metrics import PeerStats
-from kvpn_agent.model import PeerProblem
+from kvpn_agent.desired import PeerProblem
+from kvpn_agent.fetch import Obj, fetch
 from kvpn_core.api import API_VERSION, PLURALS, Condition, Kind
-from kvpn_core.conditions import Outcome, set_condition
+from kvpn_core.conditions import Outcome, Reason, set_condition
 from kvpn_core.kube import ConflictError, Kube, KubeError, NotFoundError, kvpn_path
 
 log = logging.getLogger(__name__)
 
 MIN_INTERVAL = 15.0
-"""Seconds between two status writes of one peer: 10,000 chatty peers must not flood the API server."""
-
-LIST_ABOVE = 20
-"""More peers than this due in one namespace: one LIST instead of a GET each."""
-
-Obj = dict[str, Any]
-PeerKey = tuple[str, str]
-
-
-def rfc3339(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(int(timestamp), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_time(value: Any) -> dt.datetime | None:
-    try:
-        parsed = dt.datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
-
-
-def status_patch(current: Mapping[str, Any], mine: PeerStats) -> Obj | None:
-    """The status fields to write for ``mine``, or None when there is nothing to say.
-
-    Another gateway's newer handshake is left alone: the peer talks to that one now, and its byte
-    counters are that gateway's. Only these four fields are ever written; the rest is the operator's.
-    """
-    if mine.last_handshake is None:
-        return None
-    theirs = _parse_time(current.get("lastHandshake")) if current.get("lastHandshake") else None
-    ours = dt.datetime.fromtimestamp(int(mine.last_handshake), dt.UTC)
-    if theirs is not None and theirs > ours:
-        return None
-    patch: Obj = {"lastHandshake": rfc3339(mine.last_handshake), "rxBytes": mine.rx_bytes, "txBytes": mine.tx_bytes}
-    if mine.endpoint:
-        patch["endpoint"] = mine.endpoint
-    if all(current.get(k) == v for k, v in patch.items()):
-        return None
-    return patch
-
-
-class StatusReporter:
-    """Writes due peers' status in one pass: only on change, at most once per peer per MIN_INTERVAL."""
-
-    def __init__(
-        self, kube: Kube, min_interval: float = MIN_INTERVAL, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.kube = kube
-        self.min_interval = min_interval
-        self.clock = clock
-        self._seen: dict[PeerKey, tuple[object, ...]] = {}
-        """What was last decided on per peer (written, or left to a fresher gateway)."""
-        self._at: dict[PeerKey, float] = {}
-
-    def report(self, stats: Iterable[PeerStats]) -> int:
-        """Returns the number of writes; raises KubeError when the API server cannot be reached."""
-        now = self.clock()
-        current = {(s.namespace, s.peer): s for s in stats if s.last_handshake is not None}
-        for gone in set(self._seen) - set(current):
-            self._seen.pop(gone, None)
-            self._at.pop(gone, None)
-        due = [
-            s
-            for key, s in current.items()
-            if self._seen.get(key) != _values(s) and now - self._at.get(key, -math.inf) >= self.min_interval
-        ]
-        writes = 0
-        by_namespace: dict[str, list[PeerStats]] = {}
-        for s in due:
-            by_namespace.setdefault(s.namespace, []).append(s)
-        for namespace, group in sorted(by_namespace.items()):
-            objects = self._fetch(namespace, [s.peer for s in group])
-            for s in group:
-                obj = objects.get(s.peer)
-                outcome = self._write(obj, s) if obj is not None else "gone"
-                if outcome == "conflict":
-                    continue  # nothing was written: look again in the next pass
-                writes += outcome == "written"
-                self._seen[(s.namespace, s.peer)] = _values(s)
-                self._at[(s.namespace, s.peer)] = now
-        return writes
-
-    def _fetch(self, namespace: str, names: list[str]) -> dict[str, Obj]:
-        return _fetch(self.kube, Kind.VPN_PEER, namespace, names)
-
-    def _write(self, obj: Obj, mine: PeerStats) -> str:
-        patch = status_patch(obj.get("status") or {}, mine)
-        if patch is None:
-            return "unchanged"
-        path = kvpn_path(Kind.VPN_PEER, mine.namespace, mine.peer, "status")
-        # The resourceVersion makes the write conditional: a fresher handshake written by another
-        # gateway since our read wins, and this peer is looked at again in the next pass.
-        body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": patch}
-        try:
-            self.kube.merge_patch(path, body)
-        except ConflictError:
-            return "conflict"
-        except NotFoundError:
-            return "gone"
-        except KubeError as exc:
-            if exc.status == 0:
-                raise
-            log.warning(
-                "peer status not written", extra={"namespace": mine.namespace, "peer": mine.peer, "error": str(exc)}
-            )
-            return "failed"
-        return "written"
-
-
-def _values(s: PeerStats) -> tuple[object, ...]:
-    return (s.last_handshake, s.rx_bytes, s.tx_bytes, s.endpoint)
-
-
-# --- the Dataplane condition -----------------------------------------------------------------------
+"""Seconds between two condition writes of one object: 10,000 broken peers must not flood the API server."""
 
 DATAPLANE = "Dataplane"
 """The agent's own condition type on VpnPeers and VpnServers; Ready stays the operator's."""
 
-SYNC_FAILED = "SyncFailed"
-"""The reason when a node cannot program a server whose desired state is fine (its listen port is
-taken, wireguard-go cannot start): a fact about that node, which the message names."""
-
-KERNEL_WIREGUARD_FAILED = "KernelWireGuardFailed"
-"""The reason when this node's kernel refused a server's WireGuard link (backend auto) and wireguard-go
-serves it instead: it works, on the slower backend; the message names the error and the fallback."""
-
-NODE_REASONS = (SYNC_FAILED, KERNEL_WIREGUARD_FAILED)
+NODE_REASONS = (Reason.SYNC_FAILED, Reason.KERNEL_WIREGUARD_FAILED)
 """Reasons about one node (its message names it): only that node removes such a condition."""
 
 FALLBACK = "the userspace backend (wireguard-go)"
@@ -196,10 +72,10 @@ def dataplane_problems(
                 )
     for (namespace, server), error in sorted((failures or {}).items()):
         message = f"this node cannot program the server: {error} {where}"
-        out.setdefault((Kind.VPN_SERVER, namespace, server), []).append((SYNC_FAILED, message))
+        out.setdefault((Kind.VPN_SERVER, namespace, server), []).append((Reason.SYNC_FAILED, message))
     for (namespace, server), error in sorted((fallbacks or {}).items()):
         message = f"kernel WireGuard failed on this node ({error}): the server is served by {FALLBACK} instead {where}"
-        out.setdefault((Kind.VPN_SERVER, namespace, server), []).append((KERNEL_WIREGUARD_FAILED, message))
+        out.setdefault((Kind.VPN_SERVER, namespace, server), []).append((Reason.KERNEL_WIREGUARD_FAILED, message))
     return {t: (found[0][0], "; ".join(m for _, m in found)) for t, found in out.items()}
 
 
@@ -291,7 +167,7 @@ class ConditionReporter:
         for kind, namespace, name in due:
             by_place.setdefault((kind, namespace), []).append(name)
         for (kind, namespace), names in sorted(by_place.items()):
-            objects = _fetch(self.kube, kind, namespace, sorted(names))
+            objects = fetch(self.kube, kind, namespace, sorted(names))
             for name in sorted(names):
                 target = (kind, namespace, name)
                 outcome = self._write(target, objects.get(name), wanted.get(target))
@@ -401,14 +277,3 @@ class ConditionReporter:
 
 def _has_dataplane(obj: Mapping[str, Any]) -> bool:
     return any(c.get("type") == DATAPLANE for c in (obj.get("status") or {}).get("conditions") or [])
-
-
-def _fetch(kube: Kube, kind: Kind, namespace: str, names: list[str]) -> dict[str, Obj]:
-    if len(names) > LIST_ABOVE:
-        return {str(o["metadata"]["name"]): o for o in kube.list(kvpn_path(kind, namespace))}
-    found = {}
-    for name in names:
-        obj = kube.get(kvpn_path(kind, namespace, name))
-        if obj is not None:
-            found[name] = obj
-    return found

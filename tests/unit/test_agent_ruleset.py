@@ -11,8 +11,15 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from kvpn_agent import nft
-from kvpn_agent.model import DesiredServer
+from kvpn_agent.desired import DesiredServer
+from kvpn_agent.ruleset import (
+    PeerUpdate,
+    build_ruleset,
+    delete_commands,
+    parse_table,
+    replace_commands,
+    update_commands,
+)
 from kvpn_core.contract import PeerBinding
 from kvpn_core.keys import public_key_of
 
@@ -32,7 +39,7 @@ def peer(i: int, dests: Sequence[dict[str, Any]] = (), v6: bool = False) -> Peer
     )
 
 
-def server(peers: Sequence[PeerBinding] = (), interface: str = "kvpn-aaaaaaaaaa", **fields: Any) -> DesiredServer:
+def server(peers: Sequence[PeerBinding] = (), interface: str = "kvgw-aaaaaaaaaa", **fields: Any) -> DesiredServer:
     values: dict[str, Any] = {
         "namespace": "team",
         "name": "office",
@@ -49,7 +56,7 @@ def server(peers: Sequence[PeerBinding] = (), interface: str = "kvpn-aaaaaaaaaa"
     return DesiredServer(**{**values, **fields})
 
 
-SID = "kvpn_aaaaaaaaaa"
+SID = "kvgw_aaaaaaaaaa"
 
 
 def rules(commands: Sequence[dict[str, Any]], chain: str) -> list[list[dict[str, Any]]]:
@@ -63,8 +70,8 @@ def text(expr: Any) -> str:
 
 
 def test_every_command_targets_only_the_kvpn_table() -> None:
-    rs = nft.build_ruleset([server([peer(0), peer(1, [{"cidr": "10.96.0.10/32"}])])])
-    for command in nft.replace_commands(rs) + nft.update_commands(rs, nft.PeerUpdate(put_chains=tuple(rs.peer_chains))):
+    rs = build_ruleset([server([peer(0), peer(1, [{"cidr": "10.96.0.10/32"}])])])
+    for command in replace_commands(rs) + update_commands(rs, PeerUpdate(put_chains=tuple(rs.peer_chains))):
         ((_, obj),) = command.items()
         ((kind, body),) = obj.items()
         assert body["family"] == "inet"
@@ -72,15 +79,15 @@ def test_every_command_targets_only_the_kvpn_table() -> None:
 
 
 def test_replace_is_one_batch_that_tolerates_a_missing_table() -> None:
-    commands = nft.replace_commands(nft.build_ruleset([server([peer(0)])]))
+    commands = replace_commands(build_ruleset([server([peer(0)])]))
     table = {"table": {"family": "inet", "name": "kvpn"}}
     assert commands[:3] == [{"add": table}, {"delete": table}, {"add": table}]
-    assert nft.delete_commands() == [{"add": table}, {"delete": table}]
+    assert delete_commands() == [{"add": table}, {"delete": table}]
 
 
 def test_replace_orders_definitions_before_references() -> None:
-    rs = nft.build_ruleset([server([peer(0), peer(1, [{"cidr": "10.96.0.10/32"}])])])
-    commands = nft.replace_commands(rs)
+    rs = build_ruleset([server([peer(0), peer(1, [{"cidr": "10.96.0.10/32"}])])])
+    commands = replace_commands(rs)
     kinds = [next(iter(c["add"])) for c in commands[2:]]
     first_rule = kinds.index("rule")
     assert all(k == "rule" for k in kinds[first_rule : first_rule + len([k for k in kinds if k == "rule"])])
@@ -92,7 +99,7 @@ def test_replace_orders_definitions_before_references() -> None:
 
 
 def test_base_chains_hook_forward_input_and_postrouting() -> None:
-    commands = nft.replace_commands(nft.build_ruleset([server()]))[2:]
+    commands = replace_commands(build_ruleset([server()]))[2:]
     hooks = {
         c["add"]["chain"]["name"]: (c["add"]["chain"]["hook"], c["add"]["chain"]["policy"])
         for c in commands
@@ -107,18 +114,18 @@ def test_base_chains_hook_forward_input_and_postrouting() -> None:
 
 
 def test_masquerade_per_pool_only_when_on() -> None:
-    on = nft.replace_commands(nft.build_ruleset([server()]))
+    on = replace_commands(build_ruleset([server()]))
     masq = rules(on, "postrouting")
     assert len(masq) == 2
     assert '"masquerade"' in text(masq[0])
     assert '"10.8.0.0"' in text(masq[0])
     assert '"fd00:8::"' in text(masq[1])
-    off = nft.replace_commands(nft.build_ruleset([server(masquerade=False)]))
+    off = replace_commands(build_ruleset([server(masquerade=False)]))
     assert rules(off, "postrouting") == []
 
 
 def test_from_chain_allows_return_traffic_then_dispatches_by_peer_then_drops() -> None:
-    commands = nft.replace_commands(nft.build_ruleset([server(dns_nameservers=("10.96.0.10",))]))
+    commands = replace_commands(build_ruleset([server(dns_nameservers=("10.96.0.10",))]))
     chain = rules(commands, f"from_{SID}")
     assert '"established"' in text(chain[0])
     assert '"invalid"' in text(chain[1])
@@ -130,20 +137,20 @@ def test_from_chain_allows_return_traffic_then_dispatches_by_peer_then_drops() -
 
 
 def test_traffic_into_the_tunnel_is_only_return_traffic() -> None:
-    chain = rules(nft.replace_commands(nft.build_ruleset([server()])), f"to_{SID}")
+    chain = rules(replace_commands(build_ruleset([server()])), f"to_{SID}")
     assert '"established"' in text(chain[0])
     assert chain[1] == [{"counter": None}, {"drop": None}]
 
 
 def test_input_allows_pinging_the_gateway_and_otherwise_applies_the_peer_policy() -> None:
-    chain = rules(nft.replace_commands(nft.build_ruleset([server()])), f"in_{SID}")
+    chain = rules(replace_commands(build_ruleset([server()])), f"in_{SID}")
     assert '"10.8.0.1"' in text(chain[0])
     assert '"echo-request"' in text(chain[0])
     assert chain[-1] == [{"jump": {"target": f"from_{SID}"}}]
 
 
 def test_routes_are_interval_set_elements() -> None:
-    commands = nft.replace_commands(nft.build_ruleset([server()]))[2:]
+    commands = replace_commands(build_ruleset([server()]))[2:]
     elements = {c["add"]["element"]["name"]: c["add"]["element"]["elem"] for c in commands if "element" in c["add"]}
     assert elements[f"routes4_{SID}"] == [
         {"prefix": {"addr": "10.96.0.0", "len": 12}},
@@ -153,7 +160,7 @@ def test_routes_are_interval_set_elements() -> None:
 
 
 def test_unrestricted_peer_maps_to_the_routes_chain() -> None:
-    rs = nft.build_ruleset([server([peer(0, v6=True)])])
+    rs = build_ruleset([server([peer(0, v6=True)])])
     assert rs.peer_map == {
         (f"peers4_{SID}", "10.8.0.2"): f"routes_{SID}",
         (f"peers6_{SID}", "fd00:8::2"): f"routes_{SID}",
@@ -162,7 +169,7 @@ def test_unrestricted_peer_maps_to_the_routes_chain() -> None:
 
 
 def test_restricted_peer_gets_its_own_chain_keyed_by_its_addresses() -> None:
-    rs = nft.build_ruleset([server([peer(0, [{"cidr": "10.96.0.10/32"}], v6=True)])])
+    rs = build_ruleset([server([peer(0, [{"cidr": "10.96.0.10/32"}], v6=True)])])
     (chain,) = rs.peer_chains
     assert chain.startswith(f"p_{SID}_")
     assert set(rs.peer_map.values()) == {chain}
@@ -170,7 +177,7 @@ def test_restricted_peer_gets_its_own_chain_keyed_by_its_addresses() -> None:
 
 def test_same_policy_for_two_peers_is_two_chains() -> None:
     dests = [{"cidr": "10.96.0.10/32"}]
-    rs = nft.build_ruleset([server([peer(0, dests), peer(1, dests)])])
+    rs = build_ruleset([server([peer(0, dests), peer(1, dests)])])
     assert len(rs.peer_chains) == 2
 
 
@@ -189,7 +196,7 @@ def test_same_policy_for_two_peers_is_two_chains() -> None:
     ],
 )
 def test_destination_rules(dest: dict[str, Any], expected: list[Any]) -> None:
-    rs = nft.build_ruleset([server([peer(0, [dest])])])
+    rs = build_ruleset([server([peer(0, [dest])])])
     ((rule,),) = rs.peer_chains.values()
     expr = rule["rule"]["expr"]
     rendered = text(expr)
@@ -203,9 +210,9 @@ def test_destination_rules(dest: dict[str, Any], expected: list[Any]) -> None:
 
 
 def test_rule_comments_are_digests_of_their_expressions() -> None:
-    a = nft.build_ruleset([server([peer(0, [{"cidr": "10.96.0.10/32"}])])])
-    b = nft.build_ruleset([server([peer(0, [{"cidr": "10.96.0.10/32"}])])])
-    c = nft.build_ruleset([server([peer(0, [{"cidr": "10.96.0.11/32"}])])])
+    a = build_ruleset([server([peer(0, [{"cidr": "10.96.0.10/32"}])])])
+    b = build_ruleset([server([peer(0, [{"cidr": "10.96.0.10/32"}])])])
+    c = build_ruleset([server([peer(0, [{"cidr": "10.96.0.11/32"}])])])
     assert a == b
     comment_a = next(iter(a.peer_chains.values()))[0]["rule"]["comment"]
     comment_c = next(iter(c.peer_chains.values()))[0]["rule"]["comment"]
@@ -213,24 +220,24 @@ def test_rule_comments_are_digests_of_their_expressions() -> None:
 
 
 def test_two_servers_share_the_table_with_separate_names() -> None:
-    one = server([peer(0)], interface="kvpn-aaaaaaaaaa")
-    two = server([peer(0)], interface="kvpn-bbbbbbbbbb", addresses=("10.9.0.1/24",))
-    rs = nft.build_ruleset([one, two])
-    assert set(rs.peer_map) == {("peers4_kvpn_aaaaaaaaaa", "10.8.0.2"), ("peers4_kvpn_bbbbbbbbbb", "10.8.0.2")}
-    jumps = rules(nft.replace_commands(rs), "forward")
+    one = server([peer(0)], interface="kvgw-aaaaaaaaaa")
+    two = server([peer(0)], interface="kvgw-bbbbbbbbbb", addresses=("10.9.0.1/24",))
+    rs = build_ruleset([one, two])
+    assert set(rs.peer_map) == {("peers4_kvgw_aaaaaaaaaa", "10.8.0.2"), ("peers4_kvgw_bbbbbbbbbb", "10.8.0.2")}
+    jumps = rules(replace_commands(rs), "forward")
     assert len(jumps) == 4
 
 
 def test_update_commands_order_chains_elements_then_stale_chains() -> None:
-    rs = nft.build_ruleset([server([peer(0, [{"cidr": "10.96.0.10/32"}])])])
+    rs = build_ruleset([server([peer(0, [{"cidr": "10.96.0.10/32"}])])])
     (chain,) = rs.peer_chains
-    update = nft.PeerUpdate(
+    update = PeerUpdate(
         put_chains=(chain,),
         delete_elements=((f"peers4_{SID}", "10.8.0.2"),),
         add_elements=(((f"peers4_{SID}", "10.8.0.2"), chain),),
         delete_chains=("p_old",),
     )
-    commands = nft.update_commands(rs, update)
+    commands = update_commands(rs, update)
     verbs = [(verb, next(iter(obj))) for c in commands for verb, obj in c.items()]
     assert verbs == [
         ("add", "chain"),
@@ -246,16 +253,16 @@ def test_update_commands_order_chains_elements_then_stale_chains() -> None:
 
 
 def test_empty_update_is_falsy() -> None:
-    assert not nft.PeerUpdate()
-    assert nft.PeerUpdate(delete_chains=("x",))
+    assert not PeerUpdate()
+    assert PeerUpdate(delete_chains=("x",))
 
 
 def test_parse_table_normalizes_the_way_nft_prints() -> None:
     """nft prints a /32 as a plain address, protocols by name; the fingerprint must not care."""
     srv = server(routes=("10.96.0.10/32", "10.244.0.0/16"), addresses=("10.8.0.1/24",))
-    rs = nft.build_ruleset([srv])
+    rs = build_ruleset([srv])
     listing: list[dict[str, Any]] = [{"metainfo": {"version": "1.0.6"}}]
-    for command in nft.replace_commands(rs)[2:]:
+    for command in replace_commands(rs)[2:]:
         obj = json.loads(json.dumps(command["add"]))
         ((kind, body),) = obj.items()
         body["handle"] = 1
@@ -278,14 +285,14 @@ def test_parse_table_normalizes_the_way_nft_prints() -> None:
     listing = [
         o for o in listing if not ("set" in o and o["set"]["name"].startswith("routes4") and "elem" not in o["set"])
     ]
-    observed = nft.parse_table({"nftables": listing})
+    observed = parse_table({"nftables": listing})
     assert observed.fingerprint == rs.fingerprint
 
 
 def test_fingerprint_notices_a_missing_rule_and_a_foreign_rule() -> None:
-    rs = nft.build_ruleset([server()])
-    objects = [c["add"] for c in nft.replace_commands(rs)[2:]]
+    rs = build_ruleset([server()])
+    objects = [c["add"] for c in replace_commands(rs)[2:]]
     without = [o for o in objects if not ("rule" in o and o["rule"]["chain"] == f"to_{SID}")]
-    assert nft.parse_table({"nftables": without}).fingerprint != rs.fingerprint
+    assert parse_table({"nftables": without}).fingerprint != rs.fingerprint
     foreign = {"rule": {"family": "inet", "table": "kvpn", "chain": f"to_{SID}", "expr": [{"accept": None}]}}
-    assert nft.parse_table({"nftables": [*objects, foreign]}).fingerprint != rs.fingerprint
+    assert parse_table({"nftables": [*objects, foreign]}).fingerprint != rs.fingerprint

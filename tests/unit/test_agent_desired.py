@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from kvpn_agent.model import DesiredStateError, build_desired, interface_name, sort_networks
+from kvpn_agent.desired import GATEWAY_PREFIX, DesiredStateError, build_desired, interface_name
+from kvpn_agent.wire import sort_networks
+from kvpn_cli.wgquick import interface_name as cli_interface_name
 from kvpn_core.api import AllowedDestination
 from kvpn_core.contract import PeerBinding, encode_data
 from kvpn_core.keys import decode_key, generate_private_key, public_key_of
@@ -56,9 +58,17 @@ def binding(address: str, created: str = "2024-01-01T00:00:00Z", **fields: Any) 
 def test_interface_name_is_unique_per_namespace_and_fits_ifnamsiz() -> None:
     a, b = interface_name("team-a", "office"), interface_name("team-b", "office")
     assert a != b
-    assert a.startswith("kvpn-")
+    assert a.startswith("kvgw-")
     assert len(a) <= 15
     assert a == interface_name("team-a", "office")
+
+
+def test_gateway_interfaces_never_look_like_a_laptops() -> None:
+    # The CLI names a laptop's interface kvpn-<server>; the agent's cleanup deletes what carries
+    # its prefix, so a gateway running `kubectl vpn up` must keep that tunnel.
+    laptop = cli_interface_name("office")
+    assert not laptop.startswith(GATEWAY_PREFIX)
+    assert interface_name("default", "office").startswith(GATEWAY_PREFIX)
 
 
 def test_server_settings_come_from_spec_and_status() -> None:

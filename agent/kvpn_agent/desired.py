@@ -1,0 +1,413 @@
+"""The desired state of one server's dataplane, built by a pure function from the contract objects."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from kvpn_agent.linux import IFNAMSIZ
+from kvpn_core.api import VpnServerSpec, VpnServerStatus
+from kvpn_core.conditions import Reason
+from kvpn_core.contract import SERVER_KEY_DATA, PeerBinding
+from kvpn_core.keys import clamped, decode_key, public_key_of
+
+GATEWAY_PREFIX = "kvgw-"
+"""Starts the name of every interface the agent owns, and of nothing else.
+
+The CLI names a laptop's interfaces ``kvpn-<server>``, so a gateway that also runs `kubectl vpn up`
+keeps that tunnel: cleanup and adoption go by this prefix. Agents before it named theirs
+``kvpn-<digest>`` (``legacy_interface_name``): an upgraded agent re-creates each server's interface
+under the new name and deletes the old one, found by its exact name, never by the prefix.
+"""
+
+LEGACY_PREFIX = "kvpn-"
+"""The prefix of the agent's interfaces before GATEWAY_PREFIX, shared with the CLI's laptop tunnels."""
+
+
+class DesiredStateError(Exception):
+    """The server as a whole cannot be programmed; ``reason`` is a CamelCase word for a condition."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class PeerProblem(BaseModel):
+    """A binding the agent skipped, and why: reported on that peer, the other peers keep working."""
+
+    model_config = ConfigDict(frozen=True)
+
+    binding: str
+    """Name of the binding Secret."""
+
+    peer_namespace: str = ""
+    peer_name: str = ""
+    reason: str
+    message: str
+
+
+class DesiredServer(BaseModel):
+    """Everything the node's dataplane must hold for one VpnServer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    namespace: str
+    name: str
+    interface: str = Field(max_length=IFNAMSIZ)
+    """WireGuard interface name, unique on the node."""
+
+    private_key: SecretStr
+    """Base64 private key; SecretStr so that no repr, log line or traceback shows it."""
+
+    public_key: str
+    """Base64, derived from private_key: for status, and to refuse a peer that uses the server's own key."""
+
+    listen_port: int
+    mtu: int
+    addresses: tuple[str, ...]
+    """The server's tunnel addresses with the pool's prefix length, e.g. 10.8.0.1/24."""
+
+    routes: tuple[str, ...]
+    """Networks peers reach through this server (the routes in effect), normalized."""
+
+    masquerade: bool
+    dns_nameservers: tuple[str, ...] = ()
+    """DNS servers pushed to peers: every enabled peer may reach them on port 53 whatever its destinations."""
+
+    peers: tuple[PeerBinding, ...] = Field(default=(), repr=False)
+    """Enabled peers with a valid key, sorted by first address; destinations already limited to the routes.
+
+    Out of repr: a PeerBinding's repr shows its preshared key.
+    """
+
+    problems: tuple[PeerProblem, ...] = ()
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        return tuple(str(ipaddress.ip_interface(a).network) for a in self.addresses)
+
+
+def interface_name(namespace: str, name: str) -> str:
+    """``kvgw-`` and a digest of namespace/name: unique on the node, stable, within IFNAMSIZ.
+
+    A readable ``kvgw-<name>`` would collide for equally named servers of two namespaces and would
+    not fit most names; the agent logs the mapping instead.
+    """
+    return _named(GATEWAY_PREFIX, namespace, name)
+
+
+def legacy_interface_name(namespace: str, name: str) -> str:
+    """The server's interface as agents before GATEWAY_PREFIX named it: removed on upgrade."""
+    return _named(LEGACY_PREFIX, namespace, name)
+
+
+def _named(prefix: str, namespace: str, name: str) -> str:
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()
+    return prefix + digest[: IFNAMSIZ - len(prefix)]
+
+
+def host_prefix(address: str) -> str:
+    """An address as the single-host network WireGuard's AllowedIPs and nft want (10.8.0.2/32)."""
+    ip = ipaddress.ip_address(address.split("/", 1)[0])
+    return f"{ip}/{ip.max_prefixlen}"
+
+
+def build_desired(
+    server: Mapping[str, Any],
+    key_secret: Mapping[str, Any] | None,
+    bindings: Iterable[Mapping[str, Any]],
+    *,
+    interface: str | None = None,
+    judged: dict[str, Judged] | None = None,
+    cache: BindingCache | None = None,
+) -> DesiredServer:
+    """The desired state of one server from the objects of the operator→agent contract.
+
+    ``server`` is the VpnServer, ``key_secret`` the Secret ``kvpn-server-<name>``, ``bindings`` the
+    peer binding Secrets, all as the API returns them. Raises DesiredStateError when the server
+    itself is unusable; a bad binding only lands in ``problems``. ``cache`` keeps parsed bindings
+    for the next build; without it they are parsed afresh.
+    """
+    meta = server.get("metadata") or {}
+    namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+    try:
+        spec = VpnServerSpec.model_validate(server.get("spec") or {})
+        status = VpnServerStatus.model_validate(server.get("status") or {})
+    except ValidationError as exc:
+        raise DesiredStateError("InvalidSpec", f"VpnServer {namespace}/{name}: {exc}") from None
+
+    private_key = clamped(_server_private_key(key_secret))
+    pools = [ipaddress.ip_network(p) for p in spec.address_pool]
+    addresses = _server_addresses(status.addresses, pools)
+    routes = _collapse(status.routes or spec.routes)
+    route_nets = [ipaddress.ip_network(r) for r in routes]
+    dns = tuple(status.dns_nameserver.split(",")) if spec.dns.enabled and status.dns_nameserver else ()
+    public_key = public_key_of(private_key)
+    server_ips = {ipaddress.ip_interface(a).ip for a in addresses}
+    peers, problems = _peers(
+        bindings, pools, route_nets, public_key, server_ips, cache=cache or BindingCache(), judged=judged
+    )
+    return DesiredServer(
+        namespace=namespace,
+        name=name,
+        interface=interface or interface_name(namespace, name),
+        private_key=SecretStr(private_key),
+        public_key=public_key,
+        listen_port=spec.listen_port,
+        mtu=spec.mtu,
+        addresses=addresses,
+        routes=routes,
+        masquerade=spec.masquerade,
+        dns_nameservers=tuple(str(ipaddress.ip_address(d.strip())) for d in dns),
+        peers=peers,
+        problems=problems,
+    )
+
+
+def _server_private_key(secret: Mapping[str, Any] | None) -> str:
+    data = (secret or {}).get("data") or {}
+    encoded = data.get(SERVER_KEY_DATA)
+    if not encoded:
+        raise DesiredStateError(Reason.SERVER_KEY_MISSING, f"the server key Secret has no {SERVER_KEY_DATA!r} yet")
+    try:
+        key = base64.b64decode(encoded, validate=True).decode().strip()
+        decode_key(key)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DesiredStateError(Reason.INVALID_SERVER_KEY, f"the server's private key is unusable: {exc}") from None
+    return key
+
+
+def _server_addresses(
+    status_addresses: list[str], pools: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> tuple[str, ...]:
+    """Status addresses (with or without a prefix) with the pool's prefix; the pool's first host if unset.
+
+    The first usable address is the documented rule (DESIGN.md), so deriving it is not allocating;
+    it lets the agent bring the interface up before the operator has written status.
+    """
+    result = []
+    for pool in pools:
+        mine = [a for a in status_addresses if ipaddress.ip_address(a.split("/")[0]).version == pool.version]
+        ip = ipaddress.ip_address(mine[0].split("/")[0]) if mine else next(pool.hosts())
+        if ip not in pool:
+            raise DesiredStateError(Reason.ADDRESS_OUTSIDE_POOL, f"server address {ip} is outside its pool {pool}")
+        result.append(f"{ip}/{pool.prefixlen}")
+    return tuple(result)
+
+
+def _collapse(cidrs: Iterable[str]) -> tuple[str, ...]:
+    # nft interval sets refuse overlapping elements, and 10.0.0.0/8 next to 10.96.0.0/12 is common.
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+    v4 = ipaddress.collapse_addresses(n for n in nets if n.version == 4)
+    v6 = ipaddress.collapse_addresses(n for n in nets if n.version == 6)
+    return tuple(str(n) for n in [*v4, *v6])
+
+
+def _inside(cidr: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    net = ipaddress.ip_network(cidr)
+    return any(net.version == r.version and net.subnet_of(r) for r in routes)  # type: ignore[arg-type]
+
+
+def binding_age(secret: Mapping[str, Any]) -> tuple[str, str]:
+    """What orders bindings (creation time, then name): older ones win a conflict, so a newcomer
+    cannot push out a working peer."""
+    meta = secret.get("metadata") or {}
+    return (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
+
+
+class BindingCache:
+    """Parsed bindings and addresses, kept by the owner of the desired state across builds.
+
+    A running agent rebuilds a server's peers on every binding change; at 10,000 peers parsing
+    dominates that, so parsed bindings and addresses are kept. A binding is keyed by its
+    resourceVersion, which the API server changes on every write. Not thread-safe: one owner, one
+    thread (the sync loop).
+    """
+
+    SIZE = 1 << 17
+
+    def __init__(self, size: int = SIZE) -> None:
+        self._size = size
+        self._bindings: OrderedDict[tuple[str, str, str], PeerBinding] = OrderedDict()
+        self.ip = functools.lru_cache(maxsize=size)(ipaddress.ip_address)
+
+    def binding(self, secret: Mapping[str, Any]) -> PeerBinding:
+        meta = secret.get("metadata") or {}
+        version = str(meta.get("resourceVersion") or "")
+        if not version:
+            return PeerBinding.from_secret(dict(secret))
+        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""), version)
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = self._bindings[key] = PeerBinding.from_secret(dict(secret))
+            if len(self._bindings) > self._size:
+                self._bindings.popitem(last=False)
+        return binding
+
+    def address_key(self, address: str) -> tuple[int, int]:
+        """The order of peers in a server: by their first address, IPv4 first."""
+        ip = self.ip(address)
+        return (ip.version, int(ip))
+
+
+def _peers(
+    secrets: Iterable[Mapping[str, Any]],
+    pools: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    server_public_key: str,
+    server_ips: set[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    *,
+    cache: BindingCache,
+    judged: dict[str, Judged] | None = None,
+) -> tuple[tuple[PeerBinding, ...], tuple[PeerProblem, ...]]:
+    """The accepted peers and the problems; ``judged`` gets each binding's outcome by Secret name."""
+    peers: list[PeerBinding] = []
+    problems: list[PeerProblem] = []
+    keys: set[str] = {server_public_key}
+    taken = set(server_ips)
+    for secret in sorted(secrets, key=binding_age):
+        peer, problem = judge_binding(secret, pools, routes, keys, taken, cache=cache)
+        if judged is not None:
+            judged[str((secret.get("metadata") or {}).get("name", ""))] = (binding_age(secret), peer, problem)
+        if problem is not None:
+            problems.append(problem)
+        if peer is not None:
+            peers.append(peer)
+    peers.sort(key=lambda p: cache.address_key(p.addresses[0]))
+    return tuple(peers), tuple(problems)
+
+
+def judge_binding(
+    secret: Mapping[str, Any],
+    pools: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    keys: set[str],
+    taken: set[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    *,
+    cache: BindingCache,
+) -> tuple[PeerBinding | None, PeerProblem | None]:
+    """One binding against the keys and addresses older bindings hold (both updated when it is accepted)."""
+    secret_name = str((secret.get("metadata") or {}).get("name", ""))
+    try:
+        binding = cache.binding(secret)
+    except (ValidationError, ValueError, UnicodeDecodeError) as exc:
+        return None, PeerProblem(binding=secret_name, reason=Reason.INVALID_BINDING, message=_short(exc))
+    reject = _check(binding, pools, keys, taken, cache)
+    if reject is not None:
+        reason, message = reject
+        return None, PeerProblem(
+            binding=secret_name,
+            peer_namespace=binding.peer_namespace,
+            peer_name=binding.peer_name,
+            reason=reason,
+            message=message,
+        )
+    if not binding.enabled or not binding.public_key:
+        return None, None  # not an error: disabled, expired, or the key is still being set up
+    keys.add(binding.public_key)
+    taken.update(cache.ip(a) for a in binding.addresses)
+    kept = [d for d in binding.allowed_destinations if _inside(d.cidr, routes)]
+    dropped = [d.cidr for d in binding.allowed_destinations if not _inside(d.cidr, routes)]
+    if not dropped:
+        return binding, None
+    problem = PeerProblem(
+        binding=secret_name,
+        peer_namespace=binding.peer_namespace,
+        peer_name=binding.peer_name,
+        reason=Reason.DESTINATION_OUTSIDE_ROUTES,
+        message=f"allowedDestinations outside the server's routes: {', '.join(dropped)}",
+    )
+    if not kept:
+        return None, problem  # dropping every destination must not widen the peer to all routes
+    return binding.model_copy(update={"allowed_destinations": kept}), problem
+
+
+def _check(
+    binding: PeerBinding,
+    pools: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    keys: set[str],
+    taken: set[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    cache: BindingCache,
+) -> tuple[str, str] | None:
+    for key, what in ((binding.public_key, "publicKey"), (binding.preshared_key, "presharedKey")):
+        if key:
+            try:
+                decode_key(key)
+            except ValueError as exc:
+                return (
+                    Reason.INVALID_PUBLIC_KEY if what == "publicKey" else Reason.INVALID_PRESHARED_KEY,
+                    f"{what} {exc}",
+                )
+    try:
+        ips = [cache.ip(a) for a in binding.addresses]
+    except ValueError as exc:
+        return (Reason.INVALID_ADDRESS, str(exc))
+    for ip in ips:
+        if not any(ip in pool for pool in pools):
+            return (Reason.ADDRESS_OUTSIDE_POOL, f"address {ip} is outside the server's pool")
+        if ip in taken:
+            return ("AddressConflict", f"address {ip} is the server's own or an older binding's")
+    if binding.public_key and binding.enabled and binding.public_key in keys:
+        return (
+            Reason.DUPLICATE_PUBLIC_KEY,
+            "publicKey is already used by another peer of this server (or the server)",
+        )
+    return None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+Judged = tuple[tuple[str, str], PeerBinding | None, PeerProblem | None]
+"""A binding's sort key (its age), the peer it became (or None) and its problem (or None)."""
+
+PeerChange = tuple[tuple[PeerBinding, ...], tuple[PeerBinding, ...]]
+"""The peers only the old desired state has, and those only the new one has."""
+
+
+def changed_peers(old: DesiredServer | None, new: DesiredServer | None) -> PeerChange:
+    """The peers only ``old`` has and those only ``new`` has, by identity, each in its server's order.
+
+    A peer kept by a DesiredBuilder is the same object in both; an equal but rebuilt one counts as
+    changed, which costs planning it again and nothing else.
+    """
+    old_peers, new_peers = (old.peers if old else ()), (new.peers if new else ())
+    # Set operations over ids run in C: at 10,000 peers a Python loop over them is most of the cost.
+    before, after = (
+        dict(zip(map(id, old_peers), old_peers, strict=True)),
+        dict(zip(map(id, new_peers), new_peers, strict=True)),
+    )
+    gone = sorted((before[i] for i in before.keys() - after.keys()), key=_first_address)
+    added = sorted((after[i] for i in after.keys() - before.keys()), key=_first_address)
+    return tuple(gone), tuple(added)
+
+
+def _first_address(peer: PeerBinding) -> tuple[int, int]:
+    ip = ipaddress.ip_address(peer.addresses[0])
+    return (ip.version, int(ip))
+
+
+class PeerChanges:
+    """``changed_peers`` that keeps its latest answer: one sync pass asks it three times per server
+    (plan, assumed state, ruleset). Made per pass by its caller, so nothing outlives the pass.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[DesiredServer | None, DesiredServer | None, PeerChange] | None = None
+
+    def __call__(self, old: DesiredServer | None, new: DesiredServer | None) -> PeerChange:
+        if self._last is not None and self._last[0] is old and self._last[1] is new:
+            return self._last[2]
+        result = changed_peers(old, new)
+        self._last = (old, new, result)
+        return result
