@@ -37,7 +37,7 @@ image: debs
 	$(SUDO) hack/image.sh >/dev/null
 
 # Debian 12's kernel (never installed on the host), its modules and a small initramfs for the VM tier
-# (tests/support/vm.py); cached outside the checkout: about a second when present.
+# (harness/vm.py); cached outside the checkout: about a second when present.
 vm-kernel: debs
 	hack/vm-kernel.sh >/dev/null
 

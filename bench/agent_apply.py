@@ -23,7 +23,6 @@ wireguard-go + pyroute2, UapiBackend, Nft):
 from __future__ import annotations
 
 import argparse
-import base64
 import ipaddress
 import json
 import os
@@ -35,7 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.netlab import Interrupted, Lab, guard, load_average, median_p90, run
+from bench.figures import load_average, median_p90
+from harness.commands import run
+from harness.factories import binding_secret as make_binding_secret
+from harness.factories import key
+from harness.netlab import Interrupted, Lab, guard
 from kvpn_agent.builder import DesiredBuilder
 from kvpn_agent.desired import DesiredServer, build_desired
 from kvpn_agent.netlink import Netlink
@@ -57,11 +60,6 @@ TARGET_MS, TARGET_FLAT = 50.0, 2.0
 T = TypeVar("T")
 
 
-def key() -> str:
-    # Any 32 bytes are a usable public key for wireguard-go; real keypairs would only cost time here.
-    return base64.b64encode(os.urandom(32)).decode()
-
-
 def peer_address(i: int) -> str:
     return str(ipaddress.ip_network(POOL).network_address + 2 + i)
 
@@ -76,16 +74,7 @@ def binding_secret(i: int) -> dict[str, Any]:
         preshared_key=key(),
         addresses=[peer_address(i)],
     )
-    return {
-        "metadata": {
-            "namespace": "team",
-            "name": pb.secret_name(SERVER),
-            "resourceVersion": str(i + 1),
-            "creationTimestamp": "2024-01-01T00:00:00Z",
-        },
-        "type": "kvpn.dev/peer-binding",
-        "data": encode_data(pb.to_string_data()),
-    }
+    return make_binding_secret(SERVER, pb, namespace="team", resource_version=str(i + 1))
 
 
 def server_object() -> dict[str, Any]:
@@ -376,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("needs root (network namespaces, TUN, nftables)", file=sys.stderr)
         return 2
-    lab = Lab()
+    lab = Lab("kvb-")
     scales: list[Scale] = []
     try:
         with guard(args.max_seconds):

@@ -1,6 +1,6 @@
 """Kernel WireGuard vs wireguard-go, side by side in one run: throughput and the cost of a one-peer change.
 
-    sudo .venv/bin/python -m tests.support.vm --timeout 900 -- python -m bench.backends [--json FILE]
+    sudo .venv/bin/python -m harness.vm --timeout 900 -- python -m bench.backends [--json FILE]
 
 Meant for the VM tier's guest (Debian 12's kernel, which has the module; these machines' kernel has
 none), where Python runs 10-20 times slower and the CPU is emulated: absolute numbers mean little
@@ -19,7 +19,6 @@ there, so the table shows ratios measured in the same run. Needs root, wireguard
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.netlab import Interrupted, Lab, guard, load_average, run, wait_for
+from bench.figures import load_average
 from bench.throughput import (
     LAPTOP_ADDRESS,
     LISTEN_PORT,
@@ -48,6 +47,9 @@ from bench.throughput import (
     iperf3_server,
     write_conf,
 )
+from harness.commands import run
+from harness.factories import key
+from harness.netlab import Interrupted, Lab, guard, wait_for
 from kvpn_agent.desired import build_desired
 from kvpn_agent.kernel import KernelLink, KernelWireGuard
 from kvpn_agent.netlink import Netlink
@@ -61,10 +63,6 @@ from kvpn_core.contract import PeerBinding, encode_data
 REQUIRED = ("ip", "ss", "nft", "wireguard-go", "wg", "iperf3")
 BACKENDS = ("kernel", "userspace")
 LABEL = {"kernel": "kernel WireGuard", "userspace": "wireguard-go"}
-
-
-def key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
 
 
 def backends(backend: str, ns: str | None, lab: Lab) -> tuple[LinkBackend, WireGuardBackend]:
@@ -295,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path("/sys/module/wireguard").exists() and run("modprobe", "wireguard", check=False).returncode != 0:
         print("no WireGuard module in this kernel: run it in the VM tier (see the docstring)", file=sys.stderr)
         return 2
-    lab = Lab()
+    lab = Lab("kvb-")
     figures = Figures(os.uname().release, args.rounds, args.seconds, args.reps, load_average())
     started = time.monotonic()
     try:

@@ -1,4 +1,4 @@
-"""kvpn on the real-node cluster (tests/support/world.py): the figures a platform team and its developers see.
+"""kvpn on the real-node cluster (harness/world.py): the figures a platform team and its developers see.
 
     sudo .venv/bin/python -m bench.cluster [--peers 1 100] [--rounds 20] [--json FILE] [--skip-lifecycle]
 
@@ -33,10 +33,10 @@ from typing import Any
 
 from kubernetes import client, watch
 
+from harness.cluster import Node
+from harness.world import CHART_NAMESPACE, ECHO_PORT, PEER_NAMESPACE, SERVER, TcpProbe, TrafficLoop, World
 from kvpn_core.api import GROUP, VERSION
 from kvpn_core.keys import generate_private_key, public_key_of
-from tests.support.cluster import Node
-from tests.support.world import CHART_NAMESPACE, ECHO_PORT, PEER_NAMESPACE, SERVER, TcpProbe, TrafficLoop, World
 
 Obj = dict[str, Any]
 

@@ -39,10 +39,10 @@ from typing import Any, cast
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from harness.controlplane import ControlPlane, apply_crd_files
+from harness.operator_process import OperatorProcess
 from kvpn_core.api import GROUP, VERSION
 from kvpn_core.contract import binding_selector
-from tests.support.controlplane import ControlPlane, apply_crd_files
-from tests.support.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parent.parent
 CRD_DIR = REPO / "crds"
@@ -100,7 +100,7 @@ class Run:
 
 
 def ready(obj: Obj | None) -> tuple[str, str] | None:
-    """(status, reason) of the Ready condition, or None (as tests.support.kvpn.ready)."""
+    """(status, reason) of the Ready condition, or None (as harness.kvpn.ready)."""
     for condition in ((obj or {}).get("status") or {}).get("conditions") or []:
         if condition.get("type") == "Ready":
             return str(condition["status"]), str(condition.get("reason", ""))

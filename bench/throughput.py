@@ -33,7 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.netlab import Interrupted, Lab, guard, load_average, run, wait_for
+from bench.figures import load_average
+from harness.commands import run
+from harness.netlab import Interrupted, Lab, guard, wait_for
 from kvpn_agent.desired import build_desired
 from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
@@ -288,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing := [b for b in REQUIRED if shutil.which(b) is None]:
         print(f"missing {', '.join(missing)}: run `make setup`", file=sys.stderr)
         return 2
-    lab = Lab()
+    lab = Lab("kvb-")
     started = time.monotonic()
     try:
         with guard(args.max_seconds), tempfile.TemporaryDirectory(prefix="kvb-") as tmp:

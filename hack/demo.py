@@ -5,7 +5,7 @@
     python hack/demo.py down    # `make demo-down`: removes all of it (idempotent, also after a partial start)
 
 `up` starts a small daemon (this script, `_serve`) that builds the world of tests/e2e
-(tests/support/world.py): the project's image built from its Dockerfile; a control plane and two
+(harness/world.py): the project's image built from its Dockerfile; a control plane and two
 kubelet nodes (containerd, kube-proxy) in network namespaces; `helm install` of helm/kvpn; the
 `hello` Deployment and a DNS stand-in as pods; VpnServers applied with kubectl; a laptop namespace
 running stock wg-quick on VpnPeer dev/alice's config -- then waits for `down`. Everything it creates
@@ -30,8 +30,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support.cluster import Manifest, start_time, sweep  # noqa: E402
-from tests.support.world import CHART_NAMESPACE, HELLO_URL, PEER_NAMESPACE, World  # noqa: E402
+from harness.cluster import Manifest, start_time, sweep  # noqa: E402
+from harness.world import CHART_NAMESPACE, HELLO_URL, PEER_NAMESPACE, World  # noqa: E402
 
 # Not under /run, /var/lib or /var/log: each node mounts folders of its own over those.
 STATE_DIR = Path(os.environ.get("KVPN_DEMO_DIR", "/var/tmp/kvpn-demo"))  # noqa: S108 - root's demo, made 0700

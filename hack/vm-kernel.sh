@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares (once) Debian 12's current kernel for the VM tier (tests/support/vm.py) and prints its folder,
+# Prepares (once) Debian 12's current kernel for the VM tier (harness/vm.py) and prints its folder,
 # ${KVPN_CACHE:-~/.cache/kvpn}/vm:
 #   release          the kernel release, e.g. 6.1.0-57-amd64
 #   kernel/          the linux-image package unpacked with dpkg-deb (NEVER installed as the host's kernel),
@@ -20,7 +20,7 @@ set -euo pipefail
 cache=${KVPN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvpn}
 dir=$cache/vm
 
-stamp=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16) # tests/support/vm.py compares it too
+stamp=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16) # harness/vm.py compares it too
 is_ready() { [ "$(cat "$dir/ready" 2>/dev/null)" = "$stamp" ]; }
 if is_ready; then echo "$dir"; exit 0; fi
 # One preparation at a time per cache (two `make setup`s at once).
@@ -73,7 +73,7 @@ pcache() {
     -o Dir::State::Lists="$apt_dir/lists" -o Dir::Cache="$apt_dir/cache" "$@"
 }
 
-# The guest's /init. tests/support/vm.py boots it with the host's / as 9p tag kvpnroot (read-only) and a
+# The guest's /init. harness/vm.py boots it with the host's / as 9p tag kvpnroot (read-only) and a
 # results folder as tag kvpnresults; kvpn.modules= on the command line names this folder's lib/modules.
 # Stage 1, in the initramfs: modules; a tmpfs overlay over the host's root (all of it writable in the
 # guest, nothing written back), fresh tmpfs on /tmp /run /var/tmp; the results share on /run/kvpn-vm/results;

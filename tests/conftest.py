@@ -12,8 +12,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.support.controlplane import ControlPlane, ControlPlaneError, apply_crd_files, log_tail
-from tests.support.operator_process import OperatorProcess
+from harness.controlplane import ControlPlane, ControlPlaneError, apply_crd_files, log_tail
+from harness.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parent.parent
 CRD_DIR = REPO / "crds"

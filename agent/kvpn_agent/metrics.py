@@ -12,17 +12,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-PEER_LABELS = ["server", "namespace", "peer"]
+PEER_LABELS = ["server_namespace", "server", "peer_namespace", "peer"]
+"""Whose namespace each label means is in its name, as in the conditions' and logs' keys."""
 
 
 @dataclass(frozen=True)
 class PeerStats:
     """One peer as a gateway sees it (read from the device), named as in the API."""
 
+    server_namespace: str
     server: str
-    namespace: str
-    """The VpnPeer's namespace."""
-
+    peer_namespace: str
     peer: str
     public_key: str
     last_handshake: float | None
@@ -51,7 +51,7 @@ class PeerCollector:
         rx = CounterMetricFamily("kvpn_peer_rx_bytes", "Bytes received from the peer.", labels=PEER_LABELS)
         tx = CounterMetricFamily("kvpn_peer_tx_bytes", "Bytes sent to the peer.", labels=PEER_LABELS)
         for s in stats:
-            labels = [s.server, s.namespace, s.peer]
+            labels = [s.server_namespace, s.server, s.peer_namespace, s.peer]
             handshake.add_metric(labels, s.last_handshake or 0.0)
             rx.add_metric(labels, s.rx_bytes)
             tx.add_metric(labels, s.tx_bytes)

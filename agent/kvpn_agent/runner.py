@@ -387,7 +387,7 @@ class Agent:
             old = self._good.get(key)
             if inputs is None:
                 if old is not None:
-                    log.info("server no longer served here", extra={"namespace": key[0], "server": key[1]})
+                    log.info("server no longer served here", extra={"server_namespace": key[0], "server": key[1]})
                     with self._lock:
                         del self._good[key]
                     self._builders.pop(key, None)
@@ -448,7 +448,9 @@ class Agent:
 
     def _install(self, key: Key, inputs: ServerInputs, desired: DesiredServer) -> None:
         if key not in self._good:
-            log.info("serving server", extra={"namespace": key[0], "server": key[1], "interface": desired.interface})
+            log.info(
+                "serving server", extra={"server_namespace": key[0], "server": key[1], "interface": desired.interface}
+            )
         with self._lock:
             self._good[key] = (inputs, desired)
         self._gone.discard(desired.interface)
@@ -466,7 +468,7 @@ class Agent:
             log.error(
                 "server's desired state is unusable",
                 extra={
-                    "namespace": ns,
+                    "server_namespace": ns,
                     "server": name,
                     "reason": server[0],
                     "detail": server[1],
@@ -477,7 +479,7 @@ class Agent:
             log.warning(
                 "peer left out of the dataplane",
                 extra={
-                    "namespace": ns,
+                    "server_namespace": ns,
                     "server": name,
                     "binding": p.binding,
                     "peer_namespace": p.peer_namespace,
@@ -487,7 +489,7 @@ class Agent:
                 },
             )
         for p in sorted(old_peers - new[1], key=lambda p: p.binding):
-            log.info("peer problem resolved", extra={"namespace": ns, "server": name, "binding": p.binding})
+            log.info("peer problem resolved", extra={"server_namespace": ns, "server": name, "binding": p.binding})
         with self._lock:  # the reporter's thread turns them into Dataplane conditions
             if server is None and new[1] == frozenset():
                 self._problems.pop(key, None)
@@ -575,10 +577,10 @@ class Agent:
             if old.get(key) != (interface, error):
                 log.error(
                     "server sync failed",
-                    extra={"namespace": key[0], "server": key[1], "interface": interface, "error": error},
+                    extra={"server_namespace": key[0], "server": key[1], "interface": interface, "error": error},
                 )
         for key in sorted(old.keys() - failures.keys()):
-            log.info("server sync works again", extra={"namespace": key[0], "server": key[1]})
+            log.info("server sync works again", extra={"server_namespace": key[0], "server": key[1]})
         with self._lock:  # the reporter's thread turns them into Dataplane conditions
             self._failures = failures
 
@@ -622,6 +624,7 @@ class Agent:
                 if (binding := peers.get(public_key)) is not None:
                     stats.append(
                         PeerStats(
+                            server.namespace,
                             server.name,
                             binding.peer_namespace,
                             binding.peer_name,

@@ -70,7 +70,7 @@ class StatusReporter:
     def report(self, stats: Iterable[PeerStats]) -> int:
         """Returns the number of writes; raises KubeError when the API server cannot be reached."""
         now = self.clock()
-        current = {(s.namespace, s.peer): s for s in stats if s.last_handshake is not None}
+        current = {(s.peer_namespace, s.peer): s for s in stats if s.last_handshake is not None}
         for gone in set(self._seen) - set(current):
             self._seen.pop(gone, None)
             self._at.pop(gone, None)
@@ -82,7 +82,7 @@ class StatusReporter:
         writes = 0
         by_namespace: dict[str, list[PeerStats]] = {}
         for s in due:
-            by_namespace.setdefault(s.namespace, []).append(s)
+            by_namespace.setdefault(s.peer_namespace, []).append(s)
         for namespace, group in sorted(by_namespace.items()):
             objects = self._fetch(namespace, [s.peer for s in group])
             for s in group:
@@ -91,8 +91,8 @@ class StatusReporter:
                 if outcome == "conflict":
                     continue  # nothing was written: look again in the next pass
                 writes += outcome == "written"
-                self._seen[(s.namespace, s.peer)] = _values(s)
-                self._at[(s.namespace, s.peer)] = now
+                self._seen[(s.peer_namespace, s.peer)] = _values(s)
+                self._at[(s.peer_namespace, s.peer)] = now
         return writes
 
     def _fetch(self, namespace: str, names: list[str]) -> dict[str, Obj]:
@@ -102,7 +102,7 @@ class StatusReporter:
         patch = status_patch(obj.get("status") or {}, mine)
         if patch is None:
             return "unchanged"
-        path = kvpn_path(Kind.VPN_PEER, mine.namespace, mine.peer, "status")
+        path = kvpn_path(Kind.VPN_PEER, mine.peer_namespace, mine.peer, "status")
         # The resourceVersion makes the write conditional: a fresher handshake written by another
         # gateway since our read wins, and this peer is looked at again in the next pass.
         body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": patch}
@@ -116,7 +116,8 @@ class StatusReporter:
             if exc.status == 0:
                 raise
             log.warning(
-                "peer status not written", extra={"namespace": mine.namespace, "peer": mine.peer, "error": str(exc)}
+                "peer status not written",
+                extra={"peer_namespace": mine.peer_namespace, "peer": mine.peer, "error": str(exc)},
             )
             return "failed"
         return "written"

@@ -30,7 +30,8 @@ def check_mode(mode: wgquick.DnsMode) -> None:
 
 def print_followup(mode: wgquick.DnsMode, dns: wgfile.Dns) -> None:
     """On macOS, split DNS is /etc/resolver files, which need root: say which ones to write."""
-    if mode is not wgquick.DnsMode.SPLIT or sys.platform != "darwin":
+    platform: str = sys.platform  # a str, not the constant mypy narrows to the checking machine's
+    if mode is not wgquick.DnsMode.SPLIT or platform != "darwin":
         return
     for path, body in wgquick.macos_resolver_files(dns).items():
         print(f"split DNS: sudo mkdir -p /etc/resolver && printf '{body.strip()}\\n' | sudo tee {path}")

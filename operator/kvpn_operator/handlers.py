@@ -16,8 +16,8 @@ from kvpn_core.api import GROUP, VERSION
 from kvpn_core.contract import LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
 from kvpn_core.kube import ForbiddenError, KubeError, Retry
 from kvpn_operator import peer, server
+from kvpn_operator.memory import AddressBooks, PeerEntry
 from kvpn_operator.reporting import Report
-from kvpn_operator.state import AddressBooks, PeerEntry
 from kvpn_operator.storage import Storage
 
 PEERS = (GROUP, VERSION, "vpnpeers")
@@ -34,7 +34,7 @@ class Services:
     """What the handlers share, handed to kopf as its memo."""
 
     storage: Storage
-    settings: server.Settings = field(default_factory=server.Settings)
+    facts: server.ClusterFacts = field(default_factory=server.ClusterFacts)
     books: AddressBooks = field(default_factory=AddressBooks)
     service_networks: server.ServiceNetworks = field(default_factory=server.ServiceNetworks)
 
@@ -119,7 +119,7 @@ def reconcile_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
         report = server.reconcile_server(
             memo.storage,
             plain(body),
-            settings=memo.settings,
+            facts=memo.facts,
             service_networks=memo.service_networks,
             peers=lambda: _peers_of(kwargs, body.metadata.namespace or "", body.metadata.name or ""),
             now=now(),

@@ -21,7 +21,7 @@ from kopf._core.engines.peering import Identity
 
 from kvpn_core.kube import Kube
 from kvpn_operator import handlers, readiness
-from kvpn_operator.server import Settings
+from kvpn_operator.server import ClusterFacts
 from kvpn_operator.storage import KubeStorage
 
 log = logging.getLogger("kvpn.operator")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     _load_config()
     memo = handlers.Services(
         storage=KubeStorage(Kube(_api_client())),
-        settings=Settings(
+        facts=ClusterFacts(
             cluster_domain=args.cluster_domain,
             gateway_selector=_selector(args.gateway_selector),
             dns_service=(dns_ns, dns_name),

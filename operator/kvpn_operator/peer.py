@@ -25,8 +25,8 @@ from kvpn_core.kube import Retry
 from kvpn_core.wgquick import ClientConfig, render_client_config
 from kvpn_operator import builders
 from kvpn_operator.ipam import AllocationError
+from kvpn_operator.memory import ANNOTATION_NUDGE, AddressBook, AddressBooks, PeerEntry, is_revision
 from kvpn_operator.reporting import Report, describe_validation_error
-from kvpn_operator.state import ANNOTATION_NUDGE, AddressBook, AddressBooks, PeerEntry, is_revision
 from kvpn_operator.storage import Storage, write_status
 
 Obj = dict[str, Any]

@@ -22,15 +22,15 @@ from kvpn_core.contract import SERVER_KEY_DATA, server_key_secret_name
 from kvpn_core.kube import KubeError, Retry
 from kvpn_operator import builders, discovery
 from kvpn_operator.ipam import Pool
+from kvpn_operator.memory import ANNOTATION_NUDGE, PeerEntry
 from kvpn_operator.reporting import Report, describe_validation_error
-from kvpn_operator.state import ANNOTATION_NUDGE, PeerEntry
 from kvpn_operator.storage import Storage, write_status
 
 Obj = dict[str, Any]
 
 
 @dataclass(frozen=True)
-class Settings:
+class ClusterFacts:
     """Cluster facts the operator is told rather than discovers."""
 
     cluster_domain: str = "cluster.local"
@@ -111,7 +111,7 @@ def ensure_server_key(storage: Storage, server: Obj) -> str:
     return base64.b64decode(encoded).decode()
 
 
-def ensure_service(storage: Storage, server: Obj, spec: VpnServerSpec, settings: Settings) -> Obj | None:
+def ensure_service(storage: Storage, server: Obj, spec: VpnServerSpec, facts: ClusterFacts) -> Obj | None:
     """Creates or updates the UDP Service (none for HostPort, where agents listen on the node itself)."""
     meta = server["metadata"]
     namespace, name = meta["namespace"], builders.service_name(meta["name"])
@@ -120,7 +120,7 @@ def ensure_service(storage: Storage, server: Obj, spec: VpnServerSpec, settings:
         if existing and builders.owned_by(existing, meta["uid"]):
             storage.delete_service(namespace, name, uid=existing["metadata"]["uid"])
         return None
-    desired = builders.service(server, spec, settings.gateway_selector)
+    desired = builders.service(server, spec, facts.gateway_selector)
     if existing is None:
         created = storage.create_service(namespace, desired)
         if created is None:
@@ -143,7 +143,7 @@ def reconcile_server(
     storage: Storage,
     server: Obj,
     *,
-    settings: Settings,
+    facts: ClusterFacts,
     service_networks: ServiceNetworks,
     peers: Callable[[], Iterable[PeerEntry]],
     now: dt.datetime,
@@ -163,16 +163,16 @@ def reconcile_server(
         return _finish(storage, server, status, Outcome.rejected(Reason.POOL_OVERLAPS_ROUTES, overlap), now)
 
     private_key = ensure_server_key(storage, server)
-    service = ensure_service(storage, server, spec, settings)
+    service = ensure_service(storage, server, spec, facts)
     nodes = storage.list_nodes()
 
     pod_networks = discovery.pod_cidrs(nodes)
     routes = list(spec.routes) or [*service_networks.get(storage, meta["namespace"]), *pod_networks]
     dns_service = None
     if spec.dns.enabled and not spec.dns.nameserver:
-        dns_service = storage.get_service(*settings.dns_service)
-    nameserver, dns = discovery.cluster_dns(spec, dns_service, settings.dns_service)
-    search = (list(spec.dns.search) or discovery.default_search(settings.cluster_domain)) if spec.dns.enabled else []
+        dns_service = storage.get_service(*facts.dns_service)
+    nameserver, dns = discovery.cluster_dns(spec, dns_service, facts.dns_service)
+    search = (list(spec.dns.search) or discovery.default_search(facts.cluster_domain)) if spec.dns.enabled else []
     gaps = {POD_NETWORK: discovery.pod_network(spec, pod_networks), CLUSTER_DNS: dns}
     peer_list = list(peers())
     total = sum(p.has_address for p in peer_list)

@@ -23,6 +23,12 @@ from typing import Any
 import yaml
 from kubernetes import client
 
+from harness.agent_process import AgentProcess, SupervisorProcess
+from harness.commands import run
+from harness.controlplane import ControlPlane
+from harness.kvpn import Kvpn, decode
+from harness.netlab import Lab, wait_for
+from harness.traffic import curl
 from kvpn_agent.desired import interface_name
 from kvpn_agent.observed import ObservedDevice
 from kvpn_agent.state import ServerInputs, StateFile
@@ -37,13 +43,9 @@ from tests.dataplane.conftest import (
     SERVICE,
     SERVICE_NET,
     UNDERLAY_NODE,
-    Laptop,
+    LabLaptop,
     Site,
 )
-from tests.dataplane.kit import Lab, curl, run, wait_for
-from tests.support.agent_process import AgentProcess, SupervisorProcess
-from tests.support.controlplane import ControlPlane
-from tests.support.kvpn import Kvpn, decode
 
 URL = f"http://{SERVICE}:{PORT}/"
 SERVER = "office"
@@ -110,8 +112,9 @@ class Proxy:
 
 
 @dataclass
-class World:
-    """One gateway node running the agent, one VpnServer and one VpnPeer, a laptop, a service."""
+class AgentLab:
+    """One gateway node running the agent as a host process, one VpnServer and one VpnPeer, a laptop, a
+    service (harness.world.World is kvpn on the real-node cluster)."""
 
     site: Site
     kvpn: Kvpn
@@ -193,7 +196,7 @@ def agent_world(
     *,
     supervised: bool = False,
     start: bool = True,
-) -> Iterator[World]:
+) -> Iterator[AgentLab]:
     """The world, its agent started (and ready) unless ``start`` is False; everything ended after."""
     lab: Lab = site.lab
     node_name = f"kvt-{lab.token}"
@@ -234,7 +237,7 @@ def agent_world(
     agent = AgentProcess(argv, {**os.environ, "KUBECONFIG": str(kubeconfig)}, tmp_path / "agent.log")
     interface = interface_name(namespace, SERVER)
     lab.interfaces.append(interface)  # its UAPI socket goes with the lab, whatever state the agent left
-    made = World(site, kvpn, namespace, agent, proxy, interface, supervisor)
+    made = AgentLab(site, kvpn, namespace, agent, proxy, interface, supervisor)
     try:
         if supervisor is not None:
             supervisor.start()
@@ -259,14 +262,14 @@ def _address(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def connected(world: World) -> World:
+def connected(world: AgentLab) -> AgentLab:
     config = world.add_peer()
     world.laptop_up(config)
     assert world.reach() == NODE_SIDE, world.diagnose()
     return world
 
 
-def wait_for_status(world: World, check: Any, timeout: float = 10) -> dict[str, Any]:
+def wait_for_status(world: AgentLab, check: Any, timeout: float = 10) -> dict[str, Any]:
     def probe() -> dict[str, Any] | None:
         status = (world.kvpn.get("vpnpeers", world.namespace, world.peer) or {}).get("status") or {}
         return status if check(status) else None
@@ -284,7 +287,7 @@ def wait_for_value(probe: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def dataplane_condition(world: World, name: str, plural: str = "vpnpeers") -> dict[str, Any] | None:
+def dataplane_condition(world: AgentLab, name: str, plural: str = "vpnpeers") -> dict[str, Any] | None:
     conditions = ((world.kvpn.get(plural, world.namespace, name) or {}).get("status") or {}).get("conditions")
     return next((c for c in conditions or [] if c["type"] == "Dataplane"), None)
 
@@ -296,7 +299,7 @@ class StateWorld:
     site: Site
     agent: AgentProcess
     interface: str
-    laptop: Laptop
+    laptop: LabLaptop
 
     def reach(self, max_time: float = 5) -> str | None:
         return curl(self.site.laptop_ns, URL, max_time=max_time)

@@ -11,6 +11,10 @@ from typing import Any
 
 import pytest
 
+from harness.commands import run
+from harness.factories import binding_secret, keypair, wg_quick_config
+from harness.netlab import Lab
+from harness.traffic import whoami_servers
 from kvpn_agent.desired import DesiredServer, build_desired
 from kvpn_agent.kernel import KernelLink, KernelWireGuard
 from kvpn_agent.netlink import Netlink
@@ -20,7 +24,6 @@ from kvpn_agent.sync import LinkBackend, SyncResult, UapiBackend, WireGuardBacke
 from kvpn_agent.wggo import UserspaceLink, WireGuardGo
 from kvpn_core.api import AllowedDestination
 from kvpn_core.contract import PeerBinding, encode_data
-from tests.dataplane.kit import Lab, binding_secret, keypair, run, wg_quick_config, whoami_servers
 
 REQUIRED = ("ip", "nft", "wireguard-go", "wg", "wg-quick", "curl")
 
@@ -33,7 +36,7 @@ PORT, OTHER_PORT, LISTEN_PORT = 8080, 8081, 51820
 
 BACKENDS = (pytest.param("userspace"), pytest.param("kernel", marks=pytest.mark.vm))
 """The agent's two WireGuard backends. Kernel WireGuard needs the module, which only the VM tier has
-(tests/support/vm.py): its cases carry the ``vm`` marker, deselected on the host."""
+(harness/vm.py): its cases carry the ``vm`` marker, deselected on the host."""
 
 both_backends = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 """For a test that must hold on either backend; without it a test gets the userspace one."""
@@ -60,7 +63,10 @@ def dataplane_prerequisites() -> None:
 
 
 @dataclass
-class Laptop:
+class LabLaptop:
+    """A wg-quick peer in the lab's laptop namespace (not harness.world.Laptop, a laptop on the real-node
+    cluster)."""
+
     interface: str
     address: str
     private_key: str
@@ -132,7 +138,7 @@ class Site:
     def bind(self, pb: PeerBinding) -> None:
         self.bindings[pb.secret_name("office")] = binding_secret("office", pb)
 
-    def add_peer(self, host: int = 2, destinations: Sequence[AllowedDestination] = ()) -> Laptop:
+    def add_peer(self, host: int = 2, destinations: Sequence[AllowedDestination] = ()) -> LabLaptop:
         """A VpnPeer as the node sees it: its binding (applied by the next sync)."""
         private, public = keypair()
         psk, _ = keypair()
@@ -147,9 +153,9 @@ class Site:
             allowed_destinations=list(destinations),
         )
         self.bind(pb)
-        return Laptop(self.lab.ifname(f"l{host}"), address, private, public, psk, pb)
+        return LabLaptop(self.lab.ifname(f"l{host}"), address, private, public, psk, pb)
 
-    def up(self, laptop: Laptop) -> None:
+    def up(self, laptop: LabLaptop) -> None:
         """`wg-quick up` on the laptop with the config a user would get.
 
         Call it after the node knows the peer: with PersistentKeepalive the laptop sends its first
@@ -174,7 +180,7 @@ class Site:
                 stdout=log, stderr=log,
             )  # fmt: skip
 
-    def add_laptop(self, host: int = 2, destinations: Sequence[AllowedDestination] = ()) -> Laptop:
+    def add_laptop(self, host: int = 2, destinations: Sequence[AllowedDestination] = ()) -> LabLaptop:
         """A peer, synced to the node, and its laptop's tunnel up."""
         laptop = self.add_peer(host, destinations)
         self.sync()
@@ -207,7 +213,7 @@ class Site:
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    lab = Lab()
+    lab = Lab("kvt")
     try:
         yield lab
     finally:

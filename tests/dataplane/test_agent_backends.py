@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from harness.commands import run
+from harness.netlab import wait_for
+from harness.traffic import TcpProbe, curl, echo_server
 from kvpn_agent.dataplane import build_dataplane
 from kvpn_agent.sync import sync
 from kvpn_agent.uapi import UapiClient
 from kvpn_agent.wggo import WireGuardGo
 from tests.dataplane.agent_world import RESYNC, StateWorld, state_file_world
 from tests.dataplane.conftest import NODE_SIDE, PORT, SERVICE, Site, both_backends
-from tests.dataplane.kit import TcpProbe, curl, echo_server, run, wait_for
 
 pytestmark = [pytest.mark.root]
 

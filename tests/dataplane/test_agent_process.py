@@ -17,11 +17,15 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from harness.commands import run
+from harness.controlplane import ControlPlane
+from harness.kvpn import Kvpn, decode
+from harness.netlab import wait_for
 from kvpn_core.contract import binding_secret_name
 from tests.dataplane.agent_world import (
     RESYNC,
     SERVER,
-    World,
+    AgentLab,
     agent_world,
     connected,
     dataplane_condition,
@@ -29,9 +33,6 @@ from tests.dataplane.agent_world import (
     wait_for_value,
 )
 from tests.dataplane.conftest import NODE_SIDE, Site
-from tests.dataplane.kit import run, wait_for
-from tests.support.controlplane import ControlPlane
-from tests.support.kvpn import Kvpn, decode
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("operator")]
 
@@ -44,13 +45,13 @@ def kvpn(api: client.ApiClient) -> Kvpn:
 @pytest.fixture
 def world(
     site: Site, kvpn: Kvpn, namespace: str, control_plane: ControlPlane, api: client.ApiClient, tmp_path: Path
-) -> Iterator[World]:
+) -> Iterator[AgentLab]:
     """The agent starting wireguard-go itself, as the demo's host-process agents do."""
     with agent_world(site, kvpn, namespace, control_plane, api, tmp_path) as made:
         yield made
 
 
-def test_laptop_reaches_the_service_and_the_status_shows_it(world: World) -> None:
+def test_laptop_reaches_the_service_and_the_status_shows_it(world: AgentLab) -> None:
     connected(world)
     status = wait_for_status(world, lambda s: s.get("lastHandshake") and (s.get("rxBytes") or 0) > 0)
     assert status["endpoint"].startswith("192.168.237.2:")
@@ -58,7 +59,7 @@ def test_laptop_reaches_the_service_and_the_status_shows_it(world: World) -> Non
 
     _, metrics = world.agent.get("/metrics")
     assert 'kvpn_agent_backend_info{backend="userspace"} 1.0' in metrics
-    labels = f'namespace="{world.namespace}",peer="laptop",server="{SERVER}"'
+    labels = f'peer="laptop",peer_namespace="{world.namespace}",server="{SERVER}",server_namespace="{world.namespace}"'
     assert re.search(rf"kvpn_peer_last_handshake_seconds\{{{labels}\}} 1\.\d+e\+09", metrics), metrics
     assert re.search(rf"kvpn_peer_rx_bytes_total\{{{labels}\}} [1-9]", metrics), metrics
     assert "kvpn_agent_sync_duration_seconds_count" in metrics
@@ -79,7 +80,7 @@ def test_laptop_reaches_the_service_and_the_status_shows_it(world: World) -> Non
     assert psk not in log_text
 
 
-def test_a_bad_binding_is_a_dataplane_condition_on_its_peer_and_the_rest_keeps_working(world: World) -> None:
+def test_a_bad_binding_is_a_dataplane_condition_on_its_peer_and_the_rest_keeps_working(world: AgentLab) -> None:
     connected(world)
     world.kvpn.peer(world.namespace, "tablet", server=SERVER)
     tablet = world.kvpn.wait_ready("vpnpeers", world.namespace, "tablet")["status"]
@@ -117,7 +118,7 @@ def test_a_bad_binding_is_a_dataplane_condition_on_its_peer_and_the_rest_keeps_w
     assert world.reach() == NODE_SIDE, world.diagnose()
 
 
-def test_disabling_the_peer_cuts_it_off_within_two_seconds(world: World) -> None:
+def test_disabling_the_peer_cuts_it_off_within_two_seconds(world: AgentLab) -> None:
     connected(world)
     wait_for_status(world, lambda s: s.get("endpoint"))  # so that re-enabling restores it
     public_key = next(iter(world.uapi().get().peers))
@@ -133,7 +134,7 @@ def test_disabling_the_peer_cuts_it_off_within_two_seconds(world: World) -> None
     assert world.reach(max_time=2) == NODE_SIDE, world.diagnose()  # the gateway sent the handshake itself
 
 
-def test_killing_and_restarting_the_agent_drops_nothing(world: World) -> None:
+def test_killing_and_restarting_the_agent_drops_nothing(world: AgentLab) -> None:
     connected(world)
     time.sleep(RESYNC + 0.5)  # a resync has read back the node since the laptop came up
     before = world.dataplane()
@@ -168,7 +169,7 @@ def test_killing_and_restarting_the_agent_drops_nothing(world: World) -> None:
     assert syncs[0]["actions"] == 0, syncs
 
 
-def test_tunnels_survive_an_api_outage_and_the_agent_catches_up(world: World) -> None:
+def test_tunnels_survive_an_api_outage_and_the_agent_catches_up(world: AgentLab) -> None:
     connected(world)
     wait_for_status(world, lambda s: s.get("endpoint"))  # the agent has seen where the laptop is
     public_key = next(iter(world.uapi().get().peers))
@@ -191,7 +192,7 @@ def test_tunnels_survive_an_api_outage_and_the_agent_catches_up(world: World) ->
     assert world.reach(max_time=2) is None
 
 
-def test_restart_without_api_serves_the_state_file_and_restores_endpoints(world: World) -> None:
+def test_restart_without_api_serves_the_state_file_and_restores_endpoints(world: AgentLab) -> None:
     """A node that lost everything (agent, wireguard-go, interface) while the API server is away."""
     connected(world)
     wait_for_status(world, lambda s: s.get("endpoint"))  # the endpoint reached the state file as well
@@ -222,7 +223,7 @@ def _ts(record: dict[str, Any]) -> float:
     return dt.datetime.fromisoformat(record["time"]).timestamp()
 
 
-def test_drift_is_repaired_by_the_resync(world: World) -> None:
+def test_drift_is_repaired_by_the_resync(world: AgentLab) -> None:
     connected(world)
     wait_for_status(world, lambda s: s.get("endpoint"))
     node = world.site.node
@@ -240,7 +241,7 @@ def test_drift_is_repaired_by_the_resync(world: World) -> None:
     wait_for(lambda: world.reach(max_time=1) == NODE_SIDE, RESYNC + 10, "the tunnel after wireguard-go was killed")
 
 
-def test_shutdown_leaves_the_dataplane_and_cleanup_removes_it(world: World) -> None:
+def test_shutdown_leaves_the_dataplane_and_cleanup_removes_it(world: AgentLab) -> None:
     connected(world)
     world.agent.stop(signal.SIGTERM)
     assert world.reach() == NODE_SIDE  # a rolling update must not drop tunnels

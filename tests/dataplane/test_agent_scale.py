@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.factories import key, keypair
+from harness.netlab import Lab, wait_for
 from kvpn_agent.dataplane import build_dataplane
 from kvpn_agent.desired import interface_name
 from kvpn_agent.runner import Agent, Settings, secret_index
@@ -19,7 +21,6 @@ from kvpn_agent.state import StateFile
 from kvpn_agent.uapi import UapiClient
 from kvpn_agent.watch import Obj, Store
 from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, PeerBinding, encode_data
-from tests.dataplane.kit import Lab, keypair, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -49,7 +50,7 @@ def binding(i: int, version: str = "1", enabled: bool = True) -> Obj:
         peer_name=f"p{i}",
         peer_uid=f"u{i}",
         public_key=public,
-        preshared_key=base64.b64encode(os.urandom(32)).decode(),
+        preshared_key=key(),
         addresses=[f"10.100.{(i + 2) // 256}.{(i + 2) % 256}"],
         enabled=enabled,
     )

@@ -18,11 +18,16 @@ from types import TracebackType
 import pytest
 from kubernetes import client
 
+from harness.commands import run
+from harness.controlplane import ControlPlane
+from harness.kvpn import Kvpn
+from harness.netlab import wait_for
+from harness.traffic import TcpProbe, curl, echo_server
 from tests.dataplane.agent_world import (
     RESYNC,
     SERVER,
     URL,
-    World,
+    AgentLab,
     agent_world,
     connected,
     dataplane_condition,
@@ -30,9 +35,6 @@ from tests.dataplane.agent_world import (
     wait_for_value,
 )
 from tests.dataplane.conftest import LISTEN_PORT, NODE_SIDE, SERVICE, Site
-from tests.dataplane.kit import TcpProbe, curl, echo_server, run, wait_for
-from tests.support.controlplane import ControlPlane
-from tests.support.kvpn import Kvpn
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("operator")]
 
@@ -47,7 +49,7 @@ def kvpn(api: client.ApiClient) -> Kvpn:
 @pytest.fixture
 def world(
     site: Site, kvpn: Kvpn, namespace: str, control_plane: ControlPlane, api: client.ApiClient, tmp_path: Path
-) -> Iterator[World]:
+) -> Iterator[AgentLab]:
     with agent_world(site, kvpn, namespace, control_plane, api, tmp_path, supervised=True) as made:
         yield made
 
@@ -55,7 +57,7 @@ def world(
 @pytest.fixture
 def unstarted(
     site: Site, kvpn: Kvpn, namespace: str, control_plane: ControlPlane, api: client.ApiClient, tmp_path: Path
-) -> Iterator[World]:
+) -> Iterator[AgentLab]:
     """The supervisor running, the agent not yet started."""
     with agent_world(site, kvpn, namespace, control_plane, api, tmp_path, supervised=True, start=False) as made:
         yield made
@@ -64,7 +66,7 @@ def unstarted(
 class Requests:
     """A loop of requests from the laptop to the service through the tunnel, each remembered."""
 
-    def __init__(self, world: World, max_time: float = 1.0) -> None:
+    def __init__(self, world: AgentLab, max_time: float = 1.0) -> None:
         self.world, self.max_time = world, max_time
         self.done: list[tuple[float, bool]] = []  # (when it was sent, whether it was answered)
         self._stop = threading.Event()
@@ -91,7 +93,7 @@ class Requests:
         return next((t for t, ok in self.done if ok and t >= moment), None)
 
 
-def wait_readyz(world: World, ok: bool, timeout: float) -> tuple[float, str]:
+def wait_readyz(world: AgentLab, ok: bool, timeout: float) -> tuple[float, str]:
     """Seconds until /readyz says ``ok`` (200) or not (a 503: the agent answers, it is not ready), and its body."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -102,11 +104,11 @@ def wait_readyz(world: World, ok: bool, timeout: float) -> tuple[float, str]:
     raise AssertionError(f"/readyz not {'200' if ok else 'failing'} after {timeout} s: {world.agent.get('/readyz')}")
 
 
-def messages(world: World, start: int) -> list[str]:
+def messages(world: AgentLab, start: int) -> list[str]:
     return [str(r.get("message")) for r in world.agent.records(start=start)]
 
 
-def test_the_agent_killed_and_restarted_breaks_no_connection_and_keeps_its_wireguard_go(world: World) -> None:
+def test_the_agent_killed_and_restarted_breaks_no_connection_and_keeps_its_wireguard_go(world: AgentLab) -> None:
     connected(world)
     echo_server(world.site.lab, world.site.service_ns, SERVICE, ECHO_PORT)
     time.sleep(RESYNC + 0.5)  # a resync has read back the node since the laptop came up
@@ -145,7 +147,7 @@ def test_the_agent_killed_and_restarted_breaks_no_connection_and_keeps_its_wireg
     assert [r["pid"] for r in started] == [pid]
 
 
-def test_a_dead_supervisor_makes_the_agent_unready_and_its_return_heals_the_laptop(world: World) -> None:
+def test_a_dead_supervisor_makes_the_agent_unready_and_its_return_heals_the_laptop(world: AgentLab) -> None:
     connected(world)
     wait_for_status(world, lambda s: s.get("endpoint"))  # the agent knows where the laptop is
     assert world.supervisor is not None
@@ -193,7 +195,7 @@ def test_a_dead_supervisor_makes_the_agent_unready_and_its_return_heals_the_lapt
     assert world.dataplane()[0][2], world.diagnose()
 
 
-def test_a_taken_listen_port_is_not_ready_with_a_reason_and_a_condition_until_freed(unstarted: World) -> None:
+def test_a_taken_listen_port_is_not_ready_with_a_reason_and_a_condition_until_freed(unstarted: AgentLab) -> None:
     world, node = unstarted, unstarted.site.node
     holder = world.site.lab.spawn(
         node, sys.executable, "-c", f"import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
@@ -230,7 +232,7 @@ def test_a_taken_listen_port_is_not_ready_with_a_reason_and_a_condition_until_fr
     assert "server sync works again" in records
 
 
-def test_cleanup_asks_the_supervisor_to_stop_the_devices(world: World) -> None:
+def test_cleanup_asks_the_supervisor_to_stop_the_devices(world: AgentLab) -> None:
     connected(world)
     world.agent.stop(signal.SIGTERM)
     assert world.reach() == NODE_SIDE  # a stopped agent leaves tunnels up

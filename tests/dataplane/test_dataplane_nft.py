@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import os
-
 import pytest
 from pydantic import SecretStr
 
+from harness.factories import key
+from harness.netlab import Lab
 from kvpn_agent.desired import DesiredServer
 from kvpn_agent.nft import Nft
 from kvpn_agent.plan import UpdateFirewall, plan_firewall
@@ -15,13 +14,8 @@ from kvpn_agent.ruleset import build_ruleset
 from kvpn_core.api import AllowedDestination
 from kvpn_core.contract import PeerBinding
 from kvpn_core.keys import public_key_of
-from tests.dataplane.kit import Lab
 
 pytestmark = [pytest.mark.root]
-
-
-def key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
 
 
 def test_dual_stack_table_round_trips_through_nft(lab: Lab) -> None:

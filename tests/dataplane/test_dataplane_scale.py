@@ -6,8 +6,6 @@ wireguard-go over UAPI on the host; kernel WireGuard over generic netlink in the
 
 from __future__ import annotations
 
-import base64
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +15,9 @@ from typing import Any
 
 import pytest
 
+from harness.commands import run
+from harness.factories import binding_secret, key, keypair
+from harness.netlab import Lab
 from kvpn_agent.builder import DesiredBuilder
 from kvpn_agent.kernel import KernelLink, KernelWireGuard
 from kvpn_agent.netlink import Netlink
@@ -29,15 +30,10 @@ from kvpn_agent.wggo import UserspaceLink, WireGuardGo
 from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.contract import PeerBinding, encode_data
 from tests.dataplane.conftest import BACKENDS
-from tests.dataplane.kit import Lab, binding_secret, keypair, run
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 FIGURES: dict[str, float] = {}
-
-
-def key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
 
 
 def address(i: int) -> str:

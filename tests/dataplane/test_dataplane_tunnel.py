@@ -11,12 +11,15 @@ import time
 
 import pytest
 
+from harness.commands import run
+from harness.factories import keypair
+from harness.netlab import wait_for
+from harness.traffic import curl
 from kvpn_agent.plan import AddPeer, RemovePeer, ReplaceFirewall, UpdateFirewall
 from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.api import AllowedDestination
 from kvpn_core.contract import PeerBinding
 from tests.dataplane.conftest import NODE_SIDE, OTHER_PORT, OTHER_SERVICE, PORT, SERVICE, Site, both_backends
-from tests.dataplane.kit import curl, keypair, run, wait_for
 
 pytestmark = [pytest.mark.root]
 

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute, WireGuard
 
-from tests.dataplane.kit import Lab, keypair, run
+from harness.commands import run
+from harness.factories import keypair
+from harness.netlab import Lab
 
 pytestmark = pytest.mark.vm
 

@@ -1,4 +1,4 @@
-"""The real-node test cluster itself (tests/support/cluster.py): it runs pods, and it leaves nothing behind.
+"""The real-node test cluster itself (harness/cluster.py): it runs pods, and it leaves nothing behind.
 
 Nothing of a cluster may outlive it on this machine: no process, network namespace, link, mount, cgroup
 or host firewall rule, whether it stopped normally, failed half-way through its start, or its owner was
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import CGROUP_FS, PAUSE_IMAGE, Cluster, ClusterError, Manifest, in_ns, run, sweep
-from tests.support.kvpn import wait_for
+from harness.cluster import CGROUP_FS, PAUSE_IMAGE, Cluster, ClusterError, Manifest, in_ns, run, sweep
+from harness.kvpn import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.apiserver]
 
@@ -117,7 +117,7 @@ SIGKILLED_OWNER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from tests.support.cluster import Cluster
+from harness.cluster import Cluster
 cluster = Cluster(1, manifest=Path(sys.argv[2]))
 cluster.start()
 print(cluster.suffix, cluster.run_dir, flush=True)

@@ -1,7 +1,7 @@
 """End to end on real nodes: kvpn installed with Helm runs as pods, and laptops with stock wg-quick reach the
 cluster through it.
 
-One world (tests/support/world.py) for the module: kubelet nodes with containerd and kube-proxy, the
+One world (harness/world.py) for the module: kubelet nodes with containerd and kube-proxy, the
 project's image built from its Dockerfile, `helm install` of the chart (operator Deployment, agent and
 wireguard-go DaemonSets as pods), `hello` and a DNS stand-in as pods, VpnServers applied with kubectl,
 laptops on the node network. Every assertion on reachability is a real request from a laptop namespace,
@@ -25,11 +25,9 @@ from typing import Any
 
 import pytest
 
-from kvpn_agent.processes import socket_owner
-from kvpn_operator.handlers import WATCH_SERVER_SECONDS
-from tests.support.cluster import Node, in_ns
-from tests.support.kvpn import wait_for
-from tests.support.world import (
+from harness.cluster import Node, in_ns
+from harness.kvpn import wait_for
+from harness.world import (
     CHART_NAMESPACE,
     ECHO_PORT,
     HELLO_PORT,
@@ -47,6 +45,8 @@ from tests.support.world import (
     World,
     run,
 )
+from kvpn_agent.processes import socket_owner
+from kvpn_operator.handlers import WATCH_SERVER_SECONDS
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.apiserver]
 

@@ -23,12 +23,12 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from harness import chart
+from harness.controlplane import ControlPlane, free_port, log_tail
+from harness.kvpn import Kvpn, wait_for
+from harness.operator_process import OperatorProcess
 from kvpn_core.contract import binding_selector
 from tests.conftest import TEST_NAMESPACE_LABEL
-from tests.support import chart
-from tests.support.controlplane import ControlPlane, free_port, log_tail
-from tests.support.kvpn import Kvpn, wait_for
-from tests.support.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kvpn"

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from kubernetes import client
 
+from harness.controlplane import ControlPlane
+from harness.kvpn import Kvpn, decode, wait_for
 from kvpn_core import keys
-from tests.support.controlplane import ControlPlane
-from tests.support.kvpn import Kvpn, decode, wait_for
 
 pytestmark = pytest.mark.usefixtures("operator")
 

@@ -15,7 +15,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.support.controlplane import (
+from harness.controlplane import (
     SERVICE_CIDR,
     ControlPlane,
     ControlPlaneError,

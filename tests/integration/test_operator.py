@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from harness.kvpn import Kvpn, decode, ready, wait_for
+from harness.operator_process import OperatorProcess
 from kvpn_core import keys
 from kvpn_core.contract import PeerBinding, binding_selector
-from tests.support.kvpn import Kvpn, decode, ready, wait_for
-from tests.support.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.usefixtures("operator")
 

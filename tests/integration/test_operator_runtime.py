@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from harness import chart
+from harness.controlplane import ControlPlane, ControlPlaneError, apply_crd_files, free_port
+from harness.kvpn import Kvpn, wait_for
+from harness.operator_process import OperatorProcess
 from kvpn_operator.readiness import STALL_SECONDS
 from tests.conftest import CRD_DIR
-from tests.support import chart
-from tests.support.controlplane import ControlPlane, ControlPlaneError, apply_crd_files, free_port
-from tests.support.kvpn import Kvpn, wait_for
-from tests.support.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.apiserver
 

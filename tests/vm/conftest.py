@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.support.vm import Kernel, VmError, find_kernel
+from harness.vm import Kernel, VmError, find_kernel
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -10,7 +10,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from tests.support.vm import Kernel, Vm
+from harness.vm import Kernel, Vm
 
 # One boot (~5 s) plus the guest's pytest: its start alone is ~30 s (Python runs 10-20x slower there).
 TIER_TIMEOUT = 1500.0

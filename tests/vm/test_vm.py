@@ -1,4 +1,4 @@
-"""The VM tier's runner (tests/support/vm.py): a guest command's status and output come back, a hang is
+"""The VM tier's runner (harness/vm.py): a guest command's status and output come back, a hang is
 killed at the timeout, a crash fails with the console, a signal to the runner leaves nothing behind, the
 guest has the kernel WireGuard this host lacks, and pytest runs inside it (tests/vm/test_guest.py: the
 tools the kernel tier needs)."""
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.vm import FAILED_STATUS, REPO, STOP_GRACE_SECONDS, Kernel, Vm, VmTimeoutError, run_in_vm
+from harness.vm import FAILED_STATUS, REPO, STOP_GRACE_SECONDS, Kernel, Vm, VmTimeoutError, run_in_vm
 from tests.vm import test_guest
 
 BOOT_TIMEOUT = 180.0  # boots take 4-6 s here; a loaded CI machine gets slack
@@ -77,7 +77,7 @@ def test_a_hang_is_killed_at_the_timeout(kernel: Kernel) -> None:
 
 def test_a_crashed_guest_fails_with_its_console(kernel: Kernel) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.support.vm", "--", "sh", "-c", "echo crashing; echo c >/proc/sysrq-trigger"],
+        [sys.executable, "-m", "harness.vm", "--", "sh", "-c", "echo crashing; echo c >/proc/sysrq-trigger"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -93,7 +93,7 @@ def test_a_crashed_guest_fails_with_its_console(kernel: Kernel) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_to_the_runner_leaves_nothing(kernel: Kernel, tmp_path: Path, sig: signal.Signals) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.vm", "--", "sh", "-c", "echo started; exec sleep 600"],
+        [sys.executable, "-m", "harness.vm", "--", "sh", "-c", "echo started; exec sleep 600"],
         cwd=REPO,
         env={**os.environ, "TMPDIR": str(tmp_path)},  # the run folder goes there
         stdout=subprocess.PIPE,

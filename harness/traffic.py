@@ -1,0 +1,114 @@
+"""Traffic inside a Lab's namespaces: whoami HTTP servers, curl, an echo server and a TcpProbe against it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.commands import run
+from harness.netlab import Lab, wait_for
+
+TCP_PROBE = Path(__file__).with_name("tcp_probe.py")
+
+# A reply that names the client's address, so a test can see whether it was masqueraded. One process
+# serves every ADDRESS:PORT given (in the VM tier each Python start costs seconds).
+WHOAMI = """
+import http.server, sys, threading
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.client_address[0].encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args): pass
+servers = [http.server.ThreadingHTTPServer((a, int(p)), H) for a, _, p in (x.rpartition(":") for x in sys.argv[1:])]
+for s in servers[1:]:
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+servers[0].serve_forever()
+"""
+
+# An echo server for one long-lived TCP connection (TcpProbe): a line in, the same line out.
+ECHO = """
+import socketserver, sys
+class H(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+class S(socketserver.ThreadingTCPServer):
+    daemon_threads = allow_reuse_address = True
+S((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"""
+
+
+def whoami_server(lab: Lab, ns: str, address: str, port: int) -> None:
+    whoami_servers(lab, ns, [(address, port)])
+
+
+def whoami_servers(lab: Lab, ns: str, listen: Sequence[tuple[str, int]]) -> None:
+    lab.spawn(ns, sys.executable, "-c", WHOAMI, *(f"{address}:{port}" for address, port in listen))
+    address, port = listen[-1]  # bound last, after the others
+    wait_for(
+        lambda: (
+            run(
+                "ip", "netns", "exec", ns, "curl", "-s", "--max-time", "1", f"http://{address}:{port}/", check=False
+            ).returncode
+            == 0
+        ),
+        30,
+        f"http server {address}:{port}",
+    )
+
+
+def curl(ns: str, url: str, max_time: float = 2) -> str | None:
+    """The body, or None when nothing answered within ``max_time``."""
+    proc = run(
+        "ip", "netns", "exec", ns, "curl", "-s", "--max-time", str(max_time), url, check=False, timeout=max_time + 5
+    )
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def echo_server(lab: Lab, ns: str, address: str, port: int) -> None:
+    lab.spawn(ns, sys.executable, "-c", ECHO, address, str(port))
+    probe = f"import socket; socket.create_connection(({address!r}, {port}), timeout=1).close()"
+    wait_for(
+        lambda: run("ip", "netns", "exec", ns, sys.executable, "-c", probe, check=False).returncode == 0,
+        5,
+        f"echo server {address}:{port}",
+    )
+
+
+@dataclass
+class TcpProbe:
+    """One TCP connection from ``ns`` to an echo server, kept busy (a line every 50 ms, harness/tcp_probe.py)
+    while something happens."""
+
+    lab: Lab
+    ns: str
+    host: str
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    DRAIN_S = 0.5
+    """How long the probe still reads after SIGTERM: the echoes in flight count as received."""
+
+    def __enter__(self) -> TcpProbe:
+        argv = [sys.executable, str(TCP_PROBE), self.host, str(self.port), "--drain", str(self.DRAIN_S)]
+        self.proc = self.lab.spawn(self.ns, *argv, log=self.log)
+        wait_for(lambda: '"connected"' in self.log.read_text(), 5, f"a TCP connection to {self.host}:{self.port}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def result(self) -> dict[str, Any]:
+        """After the block: broken (the error that ended it, or None), sent, received, max_gap_s."""
+        lines = [line for line in self.log.read_text().splitlines() if line.startswith("{")]
+        found: dict[str, Any] = json.loads(lines[-1])
+        return found

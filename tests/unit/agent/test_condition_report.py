@@ -1,0 +1,301 @@
+"""The agent's Dataplane condition: only problems are written, the rest of the status is left alone."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from kvpn_agent.condition_report import (
+    DATAPLANE,
+    ConditionReporter,
+    Target,
+    conditions_update,
+    dataplane_problems,
+)
+from kvpn_agent.desired import PeerProblem
+from kvpn_core.api import Kind
+from kvpn_core.conditions import Reason
+from kvpn_core.kube import ConflictError, KubeError
+from tests.unit.fakes import Clock
+
+NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+READY = {
+    "type": "Ready",
+    "status": "True",
+    "reason": "Ready",
+    "message": "ok",
+    "lastTransitionTime": "2026-01-01T00:00:00Z",
+}
+PEER: Target = (Kind.VPN_PEER, "team", "alice")
+SERVER: Target = (Kind.VPN_SERVER, "vpn", "office")
+
+
+def problem(
+    binding: str = "kvpn-office-10-8-0-2", peer: str = "alice", reason: str = "InvalidPublicKey"
+) -> PeerProblem:
+    return PeerProblem(binding=binding, peer_namespace="team", peer_name=peer, reason=reason, message="bad key")
+
+
+def test_problems_land_on_their_peer_or_server_with_the_node_named() -> None:
+    found = dataplane_problems(
+        {
+            ("vpn", "office"): (
+                None,
+                frozenset({problem(), problem("kvpn-office-x", peer="", reason="InvalidBinding")}),
+            ),
+            ("vpn", "lab"): (("InvalidServerKey", "the server's private key is unusable"), frozenset()),
+        },
+        "gw-1",
+    )
+    assert found == {
+        PEER: ("InvalidPublicKey", "bad key (gateway node gw-1)"),
+        (Kind.VPN_SERVER, "vpn", "lab"): (
+            "InvalidServerKey",
+            "the server's private key is unusable (gateway node gw-1)",
+        ),
+    }  # a binding too broken to name its peer is only logged
+
+
+def test_a_server_this_node_cannot_program_is_a_sync_failed_condition_naming_the_node() -> None:
+    port = "UDP port 51820 is taken by another process on the node (errno 98)"
+    found = dataplane_problems({}, "gw-1", {("vpn", "office"): port})
+    assert found == {SERVER: (Reason.SYNC_FAILED, f"this node cannot program the server: {port} (gateway node gw-1)")}
+    # A server whose desired state is bad and which also fails: both said, the desired state first.
+    both = dataplane_problems(
+        {("vpn", "office"): (("InvalidServerKey", "bad key"), frozenset())}, "gw-1", {("vpn", "office"): port}
+    )
+    assert both[SERVER][0] == "InvalidServerKey"
+    assert both[SERVER][1].startswith("bad key (gateway node gw-1); this node cannot program the server: UDP port")
+
+
+def test_a_server_the_kernel_refused_names_the_fallback_it_runs_on() -> None:
+    why = "link creation refused: (95, 'Operation not supported')"
+    found = dataplane_problems({}, "gw-1", None, {("vpn", "office"): why})
+    assert found == {
+        SERVER: (
+            Reason.KERNEL_WIREGUARD_FAILED,
+            f"kernel WireGuard failed on this node ({why}): the server is served by the userspace backend"
+            " (wireguard-go) instead (gateway node gw-1)",
+        )
+    }
+
+
+def test_setting_keeps_every_other_condition_as_read() -> None:
+    other = {"type": "Custom", "status": "Unknown", "reason": "X", "extra": "kept as is"}
+    updated = conditions_update([READY, other], ("InvalidPublicKey", "bad key"), NOW)
+    assert updated == [
+        READY,
+        other,
+        {"type": DATAPLANE, "status": "False", "reason": "InvalidPublicKey", "message": "bad key",
+         "lastTransitionTime": "2026-11-25T12:00:00Z"},
+    ]  # fmt: skip
+    assert conditions_update(updated, ("InvalidPublicKey", "bad key"), NOW) is None  # already says so
+
+
+def test_a_new_reason_keeps_the_transition_time_and_removal_drops_only_ours() -> None:
+    first = conditions_update([READY], ("InvalidPublicKey", "bad key"), NOW)
+    assert first is not None
+    later = conditions_update(first, ("AddressConflict", "taken"), NOW + dt.timedelta(hours=1))
+    assert later is not None
+    assert later[1]["reason"] == "AddressConflict"
+    assert later[1]["lastTransitionTime"] == "2026-11-25T12:00:00Z"  # still False since then
+    assert conditions_update(later, None, NOW) == [READY]
+    assert conditions_update([READY], None, NOW) is None  # nothing to remove
+
+
+class FakeKube:
+    """VpnPeers and VpnServers with resourceVersions; merge patches of status.conditions as the API does them."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.patches: list[tuple[str, dict[str, Any]]] = []
+        self.gets = self.lists = self.conflicts = 0
+        self.down = False
+
+    @staticmethod
+    def path(target: Target) -> str:
+        plural = "vpnpeers" if target[0] is Kind.VPN_PEER else "vpnservers"
+        return f"/apis/kvpn.dev/v1alpha1/namespaces/{target[1]}/{plural}/{target[2]}"
+
+    def add(self, target: Target, conditions: list[dict[str, Any]], server: str = "office") -> None:
+        self.objects[self.path(target)] = {
+            "metadata": {"namespace": target[1], "name": target[2], "resourceVersion": "1"},
+            "spec": {"serverRef": {"name": server, "namespace": "vpn"}},
+            "status": {"address": "10.8.0.2", "conditions": conditions},
+        }
+
+    def conditions(self, target: Target) -> list[dict[str, Any]]:
+        return list(self.objects[self.path(target)]["status"]["conditions"])
+
+    def other_writer(self, target: Target, conditions: list[dict[str, Any]]) -> None:
+        obj = self.objects[self.path(target)]
+        obj["status"]["conditions"] = conditions
+        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        if self.down:
+            raise KubeError(0, "API server unreachable")
+        self.gets += 1
+        found = self.objects.get(path)
+        return copy.deepcopy(found) if found else None
+
+    def list(self, path: str) -> list[dict[str, Any]]:
+        if self.down:
+            raise KubeError(0, "API server unreachable")
+        self.lists += 1
+        plural = path.rsplit("/", 1)[1]
+        return [
+            copy.deepcopy(o)
+            for p, o in self.objects.items()
+            if f"/{plural}/" in p and p.startswith(path.rsplit("/", 1)[0])
+        ]
+
+    def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
+        obj = self.objects[path.removesuffix("/status")]
+        if self.conflicts or patch["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
+            self.conflicts = max(0, self.conflicts - 1)
+            raise ConflictError(409, "the object has been modified")
+        assert set(patch) == {"metadata", "status"}
+        assert set(patch["status"]) == {"conditions"}  # nothing but the list the agent shares with the operator
+        self.patches.append((path, patch))
+        obj["status"]["conditions"] = patch["status"]["conditions"]
+        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+        return obj
+
+
+@pytest.fixture
+def kube() -> FakeKube:
+    made = FakeKube()
+    made.add(PEER, [READY])
+    made.add(SERVER, [READY])
+    return made
+
+
+def reporter(kube: FakeKube, clock: Clock) -> ConditionReporter:
+    return ConditionReporter(kube, clock=clock, now=lambda: NOW)  # type: ignore[arg-type]
+
+
+def test_a_problem_is_written_once_and_removed_when_it_goes(kube: FakeKube) -> None:
+    clock = Clock()
+    conditions = reporter(kube, clock)
+    bad = {PEER: ("InvalidPublicKey", "bad key (gateway node gw-1)")}
+    assert conditions.report(bad) == 1
+    path, patch = kube.patches[0]
+    assert path.endswith("/namespaces/team/vpnpeers/alice/status")
+    assert patch["metadata"] == {"resourceVersion": "1"}
+    assert [c["type"] for c in kube.conditions(PEER)] == ["Ready", DATAPLANE]
+    assert kube.conditions(PEER)[0] == READY
+
+    gets = kube.gets
+    clock.now += 60
+    assert conditions.report(bad) == 0
+    assert kube.gets == gets  # a standing problem costs nothing ...
+    clock.now += 120
+    assert conditions.report(bad) == 0
+    assert kube.gets == gets + 1  # ... but a read now and then
+
+    assert conditions.report({}) == 1
+    assert kube.conditions(PEER) == [READY]
+    clock.now += 60
+    assert conditions.report({}) == 0
+    assert len(kube.patches) == 2
+
+
+def test_at_most_one_write_per_object_per_interval(kube: FakeKube) -> None:
+    clock = Clock()
+    conditions = reporter(kube, clock)
+    assert conditions.report({PEER: ("InvalidPublicKey", "a")}) == 1
+    clock.now += 5
+    assert conditions.report({}) == 0  # solved, but the last write was 5 s ago
+    assert conditions.report({PEER: ("AddressConflict", "b")}) == 0
+    clock.now += 10
+    assert conditions.report({PEER: ("AddressConflict", "b")}) == 1
+    assert kube.conditions(PEER)[1]["reason"] == "AddressConflict"
+
+
+def test_a_concurrent_write_is_read_again_and_kept(kube: FakeKube) -> None:
+    conditions = reporter(kube, Clock())
+    # The operator writes Ready between the agent's read and its patch: 409, read again, keep its Ready.
+    original_get = kube.get
+    flipped = {**READY, "status": "False", "reason": "Disabled"}
+
+    def get_then_race(path: str) -> dict[str, Any] | None:
+        found = original_get(path)
+        if kube.gets == 1:
+            kube.other_writer(PEER, [flipped])
+        return found
+
+    kube.get = get_then_race  # type: ignore[method-assign]
+    assert conditions.report({PEER: ("InvalidPublicKey", "a")}) == 1
+    assert [c["type"] for c in kube.conditions(PEER)] == ["Ready", DATAPLANE]
+    assert kube.conditions(PEER)[0] == flipped
+
+
+def test_a_condition_removed_by_someone_else_comes_back_at_the_next_recheck(kube: FakeKube) -> None:
+    clock = Clock()
+    conditions = reporter(kube, clock)
+    bad = {PEER: ("InvalidPublicKey", "a")}
+    conditions.report(bad)
+    kube.other_writer(PEER, [READY])
+    clock.now += 130
+    assert conditions.report(bad) == 1
+    assert kube.conditions(PEER)[1]["type"] == DATAPLANE
+
+
+def test_server_conditions_and_a_stale_one_from_before_a_restart(kube: FakeKube) -> None:
+    stale = {"type": DATAPLANE, "status": "False", "reason": "InvalidPublicKey", "message": "old",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
+    kube.add((Kind.VPN_PEER, "team", "bob"), [READY, stale])
+    kube.add((Kind.VPN_PEER, "team", "carol"), [READY, stale], server="elsewhere")  # not served here
+    kube.add((Kind.VPN_SERVER, "vpn", "lab"), [READY, stale])
+    conditions = reporter(kube, Clock())
+    served = [kube.objects[kube.path(SERVER)], kube.objects[kube.path((Kind.VPN_SERVER, "vpn", "lab"))]]
+    assert conditions.report({SERVER: ("ServerKeyMissing", "no key yet")}, served) == 3
+    assert kube.conditions(SERVER)[1]["reason"] == "ServerKeyMissing"
+    assert kube.conditions((Kind.VPN_SERVER, "vpn", "lab")) == [READY]
+    assert kube.conditions((Kind.VPN_PEER, "team", "bob")) == [READY]
+    assert kube.conditions((Kind.VPN_PEER, "team", "carol")) == [READY, stale]
+    assert kube.lists == 1
+    conditions.report({SERVER: ("ServerKeyMissing", "no key yet")}, served)
+    assert kube.lists == 1  # the VpnPeers are swept once per start
+
+
+def test_an_unreachable_api_server_is_raised_and_retried(kube: FakeKube) -> None:
+    conditions = reporter(kube, Clock())
+    kube.down = True
+    with pytest.raises(KubeError):
+        conditions.report({PEER: ("InvalidPublicKey", "a")})
+    kube.down = False
+    assert conditions.report({PEER: ("InvalidPublicKey", "a")}) == 1
+
+
+def test_a_missing_object_is_not_an_error(kube: FakeKube) -> None:
+    conditions = reporter(kube, Clock())
+    assert conditions.report({(Kind.VPN_PEER, "team", "nobody"): ("InvalidPublicKey", "a")}) == 0
+
+
+def test_another_gateways_kernel_fallback_is_left_to_that_gateway(kube: FakeKube) -> None:
+    theirs = {"type": DATAPLANE, "status": "False", "reason": Reason.KERNEL_WIREGUARD_FAILED,
+              "message": "kernel WireGuard failed on this node (x) (gateway node gw-2)",
+              "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
+    kube.add(SERVER, [READY, theirs])
+    healthy = ConditionReporter(kube, clock=Clock(), now=lambda: NOW, node="gw-1")  # type: ignore[arg-type]
+    assert healthy.report({}, [kube.objects[kube.path(SERVER)]]) == 0
+    assert kube.conditions(SERVER) == [READY, theirs]
+
+
+def test_another_gateways_sync_failure_is_left_to_that_gateway(kube: FakeKube) -> None:
+    """A SyncFailed condition is about one node: a healthy gateway of the same server leaves it."""
+    theirs = {"type": DATAPLANE, "status": "False", "reason": Reason.SYNC_FAILED,
+              "message": "port taken (gateway node gw-2)", "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
+    kube.add(SERVER, [READY, theirs])
+    healthy = ConditionReporter(kube, clock=Clock(), now=lambda: NOW, node="gw-1")  # type: ignore[arg-type]
+    assert healthy.report({}, [kube.objects[kube.path(SERVER)]]) == 0
+    assert kube.conditions(SERVER) == [READY, theirs]
+    # The node it names removes it once its problem is gone, even after a restart (nothing remembered).
+    restarted = ConditionReporter(kube, clock=Clock(), now=lambda: NOW, node="gw-2")  # type: ignore[arg-type]
+    assert restarted.report({}, [kube.objects[kube.path(SERVER)]]) == 1
+    assert kube.conditions(SERVER) == [READY]

@@ -1,0 +1,130 @@
+"""Peer status reports: only on change, at most once per 15 s per peer, the freshest gateway wins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kvpn_agent.metrics import Metrics, PeerStats
+from kvpn_agent.status_report import StatusReporter, rfc3339, status_patch
+from kvpn_core.kube import ConflictError, KubeError
+from tests.unit.fakes import Clock
+
+T = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+
+
+def stats(peer: str = "alice", handshake: float | None = T, rx: int = 100, tx: int = 200) -> PeerStats:
+    return PeerStats("vpn", "office", "team", peer, f"key-{peer}", handshake, rx, tx, "192.0.2.7:4000")
+
+
+def test_a_patch_holds_only_the_agents_four_fields() -> None:
+    current = {"address": "10.8.0.2", "conditions": [{"type": "Ready"}]}
+    assert status_patch(current, stats()) == {
+        "lastHandshake": "2023-11-14T22:13:20Z",
+        "rxBytes": 100,
+        "txBytes": 200,
+        "endpoint": "192.0.2.7:4000",
+    }
+
+
+def test_nothing_to_say_without_a_handshake_or_without_a_change() -> None:
+    assert status_patch({}, stats(handshake=None)) is None
+    same = {"lastHandshake": rfc3339(T), "rxBytes": 100, "txBytes": 200, "endpoint": "192.0.2.7:4000"}
+    assert status_patch(same, stats()) is None
+
+
+def test_another_gateways_fresher_handshake_wins() -> None:
+    fresher = {"lastHandshake": rfc3339(T + 30), "rxBytes": 5, "txBytes": 5, "endpoint": "198.51.100.1:1"}
+    assert status_patch(fresher, stats()) is None
+    older = {**fresher, "lastHandshake": rfc3339(T - 30)}
+    assert status_patch(older, stats()) is not None
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.patches: list[tuple[str, dict[str, Any]]] = []
+        self.lists = 0
+        self.conflicts = 0
+        self.down = False
+
+    def add(self, name: str, status: dict[str, Any] | None = None) -> None:
+        path = f"/apis/kvpn.dev/v1alpha1/namespaces/team/vpnpeers/{name}"
+        self.objects[path] = {"metadata": {"name": name, "resourceVersion": "7"}, "status": status or {}}
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        if self.down:
+            raise KubeError(0, "API server unreachable")
+        return self.objects.get(path)
+
+    def list(self, path: str) -> list[dict[str, Any]]:
+        self.lists += 1
+        return [o for p, o in self.objects.items() if p.startswith(path + "/")]
+
+    def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
+        if self.conflicts:
+            self.conflicts -= 1
+            raise ConflictError(409, "the object has been modified")
+        self.patches.append((path, patch))
+        return {}
+
+
+@pytest.fixture
+def kube() -> FakeKube:
+    made = FakeKube()
+    made.add("alice")
+    return made
+
+
+def test_writes_are_conditional_rate_limited_and_only_on_change(kube: FakeKube) -> None:
+    clock = Clock()
+    reporter = StatusReporter(kube, clock=clock)  # type: ignore[arg-type]
+    assert reporter.report([stats()]) == 1
+    path, patch = kube.patches[0]
+    assert path.endswith("/vpnpeers/alice/status")
+    assert patch["metadata"] == {"resourceVersion": "7"}  # a concurrent writer makes this a 409, not a loss
+
+    assert reporter.report([stats()]) == 0  # nothing changed
+    clock.now += 5
+    assert reporter.report([stats(rx=150)]) == 0  # changed, but the last write was 5 s ago
+    clock.now += 10
+    assert reporter.report([stats(rx=150)]) == 1
+    clock.now += 60
+    assert reporter.report([stats(rx=150)]) == 0  # a quiet peer costs nothing
+
+
+def test_a_conflict_is_retried_in_the_next_pass(kube: FakeKube) -> None:
+    reporter = StatusReporter(kube, clock=Clock())  # type: ignore[arg-type]
+    kube.conflicts = 1
+    assert reporter.report([stats()]) == 0
+    assert reporter.report([stats()]) == 1
+
+
+def test_many_peers_of_a_namespace_are_read_with_one_list(kube: FakeKube) -> None:
+    for i in range(30):
+        kube.add(f"p{i}")
+    reporter = StatusReporter(kube, clock=Clock())  # type: ignore[arg-type]
+    assert reporter.report([stats(f"p{i}") for i in range(30)]) == 30
+    assert kube.lists == 1
+
+
+def test_an_unreachable_api_server_is_raised_and_nothing_is_marked(kube: FakeKube) -> None:
+    reporter = StatusReporter(kube, clock=Clock())  # type: ignore[arg-type]
+    kube.down = True
+    with pytest.raises(KubeError):
+        reporter.report([stats()])
+    kube.down = False
+    assert reporter.report([stats()]) == 1
+
+
+def test_peer_series_carry_both_namespaces_the_server_and_the_peer() -> None:
+    metrics = Metrics()
+    metrics.peers.update([stats()])
+    labels = {"server_namespace": "vpn", "server": "office", "peer_namespace": "team", "peer": "alice"}
+    registry = metrics.registry
+    assert registry.get_sample_value("kvpn_peer_last_handshake_seconds", labels) == T
+    assert registry.get_sample_value("kvpn_peer_rx_bytes_total", labels) == 100
+    assert registry.get_sample_value("kvpn_peer_tx_bytes_total", labels) == 200
+    metrics.peers.update([])
+    assert registry.get_sample_value("kvpn_peer_rx_bytes_total", labels) is None  # gone with the peer

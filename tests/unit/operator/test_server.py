@@ -1,0 +1,246 @@
+"""The VpnServer: its Ready verdict (still Ready when discovery left gaps), and its reconcile against a fake API."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from typing import Any
+
+from kvpn_core import keys
+from kvpn_core.api import Kind, VpnServerSpec
+from kvpn_core.conditions import CLUSTER_DNS, POD_NETWORK, READY, Outcome, Reason
+from kvpn_core.contract import SERVER_KEY_DATA, server_key_secret_name
+from kvpn_operator import builders
+from kvpn_operator.memory import ANNOTATION_NUDGE, PeerEntry
+from kvpn_operator.reporting import Report
+from kvpn_operator.server import (
+    ClusterFacts,
+    ServiceNetworks,
+    nudge,
+    nudge_for_service,
+    reconcile_server,
+    serving_outcome,
+)
+from tests.unit.fakes import FakeStorage
+
+Obj = dict[str, Any]
+
+SPEC = VpnServerSpec.model_validate({"addressPool": ["10.8.0.0/24"]})
+FOUND = {
+    POD_NETWORK: Outcome.ready(Reason.POD_NETWORK_FOUND, "p"),
+    CLUSTER_DNS: Outcome.ready(Reason.DNS_SERVICE_FOUND, "d"),
+}
+
+
+def test_ready_with_everything_found() -> None:
+    outcome = serving_outcome(SPEC, "vpn.example.com:51820", ["10.96.0.0/16", "10.244.0.0/16"], FOUND)
+    assert (outcome.status, outcome.reason) == ("True", "Ready")
+    assert outcome.message == "serving at vpn.example.com:51820, routes 10.96.0.0/16, 10.244.0.0/16"
+
+
+def test_still_ready_without_pod_network_and_dns_but_says_what_peers_lack() -> None:
+    gaps = {
+        POD_NETWORK: Outcome.missing(Reason.POD_NETWORK_NOT_FOUND, "p"),
+        CLUSTER_DNS: Outcome.missing(Reason.DNS_SERVICE_NOT_FOUND, "d"),
+    }
+    outcome = serving_outcome(SPEC, "vpn.example.com:51820", ["10.96.0.0/16"], gaps)
+    assert (outcome.status, outcome.reason, outcome.warning) == ("True", "Ready", False)
+    assert outcome.message == (
+        "serving at vpn.example.com:51820, routes 10.96.0.0/16; peers reach no pod IPs (see condition PodNetwork); "
+        "peers get no cluster DNS (see condition ClusterDNS)"
+    )
+
+
+def test_only_the_missing_one_is_named() -> None:
+    gaps = {**FOUND, CLUSTER_DNS: Outcome.missing(Reason.DNS_SERVICE_NOT_FOUND, "d")}
+    message = serving_outcome(SPEC, "vpn.example.com:51820", ["10.96.0.0/16", "10.244.0.0/16"], gaps).message
+    assert "ClusterDNS" in message
+    assert "PodNetwork" not in message
+
+
+def test_no_routes_at_all_is_not_ready() -> None:
+    outcome = serving_outcome(
+        SPEC, "vpn.example.com:51820", [], {POD_NETWORK: Outcome.missing(Reason.POD_NETWORK_NOT_FOUND, "p")}
+    )
+    assert (outcome.status, outcome.reason, outcome.warning) == ("False", "NoRoutes", True)
+
+
+def test_no_endpoint_yet_comes_first() -> None:
+    outcome = serving_outcome(SPEC, None, [], {})
+    assert (outcome.status, outcome.reason) == ("False", "EndpointPending")
+
+
+# --- reconcile_server against the fake Storage -----------------------------------------------------
+
+T0 = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.UTC)
+NS = "vpn"
+
+
+def a_server(storage: FakeStorage, **spec: object) -> Obj:
+    body = {"addressPool": ["10.8.0.0/24"], "expose": {"endpoint": "vpn.example.com:51820"}, **spec}
+    return storage.put("vpnservers", {"metadata": {"name": "office", "namespace": NS}, "spec": body})
+
+
+def reconcile(storage: FakeStorage, peers: list[PeerEntry] | None = None, *, now: dt.datetime = T0) -> Report:
+    """One reconcile of the server as stored now, as kopf would hand it over."""
+    obj = storage.read("vpnservers", NS, "office")
+    assert obj is not None
+    return reconcile_server(
+        storage,
+        obj,
+        facts=ClusterFacts(),
+        service_networks=ServiceNetworks(),
+        peers=lambda: list(peers or []),
+        now=now,
+    )
+
+
+def status(storage: FakeStorage) -> Obj:
+    obj = storage.read("vpnservers", NS, "office")
+    assert obj is not None
+    return dict(obj.get("status") or {})
+
+
+def ready(storage: FakeStorage) -> Obj:
+    return next(c for c in status(storage)["conditions"] if c["type"] == READY)
+
+
+def private_key_in(storage: FakeStorage) -> str:
+    secret = storage.read("secrets", NS, server_key_secret_name("office"))
+    assert secret is not None
+    return base64.b64decode(secret["data"][SERVER_KEY_DATA]).decode()
+
+
+def test_a_new_server_gets_a_key_a_service_and_a_ready_status() -> None:
+    storage = FakeStorage()
+    a_server(storage, routes=["10.96.0.0/12"])
+    report = reconcile(storage)
+    assert (report.outcome.status, report.outcome.reason, report.transition) == ("True", Reason.READY, True)
+    assert storage.read("services", NS, "kvpn-office") is not None
+    current = status(storage)
+    assert current["publicKey"] == keys.public_key_of(private_key_in(storage))
+    assert (current["endpoint"], current["routes"], current["observedGeneration"]) == (
+        "vpn.example.com:51820",
+        ["10.96.0.0/12"],
+        1,
+    )
+    assert ready(storage)["observedGeneration"] == 1
+
+
+def test_a_second_reconcile_writes_nothing() -> None:
+    storage = FakeStorage()
+    a_server(storage, routes=["10.96.0.0/12"])
+    reconcile(storage)
+    writes = list(storage.writes)
+    report = reconcile(storage, now=T0 + dt.timedelta(minutes=5))
+    assert storage.writes == writes
+    assert not report.transition
+
+
+def test_an_existing_key_is_kept_and_none_is_generated() -> None:
+    storage = FakeStorage()
+    server = a_server(storage, routes=["10.96.0.0/12"])
+    key = keys.generate_private_key()
+    storage.put("secrets", builders.server_key_secret(server, key))
+    reconcile(storage)
+    assert private_key_in(storage) == key
+    assert status(storage)["publicKey"] == keys.public_key_of(key)
+    assert storage.count("secrets") == 1
+
+
+def test_routes_are_discovered_when_the_spec_has_none() -> None:
+    storage = FakeStorage(service_cidrs=["10.96.0.0/12"])
+    storage.put("nodes", {"metadata": {"name": "n1"}, "spec": {"podCIDR": "10.244.0.0/24"}})
+    a_server(storage)
+    reconcile(storage)
+    assert status(storage)["routes"] == ["10.96.0.0/12", "10.244.0.0/24"]
+
+
+def test_an_invalid_spec_is_refused_and_nothing_is_created() -> None:
+    storage = FakeStorage()
+    a_server(storage, addressPool=["not-a-cidr"])
+    report = reconcile(storage)
+    assert (report.outcome.status, report.outcome.reason, report.outcome.warning) == (
+        "False",
+        Reason.INVALID_SPEC,
+        True,
+    )
+    assert storage.count("secrets") == storage.count("services") == 0
+    assert ready(storage)["reason"] == "InvalidSpec"
+
+
+def test_host_port_deletes_the_service_the_server_owned() -> None:
+    storage = FakeStorage()
+    a_server(storage, routes=["10.96.0.0/12"])
+    reconcile(storage)
+    storage.edit("vpnservers", NS, "office", {"spec": {"expose": {"type": "HostPort"}}})
+    reconcile(storage)
+    assert storage.read("services", NS, "kvpn-office") is None
+    assert ready(storage)["observedGeneration"] == 2
+
+
+def test_a_condition_another_writer_added_after_our_read_is_kept() -> None:
+    """The agent writes Dataplane between kopf's read and the operator's status patch (a 409 for the patch)."""
+    storage = FakeStorage()
+    a_server(storage, routes=["10.96.0.0/12"])
+    stale = storage.read("vpnservers", NS, "office")
+    assert stale is not None
+    dataplane = {"type": "Dataplane", "status": "False", "reason": "SyncFailed", "message": "port taken on n1"}
+    storage.patch_status(
+        Kind.VPN_SERVER,
+        NS,
+        "office",
+        {"conditions": [dataplane]},
+        resource_version=stale["metadata"]["resourceVersion"],
+    )
+    reconcile_server(storage, stale, facts=ClusterFacts(), service_networks=ServiceNetworks(), peers=list, now=T0)
+    types = [c["type"] for c in status(storage)["conditions"]]
+    assert sorted(types) == sorted([READY, "PodNetwork", "ClusterDNS", "Dataplane"])
+
+
+def test_peers_with_an_old_revision_are_nudged_and_a_deleted_one_is_skipped() -> None:
+    storage = FakeStorage()
+    a_server(storage, routes=["10.96.0.0/12"])
+    storage.put(
+        "vpnpeers", {"metadata": {"name": "laptop", "namespace": NS}, "spec": {"serverRef": {"name": "office"}}}
+    )
+    entries = [
+        PeerEntry(NS, name, ready=False, reason="", has_address=False, server_revision=None, nudge=None)
+        for name in ("laptop", "gone")
+    ]
+    reconcile(storage, entries)
+    revision = status(storage)["revision"]
+    peer = storage.read("vpnpeers", NS, "laptop")
+    assert peer is not None
+    assert peer["metadata"]["annotations"] == {ANNOTATION_NUDGE: revision}
+    assert nudge(storage, entries, revision) == 1
+
+
+def a_load_balancer(storage: FakeStorage, server: Obj, ip: str) -> Obj:
+    owner = {"kind": "VpnServer", "name": server["metadata"]["name"], "uid": server["metadata"]["uid"]}
+    return storage.put(
+        "services",
+        {
+            "metadata": {"name": "kvpn-office", "namespace": NS, "ownerReferences": [owner]},
+            "status": {"loadBalancer": {"ingress": [{"ip": ip}]}},
+        },
+    )
+
+
+def test_a_new_load_balancer_address_nudges_its_server() -> None:
+    storage = FakeStorage()
+    server = a_server(storage, routes=["10.96.0.0/12"])
+    reconcile(storage)  # endpoint vpn.example.com:51820, from the spec
+    assert nudge_for_service(storage, a_load_balancer(storage, server, "203.0.113.7"))
+    nudged = storage.read("vpnservers", NS, "office")
+    assert nudged is not None
+    assert ANNOTATION_NUDGE in nudged["metadata"]["annotations"]
+
+
+def test_a_load_balancer_address_already_in_the_endpoint_nudges_nothing() -> None:
+    storage = FakeStorage()
+    server = a_server(storage, routes=["10.96.0.0/12"], expose={"endpoint": "203.0.113.7:51820"})
+    reconcile(storage)
+    writes = list(storage.writes)
+    assert not nudge_for_service(storage, a_load_balancer(storage, server, "203.0.113.7"))
+    assert storage.writes == writes
