@@ -76,7 +76,8 @@ pcache() {
 # The guest's /init. harness/vm.py boots it with the host's / as 9p tag kvpnroot (read-only) and a
 # results folder as tag kvpnresults; kvpn.modules= on the command line names this folder's lib/modules.
 # Stage 1, in the initramfs: modules; a tmpfs overlay over the host's root (all of it writable in the
-# guest, nothing written back), fresh tmpfs on /tmp /run /var/tmp; the results share on /run/kvpn-vm/results;
+# guest, nothing written back), fresh tmpfs on /tmp /run /var/tmp (but for the command's folder, kvpn.keep=,
+# when it is under one of them); the results share on /run/kvpn-vm/results;
 # /dev, /lib/modules, the module loader's wrapper, loopback; then switch_root, which PID 1 must do itself
 # so that the kernel's own helpers (the module auto-loader) run in the new root too.
 # Stage 2, PID 1 in that root: run the host's command script with its output and exit status in the
@@ -109,9 +110,12 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 for m in $(cat /modules/order); do insmod "/modules/$m" || fail "insmod $m"; done
 if grep -qw kvpn.probe /proc/cmdline; then say "probe ok"; poweroff -f; sleep 1000; fi
-modules=
+modules= keep=
 for arg in $(cat /proc/cmdline); do
-  case $arg in kvpn.modules=*) modules=${arg#kvpn.modules=} ;; esac
+  case $arg in
+    kvpn.modules=*) modules=${arg#kvpn.modules=} ;;
+    kvpn.keep=*) keep=${arg#kvpn.keep=} ;;
+  esac
 done
 [ -n "$modules" ] || fail "no kvpn.modules= on the kernel command line"
 
@@ -124,9 +128,17 @@ mount -t tmpfs -o mode=0755 overlay-rw /rw && mkdir /rw/upper /rw/work
 # a cold `import kubernetes` take 27 s instead of 11 s.
 mount -t overlay -o xino=off,index=off,metacopy=off,redirect_dir=off,lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work \
   root $n || fail "mount the overlay"
+# The command's folder (kvpn.keep=, the checkout) stays visible when it is under /tmp or /var/tmp, which
+# are replaced below: a clone there (a CI's) is bound aside from the overlay first, then put back.
+mkdir -p /keep
+case $keep in
+  /tmp/*|/var/tmp/*) mount --bind "$n$keep" /keep || fail "bind $keep" ;;
+  *) keep= ;;
+esac
 # Fresh, not the host's: /run holds the host's netns pins, sockets and pid files.
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs $n/run
 for d in tmp var/tmp; do mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$n/$d"; done
+if [ -n "$keep" ]; then mkdir -p "$n$keep" && mount --move /keep "$n$keep" || fail "put back $keep"; fi
 mkdir -p $n/run/lock $n/run/kvpn-vm/results
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=512000 kvpnresults $n/run/kvpn-vm/results \
   || fail "mount the results share"

@@ -188,7 +188,10 @@ class Vm:
     def argv(self, kernel: Kernel, run_dir: Path) -> list[str]:
         if any(c.isspace() for c in str(kernel.modules)):
             raise VmError(f"the kernel's folder {kernel.modules} has white space; set KVPN_CACHE elsewhere")
-        cmdline = f"console=ttyS0 quiet panic=-1 mitigations=off kvpn.modules={kernel.modules}"
+        if any(c.isspace() for c in str(self.cwd)):
+            raise VmError(f"the guest cannot run in {self.cwd}: its path has white space")
+        # kvpn.keep: the guest's /tmp and /var/tmp are fresh, but for this folder (a checkout may be there).
+        cmdline = f"console=ttyS0 quiet panic=-1 mitigations=off kvpn.modules={kernel.modules} kvpn.keep={self.cwd}"
         return [
             QEMU,
             *("-accel", "tcg,tb-size=256", "-cpu", "max", "-m", self.memory, "-smp", "2"),

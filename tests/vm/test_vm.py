@@ -12,6 +12,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +56,23 @@ def test_status_and_output_come_back(kernel: Kernel) -> None:
     assert run.output == f"out KVPN_IN_VM=1 uid=0 {REPO} {kernel.release}\nerr\n"
     assert_nothing_left(vm)
     print(f"boot {run.boot_seconds:.1f} s, qemu peak {run.qemu_peak_bytes / 2**20:.0f} MiB")
+
+
+def test_a_folder_under_var_tmp_is_the_hosts_in_the_guest(kernel: Kernel) -> None:
+    """The guest's /tmp and /var/tmp are its own, but for the command's folder: a checkout there (a CI's
+    clone) is the host's, read and written through the overlay."""
+    with tempfile.TemporaryDirectory(prefix="kvpn-vm-cwd-", dir="/var/tmp") as folder:
+        Path(folder, "marker").write_text("from the host\n")
+        vm = Vm(
+            ["sh", "-c", "cat marker && echo guest >written && ls /var/tmp"],
+            timeout=BOOT_TIMEOUT,
+            cwd=Path(folder),
+            kernel=kernel,
+        )
+        run = vm.run()
+        assert run.status == 0, run.output
+        assert run.output == f"from the host\n{Path(folder).name}\n"  # and nothing else of the host's /var/tmp
+        assert not Path(folder, "written").exists()  # nothing written back
 
 
 def test_a_failing_status_comes_back() -> None:
