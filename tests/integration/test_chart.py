@@ -326,6 +326,9 @@ def test_agent_declares_a_host_port_only_for_the_host_port_expose_type(helm: Hel
     assert wireguard_port() == {"name": "wireguard", "containerPort": 51820, "protocol": "UDP"}
     assert wireguard_port("server.create=true") == {"name": "wireguard", "containerPort": 51820, "protocol": "UDP"}
     assert wireguard_port("server.create=true", "server.expose.type=HostPort")["hostPort"] == 51820
+    # One value for the WireGuard port: the server's listenPort is what the agent declares.
+    moved = wireguard_port("server.create=true", "server.expose.type=HostPort", "server.listenPort=443")
+    assert (moved["containerPort"], moved["hostPort"]) == (443, 443)
 
 
 def test_server_namespaces_get_one_role_each_and_the_agent_serves_them(helm: Helm) -> None:

@@ -119,7 +119,4 @@ it), else (backend=kernel) the agent pods.
 {{- if and .Values.namespace.create (or (not .Values.namespace.name) (eq .Values.namespace.name .Release.Namespace)) -}}
 {{- fail "namespace.create=true needs namespace.name set to a namespace other than the release's (Helm cannot create the namespace it installs into; use --create-namespace and label it, see values.yaml)" -}}
 {{- end -}}
-{{- if and .Values.server.create (eq .Values.server.expose.type "HostPort") (ne (int .Values.server.listenPort) (int .Values.agent.wireguardPort)) -}}
-{{- fail "server.listenPort and agent.wireguardPort must agree for the HostPort expose type" -}}
-{{- end -}}
 {{- end -}}
