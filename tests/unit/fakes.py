@@ -1,5 +1,6 @@
-"""The unit tests' shared fakes and factories: a clock, keys, Secrets, and the operator's Storage without an
-API server (objects in a dict, with the API's 404, 409 and resourceVersion)."""
+"""The unit tests' shared fakes and factories: a clock, keys, Secrets, and the API without an API server,
+behind the operator's Storage and behind kvpn_core.kube.Kube (objects in a dict, with the API's 404, 409
+and resourceVersion)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import base64
 import copy
 import itertools
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kvpn_core.api import API_VERSION, PLURALS, Kind
-from kvpn_core.kube import NotFoundError
+from kvpn_core.kube import ConflictError, KubeError, NotFoundError
 
 Obj = dict[str, Any]
 Key = tuple[str, str, str]
@@ -152,6 +154,10 @@ class FakeStorage:
     def get(self, kind: Kind, namespace: str, name: str) -> Obj | None:
         return self.read(PLURALS[kind], namespace, name)
 
+    def sample(self, kind: Kind, namespace: str | None) -> list[Obj]:
+        found = [o for (r, ns, _), o in sorted(self.objects.items()) if r == PLURALS[kind] and namespace in (None, ns)]
+        return [copy.deepcopy(o) for o in found[:1]]
+
     def patch_status(self, kind: Kind, namespace: str, name: str, status: Obj, *, resource_version: str) -> bool:
         current = self.objects.get((PLURALS[kind], namespace, name))
         if current is None:
@@ -214,3 +220,135 @@ class FakeStorage:
 
     def list_service_cidrs(self, version: str) -> list[Obj] | None:
         return None  # as on clusters before 1.33: the probe's refusal names the range
+
+
+class FakeKube:
+    """kvpn_core.kube.Kube's get, list and merge_patch, answered as the API server would, in memory.
+
+    Objects are kept by REST path (``kvpn_path`` or ``core_path`` of the object). Every write gets a
+    new, higher resourceVersion (a patch that changes nothing writes nothing, as on the API server);
+    a merge patch carrying a stale metadata.resourceVersion is refused with 409; a patch of a missing
+    object is a 404; a patch of ``<path>/status`` changes only the status, one of ``<path>`` anything
+    but the status (the status subresource). Reads return copies.
+
+    What the tests steer: ``conflicts``, the next N patches refused with 409 whatever they carry (as
+    if another writer had just changed the object, or deleted it); ``down``, every request fails as
+    when the API server cannot be reached; ``errors(path)``, an exception a request of that path
+    raises instead of an answer (None: answered); ``meanwhile(path)``, another writer acting after a
+    get is answered, before the caller can act on what it read.
+    What the tests read back: ``gets`` (paths), ``lists`` (path and keyword arguments) and ``patches``
+    (path and patch), every request the client made, whatever its answer.
+    """
+
+    def __init__(self, *, conflicts: int = 0, errors: Callable[[str], Exception | None] | None = None) -> None:
+        self.objects: dict[str, Obj] = {}
+        self.gets: list[str] = []
+        self.lists: list[tuple[str, dict[str, Any]]] = []
+        self.patches: list[tuple[str, Obj]] = []
+        self.conflicts = conflicts
+        self.down = False
+        self.errors = errors
+        self.meanwhile: Callable[[str], object] | None = None
+        self._version = 0
+        self._uids = itertools.count(1)
+
+    # --- seeding and reading back, for tests ---------------------------------------------------------
+
+    def put(self, path: str, obj: Obj) -> Obj:
+        """Stores `obj` at `path` as if a user created it, filling in what the API server would; returns a
+        copy. A resourceVersion it carries is kept (for a test that names it); later writes go above it."""
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        namespace = re.search(r"/namespaces/([^/]+)/", path)
+        meta.setdefault("name", path.rsplit("/", 1)[1])
+        if namespace:
+            meta.setdefault("namespace", namespace.group(1))
+        meta.setdefault("uid", f"uid-{next(self._uids)}")
+        if "resourceVersion" in meta:
+            self._version = max(self._version, int(meta["resourceVersion"]))
+        else:
+            meta["resourceVersion"] = self._next_version()
+        self.objects[path] = obj
+        return copy.deepcopy(obj)
+
+    def edit(self, path: str, patch: Mapping[str, Any]) -> Obj:
+        """A merge patch by someone else (a user's kubectl edit, another controller): not recorded, never refused."""
+        return self._apply(path, patch)
+
+    def read(self, path: str) -> Obj | None:
+        """The object as stored now, without a request."""
+        found = self.objects.get(path)
+        return copy.deepcopy(found) if found is not None else None
+
+    # --- Kube ----------------------------------------------------------------------------------------
+
+    def get(self, path: str) -> Obj | None:
+        self.gets.append(path)
+        self._refuse(path)
+        found = self.read(path)
+        if self.meanwhile is not None:
+            self.meanwhile(path)
+        return found
+
+    def list(
+        self, path: str, *, label_selector: str | None = None, cached: bool = False, limit: int | None = None
+    ) -> list[Obj]:
+        self.lists.append((path, {"label_selector": label_selector, "cached": cached, "limit": limit}))
+        self._refuse(path)
+        items = [
+            copy.deepcopy(o)
+            for p, o in sorted(self.objects.items())
+            if path in _collections(p) and _matches(o, label_selector or "")
+        ]
+        # The watch cache (resourceVersion=0) ignores the limit, as kvpn_core.kube.Kube.list says.
+        return items if cached or limit is None else items[:limit]
+
+    def merge_patch(self, path: str, patch: Obj) -> Obj:
+        self.patches.append((path, copy.deepcopy(patch)))
+        self._refuse(path)
+        if self.conflicts:
+            self.conflicts -= 1
+            raise ConflictError(409, "the object has been modified; please apply your changes to the latest version")
+        current = self.objects.get(path.removesuffix("/status"))
+        wanted = (patch.get("metadata") or {}).get("resourceVersion")
+        if current is not None and wanted is not None and wanted != current["metadata"]["resourceVersion"]:
+            raise ConflictError(409, "the object has been modified; please apply your changes to the latest version")
+        return self._apply(path, patch)
+
+    # --- the API server's behaviour ------------------------------------------------------------------
+
+    def _refuse(self, path: str) -> None:
+        if self.down:
+            raise KubeError(0, "API server unreachable: connection refused")
+        if self.errors is not None and (error := self.errors(path)) is not None:
+            raise error
+
+    def _apply(self, path: str, patch: Mapping[str, Any]) -> Obj:
+        object_path = path.removesuffix("/status")
+        current = self.objects.get(object_path)
+        if current is None:
+            raise NotFoundError(404, f'"{object_path.rsplit("/", 1)[1]}" not found')
+        meta = dict(patch.get("metadata") or {})
+        meta.pop("resourceVersion", None)  # a precondition, not a change
+        if path.endswith("/status"):
+            patched = merge(current, {"status": patch["status"]} if "status" in patch else {})
+        else:
+            patched = merge(current, {**{k: v for k, v in patch.items() if k != "status"}, "metadata": meta})
+        if patched == current:
+            return copy.deepcopy(current)
+        patched = copy.deepcopy(patched)
+        if "generation" in patched["metadata"] and patched.get("spec") != current.get("spec"):
+            patched["metadata"]["generation"] += 1
+        patched["metadata"]["resourceVersion"] = self._next_version()
+        self.objects[object_path] = patched
+        return copy.deepcopy(patched)
+
+    def _next_version(self) -> str:
+        self._version += 1
+        return str(self._version)
+
+
+def _collections(path: str) -> tuple[str, str]:
+    """The collection paths an object's path is listed under: its namespace's, and all namespaces'."""
+    collection = path.rsplit("/", 1)[0]
+    return collection, re.sub(r"/namespaces/[^/]+/", "/", collection)

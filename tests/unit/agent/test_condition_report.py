@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,8 +18,8 @@ from kvpn_agent.condition_report import (
 from kvpn_agent.desired import PeerProblem
 from kvpn_core.api import Kind
 from kvpn_core.conditions import Reason
-from kvpn_core.kube import ConflictError, KubeError
-from tests.unit.fakes import Clock
+from kvpn_core.kube import KubeError, kvpn_path
+from tests.unit.fakes import Clock, FakeKube
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 READY = {
@@ -106,72 +106,40 @@ def test_a_new_reason_keeps_the_transition_time_and_removal_drops_only_ours() ->
     assert conditions_update([READY], None, NOW) is None  # nothing to remove
 
 
-class FakeKube:
-    """VpnPeers and VpnServers with resourceVersions; merge patches of status.conditions as the API does them."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, dict[str, Any]] = {}
-        self.patches: list[tuple[str, dict[str, Any]]] = []
-        self.gets = self.lists = self.conflicts = 0
-        self.down = False
-
-    @staticmethod
-    def path(target: Target) -> str:
-        plural = "vpnpeers" if target[0] is Kind.VPN_PEER else "vpnservers"
-        return f"/apis/kvpn.dev/v1alpha1/namespaces/{target[1]}/{plural}/{target[2]}"
-
-    def add(self, target: Target, conditions: list[dict[str, Any]], server: str = "office") -> None:
-        self.objects[self.path(target)] = {
-            "metadata": {"namespace": target[1], "name": target[2], "resourceVersion": "1"},
+def add(kube: FakeKube, target: Target, conditions: list[dict[str, Any]], server: str = "office") -> None:
+    kube.put(
+        kvpn_path(*target),
+        {
             "spec": {"serverRef": {"name": server, "namespace": "vpn"}},
             "status": {"address": "10.8.0.2", "conditions": conditions},
-        }
+        },
+    )
 
-    def conditions(self, target: Target) -> list[dict[str, Any]]:
-        return list(self.objects[self.path(target)]["status"]["conditions"])
 
-    def other_writer(self, target: Target, conditions: list[dict[str, Any]]) -> None:
-        obj = self.objects[self.path(target)]
-        obj["status"]["conditions"] = conditions
-        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+def stored(kube: FakeKube, target: Target) -> dict[str, Any]:
+    found = kube.read(kvpn_path(*target))
+    assert found is not None
+    return found
 
-    def get(self, path: str) -> dict[str, Any] | None:
-        if self.down:
-            raise KubeError(0, "API server unreachable")
-        self.gets += 1
-        found = self.objects.get(path)
-        return copy.deepcopy(found) if found else None
 
-    def list(self, path: str) -> list[dict[str, Any]]:
-        if self.down:
-            raise KubeError(0, "API server unreachable")
-        self.lists += 1
-        plural = path.rsplit("/", 1)[1]
-        return [
-            copy.deepcopy(o)
-            for p, o in self.objects.items()
-            if f"/{plural}/" in p and p.startswith(path.rsplit("/", 1)[0])
-        ]
+def conditions_of(kube: FakeKube, target: Target) -> list[dict[str, Any]]:
+    return list(stored(kube, target)["status"]["conditions"])
 
-    def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
-        obj = self.objects[path.removesuffix("/status")]
-        if self.conflicts or patch["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
-            self.conflicts = max(0, self.conflicts - 1)
-            raise ConflictError(409, "the object has been modified")
-        assert set(patch) == {"metadata", "status"}
-        assert set(patch["status"]) == {"conditions"}  # nothing but the list the agent shares with the operator
-        self.patches.append((path, patch))
-        obj["status"]["conditions"] = patch["status"]["conditions"]
-        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
-        return obj
+
+def other_writer(kube: FakeKube, target: Target, conditions: list[dict[str, Any]]) -> None:
+    kube.edit(kvpn_path(*target, "status"), {"status": {"conditions": conditions}})
 
 
 @pytest.fixture
-def kube() -> FakeKube:
+def kube() -> Iterator[FakeKube]:
     made = FakeKube()
-    made.add(PEER, [READY])
-    made.add(SERVER, [READY])
-    return made
+    add(made, PEER, [READY])
+    add(made, SERVER, [READY])
+    yield made
+    for _, patch in made.patches:  # nothing but the list the agent shares with the operator, at the version read
+        assert set(patch) == {"metadata", "status"}
+        assert set(patch["metadata"]) == {"resourceVersion"}
+        assert set(patch["status"]) == {"conditions"}
 
 
 def reporter(kube: FakeKube, clock: Clock) -> ConditionReporter:
@@ -182,23 +150,24 @@ def test_a_problem_is_written_once_and_removed_when_it_goes(kube: FakeKube) -> N
     clock = Clock()
     conditions = reporter(kube, clock)
     bad = {PEER: ("InvalidPublicKey", "bad key (gateway node gw-1)")}
+    read = stored(kube, PEER)["metadata"]["resourceVersion"]
     assert conditions.report(bad) == 1
     path, patch = kube.patches[0]
     assert path.endswith("/namespaces/team/vpnpeers/alice/status")
-    assert patch["metadata"] == {"resourceVersion": "1"}
-    assert [c["type"] for c in kube.conditions(PEER)] == ["Ready", DATAPLANE]
-    assert kube.conditions(PEER)[0] == READY
+    assert patch["metadata"] == {"resourceVersion": read}
+    assert [c["type"] for c in conditions_of(kube, PEER)] == ["Ready", DATAPLANE]
+    assert conditions_of(kube, PEER)[0] == READY
 
-    gets = kube.gets
+    gets = len(kube.gets)
     clock.now += 60
     assert conditions.report(bad) == 0
-    assert kube.gets == gets  # a standing problem costs nothing ...
+    assert len(kube.gets) == gets  # a standing problem costs nothing ...
     clock.now += 120
     assert conditions.report(bad) == 0
-    assert kube.gets == gets + 1  # ... but a read now and then
+    assert len(kube.gets) == gets + 1  # ... but a read now and then
 
     assert conditions.report({}) == 1
-    assert kube.conditions(PEER) == [READY]
+    assert conditions_of(kube, PEER) == [READY]
     clock.now += 60
     assert conditions.report({}) == 0
     assert len(kube.patches) == 2
@@ -213,25 +182,22 @@ def test_at_most_one_write_per_object_per_interval(kube: FakeKube) -> None:
     assert conditions.report({PEER: ("AddressConflict", "b")}) == 0
     clock.now += 10
     assert conditions.report({PEER: ("AddressConflict", "b")}) == 1
-    assert kube.conditions(PEER)[1]["reason"] == "AddressConflict"
+    assert conditions_of(kube, PEER)[1]["reason"] == "AddressConflict"
 
 
 def test_a_concurrent_write_is_read_again_and_kept(kube: FakeKube) -> None:
     conditions = reporter(kube, Clock())
     # The operator writes Ready between the agent's read and its patch: 409, read again, keep its Ready.
-    original_get = kube.get
     flipped = {**READY, "status": "False", "reason": "Disabled"}
 
-    def get_then_race(path: str) -> dict[str, Any] | None:
-        found = original_get(path)
-        if kube.gets == 1:
-            kube.other_writer(PEER, [flipped])
-        return found
+    def race(path: str) -> None:
+        if len(kube.gets) == 1:
+            other_writer(kube, PEER, [flipped])
 
-    kube.get = get_then_race  # type: ignore[method-assign]
+    kube.meanwhile = race
     assert conditions.report({PEER: ("InvalidPublicKey", "a")}) == 1
-    assert [c["type"] for c in kube.conditions(PEER)] == ["Ready", DATAPLANE]
-    assert kube.conditions(PEER)[0] == flipped
+    assert [c["type"] for c in conditions_of(kube, PEER)] == ["Ready", DATAPLANE]
+    assert conditions_of(kube, PEER)[0] == flipped
 
 
 def test_a_condition_removed_by_someone_else_comes_back_at_the_next_recheck(kube: FakeKube) -> None:
@@ -239,28 +205,28 @@ def test_a_condition_removed_by_someone_else_comes_back_at_the_next_recheck(kube
     conditions = reporter(kube, clock)
     bad = {PEER: ("InvalidPublicKey", "a")}
     conditions.report(bad)
-    kube.other_writer(PEER, [READY])
+    other_writer(kube, PEER, [READY])
     clock.now += 130
     assert conditions.report(bad) == 1
-    assert kube.conditions(PEER)[1]["type"] == DATAPLANE
+    assert conditions_of(kube, PEER)[1]["type"] == DATAPLANE
 
 
 def test_server_conditions_and_a_stale_one_from_before_a_restart(kube: FakeKube) -> None:
     stale = {"type": DATAPLANE, "status": "False", "reason": "InvalidPublicKey", "message": "old",
              "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
-    kube.add((Kind.VPN_PEER, "team", "bob"), [READY, stale])
-    kube.add((Kind.VPN_PEER, "team", "carol"), [READY, stale], server="elsewhere")  # not served here
-    kube.add((Kind.VPN_SERVER, "vpn", "lab"), [READY, stale])
+    add(kube, (Kind.VPN_PEER, "team", "bob"), [READY, stale])
+    add(kube, (Kind.VPN_PEER, "team", "carol"), [READY, stale], server="elsewhere")  # not served here
+    add(kube, (Kind.VPN_SERVER, "vpn", "lab"), [READY, stale])
     conditions = reporter(kube, Clock())
-    served = [kube.objects[kube.path(SERVER)], kube.objects[kube.path((Kind.VPN_SERVER, "vpn", "lab"))]]
+    served = [stored(kube, SERVER), stored(kube, (Kind.VPN_SERVER, "vpn", "lab"))]
     assert conditions.report({SERVER: ("ServerKeyMissing", "no key yet")}, served) == 3
-    assert kube.conditions(SERVER)[1]["reason"] == "ServerKeyMissing"
-    assert kube.conditions((Kind.VPN_SERVER, "vpn", "lab")) == [READY]
-    assert kube.conditions((Kind.VPN_PEER, "team", "bob")) == [READY]
-    assert kube.conditions((Kind.VPN_PEER, "team", "carol")) == [READY, stale]
-    assert kube.lists == 1
+    assert conditions_of(kube, SERVER)[1]["reason"] == "ServerKeyMissing"
+    assert conditions_of(kube, (Kind.VPN_SERVER, "vpn", "lab")) == [READY]
+    assert conditions_of(kube, (Kind.VPN_PEER, "team", "bob")) == [READY]
+    assert conditions_of(kube, (Kind.VPN_PEER, "team", "carol")) == [READY, stale]
+    assert len(kube.lists) == 1
     conditions.report({SERVER: ("ServerKeyMissing", "no key yet")}, served)
-    assert kube.lists == 1  # the VpnPeers are swept once per start
+    assert len(kube.lists) == 1  # the VpnPeers are swept once per start
 
 
 def test_an_unreachable_api_server_is_raised_and_retried(kube: FakeKube) -> None:
@@ -281,21 +247,21 @@ def test_another_gateways_kernel_fallback_is_left_to_that_gateway(kube: FakeKube
     theirs = {"type": DATAPLANE, "status": "False", "reason": Reason.KERNEL_WIREGUARD_FAILED,
               "message": "kernel WireGuard failed on this node (x) (gateway node gw-2)",
               "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
-    kube.add(SERVER, [READY, theirs])
+    add(kube, SERVER, [READY, theirs])
     healthy = ConditionReporter(kube, clock=Clock(), now=lambda: NOW, node="gw-1")  # type: ignore[arg-type]
-    assert healthy.report({}, [kube.objects[kube.path(SERVER)]]) == 0
-    assert kube.conditions(SERVER) == [READY, theirs]
+    assert healthy.report({}, [stored(kube, SERVER)]) == 0
+    assert conditions_of(kube, SERVER) == [READY, theirs]
 
 
 def test_another_gateways_sync_failure_is_left_to_that_gateway(kube: FakeKube) -> None:
     """A SyncFailed condition is about one node: a healthy gateway of the same server leaves it."""
     theirs = {"type": DATAPLANE, "status": "False", "reason": Reason.SYNC_FAILED,
               "message": "port taken (gateway node gw-2)", "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
-    kube.add(SERVER, [READY, theirs])
+    add(kube, SERVER, [READY, theirs])
     healthy = ConditionReporter(kube, clock=Clock(), now=lambda: NOW, node="gw-1")  # type: ignore[arg-type]
-    assert healthy.report({}, [kube.objects[kube.path(SERVER)]]) == 0
-    assert kube.conditions(SERVER) == [READY, theirs]
+    assert healthy.report({}, [stored(kube, SERVER)]) == 0
+    assert conditions_of(kube, SERVER) == [READY, theirs]
     # The node it names removes it once its problem is gone, even after a restart (nothing remembered).
     restarted = ConditionReporter(kube, clock=Clock(), now=lambda: NOW, node="gw-2")  # type: ignore[arg-type]
-    assert restarted.report({}, [kube.objects[kube.path(SERVER)]]) == 1
-    assert kube.conditions(SERVER) == [READY]
+    assert restarted.report({}, [stored(kube, SERVER)]) == 1
+    assert conditions_of(kube, SERVER) == [READY]

@@ -8,8 +8,8 @@ import pytest
 
 from kvpn_agent.metrics import Metrics, PeerStats
 from kvpn_agent.status_report import StatusReporter, rfc3339, status_patch
-from kvpn_core.kube import ConflictError, KubeError
-from tests.unit.fakes import Clock
+from kvpn_core.kube import KubeError
+from tests.unit.fakes import Clock, FakeKube
 
 T = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
@@ -41,49 +41,31 @@ def test_another_gateways_fresher_handshake_wins() -> None:
     assert status_patch(older, stats()) is not None
 
 
-class FakeKube:
-    def __init__(self) -> None:
-        self.objects: dict[str, dict[str, Any]] = {}
-        self.patches: list[tuple[str, dict[str, Any]]] = []
-        self.lists = 0
-        self.conflicts = 0
-        self.down = False
+def peer_path(name: str) -> str:
+    return f"/apis/kvpn.dev/v1alpha1/namespaces/team/vpnpeers/{name}"
 
-    def add(self, name: str, status: dict[str, Any] | None = None) -> None:
-        path = f"/apis/kvpn.dev/v1alpha1/namespaces/team/vpnpeers/{name}"
-        self.objects[path] = {"metadata": {"name": name, "resourceVersion": "7"}, "status": status or {}}
 
-    def get(self, path: str) -> dict[str, Any] | None:
-        if self.down:
-            raise KubeError(0, "API server unreachable")
-        return self.objects.get(path)
-
-    def list(self, path: str) -> list[dict[str, Any]]:
-        self.lists += 1
-        return [o for p, o in self.objects.items() if p.startswith(path + "/")]
-
-    def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
-        if self.conflicts:
-            self.conflicts -= 1
-            raise ConflictError(409, "the object has been modified")
-        self.patches.append((path, patch))
-        return {}
+def add(kube: FakeKube, name: str, status: dict[str, Any] | None = None) -> None:
+    kube.put(peer_path(name), {"status": status or {}})
 
 
 @pytest.fixture
 def kube() -> FakeKube:
     made = FakeKube()
-    made.add("alice")
+    add(made, "alice")
     return made
 
 
 def test_writes_are_conditional_rate_limited_and_only_on_change(kube: FakeKube) -> None:
     clock = Clock()
     reporter = StatusReporter(kube, clock=clock)  # type: ignore[arg-type]
+    read = kube.read(peer_path("alice"))
+    assert read is not None
     assert reporter.report([stats()]) == 1
     path, patch = kube.patches[0]
     assert path.endswith("/vpnpeers/alice/status")
-    assert patch["metadata"] == {"resourceVersion": "7"}  # a concurrent writer makes this a 409, not a loss
+    version = read["metadata"]["resourceVersion"]
+    assert patch["metadata"] == {"resourceVersion": version}  # a concurrent writer makes this a 409, not a loss
 
     assert reporter.report([stats()]) == 0  # nothing changed
     clock.now += 5
@@ -103,10 +85,10 @@ def test_a_conflict_is_retried_in_the_next_pass(kube: FakeKube) -> None:
 
 def test_many_peers_of_a_namespace_are_read_with_one_list(kube: FakeKube) -> None:
     for i in range(30):
-        kube.add(f"p{i}")
+        add(kube, f"p{i}")
     reporter = StatusReporter(kube, clock=Clock())  # type: ignore[arg-type]
     assert reporter.report([stats(f"p{i}") for i in range(30)]) == 30
-    assert kube.lists == 1
+    assert len(kube.lists) == 1
 
 
 def test_an_unreachable_api_server_is_raised_and_nothing_is_marked(kube: FakeKube) -> None:

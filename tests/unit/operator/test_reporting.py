@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import itertools
 from typing import Any, cast
 
 import pytest
@@ -12,6 +12,7 @@ from kvpn_core.api import Kind, VpnPeerSpec, VpnServerSpec
 from kvpn_core.kube import ConflictError, Kube
 from kvpn_operator.reporting import describe_validation_error
 from kvpn_operator.storage import KubeStorage, write_status
+from tests.unit.fakes import FakeKube
 
 Obj = dict[str, Any]
 STATUS_PATH = "/apis/kvpn.dev/v1alpha1/namespaces/dev/vpnservers/office/status"
@@ -105,31 +106,6 @@ def test_peer_spec_accepts_a_good_key() -> None:
     VpnPeerSpec.model_validate({"serverRef": {"name": "office"}, "publicKey": PEER_KEY})
 
 
-class FakeKube:
-    """Records merge patches and answers gets from a script of objects; no API, no network.
-
-    write_status's job is comparison and retry, so that is all this fake supports: `conflicts` is how
-    many merge patches fail with 409 before one succeeds, `fresh` the objects re-reads return in turn.
-    """
-
-    def __init__(self, conflicts: int = 0, fresh: list[Obj | None] | None = None) -> None:
-        self.conflicts = conflicts
-        self.fresh = list(fresh or [])
-        self.patches: list[tuple[str, Obj]] = []
-        self.gets: list[str] = []
-
-    def merge_patch(self, path: str, patch: Obj) -> Obj:
-        self.patches.append((path, copy.deepcopy(patch)))
-        if self.conflicts:
-            self.conflicts -= 1
-            raise ConflictError(409, "the object has been modified; please apply your changes to the latest version")
-        return {}
-
-    def get(self, path: str) -> Obj | None:
-        self.gets.append(path)
-        return self.fresh.pop(0)
-
-
 def over(kube: FakeKube) -> KubeStorage:
     """The real Storage, over the fake client: write_status's requests as the API server would see them."""
     return KubeStorage(cast(Kube, kube))
@@ -142,31 +118,40 @@ def server(resource_version: str, status: Obj | None) -> Obj:
     return obj
 
 
+def stored(kube: FakeKube, resource_version: str, status: Obj | None) -> Obj:
+    """The VpnServer as the API server holds it now; a caller holding an older version gets a 409."""
+    return kube.put(OBJECT_PATH, server(resource_version, status))
+
+
 def test_equal_status_writes_nothing() -> None:
     kube = FakeKube()
     current = {"endpoint": "203.0.113.10:31820", "routes": ["10.96.0.0/12"], "peerCount": 2}
-    assert not write_status(over(kube), Kind.VPN_SERVER, server("7", current), {"endpoint": "203.0.113.10:31820"})
+    obj = stored(kube, "7", current)
+    assert not write_status(over(kube), Kind.VPN_SERVER, obj, {"endpoint": "203.0.113.10:31820"})
     assert kube.patches == []
 
 
 @pytest.mark.parametrize("status", [None, {}, {"publicKey": None}], ids=["no-status", "empty", "explicit-none"])
 def test_none_equals_missing(status: Obj | None) -> None:
     kube = FakeKube()
-    assert not write_status(over(kube), Kind.VPN_SERVER, server("7", status), {"publicKey": None, "revision": None})
+    obj = stored(kube, "7", status)
+    assert not write_status(over(kube), Kind.VPN_SERVER, obj, {"publicKey": None, "revision": None})
     assert kube.patches == []
 
 
 def test_different_status_is_one_merge_patch_carrying_resource_version() -> None:
     kube = FakeKube()
     desired = {"endpoint": "203.0.113.10:31820", "dnsNameserver": None}
-    obj = server("7", {"endpoint": None, "dnsNameserver": "10.96.0.10", "peerCount": 3})
+    obj = stored(kube, "7", {"endpoint": None, "dnsNameserver": "10.96.0.10", "peerCount": 3})
     assert write_status(over(kube), Kind.VPN_SERVER, obj, desired)
     assert kube.patches == [(STATUS_PATH, {"metadata": {"resourceVersion": "7"}, "status": desired})]
     assert kube.gets == []
+    assert (kube.read(OBJECT_PATH) or {})["status"] == {"endpoint": "203.0.113.10:31820", "peerCount": 3}
 
 
 def test_conflict_rereads_and_patches_with_the_new_resource_version() -> None:
-    kube = FakeKube(conflicts=1, fresh=[server("8", {"endpoint": "old:1"})])
+    kube = FakeKube()
+    stored(kube, "8", {"endpoint": "old:1"})  # written since the caller read version 7
     desired = {"endpoint": "new:1"}
     assert write_status(over(kube), Kind.VPN_SERVER, server("7", {"endpoint": "old:1"}), desired)
     assert kube.gets == [OBJECT_PATH]
@@ -175,19 +160,24 @@ def test_conflict_rereads_and_patches_with_the_new_resource_version() -> None:
 
 def test_conflict_then_fresh_copy_already_holds_the_status() -> None:
     """Another writer got there first: compare again and write nothing more."""
-    kube = FakeKube(conflicts=1, fresh=[server("8", {"endpoint": "new:1"})])
+    kube = FakeKube()
+    stored(kube, "8", {"endpoint": "new:1"})
     assert not write_status(over(kube), Kind.VPN_SERVER, server("7", {}), {"endpoint": "new:1"})
     assert len(kube.patches) == 1
 
 
 def test_conflict_on_a_deleted_object_gives_up_quietly() -> None:
-    kube = FakeKube(conflicts=1, fresh=[None])
+    kube = FakeKube(conflicts=1)  # the 409 came from a writer that deleted it: the re-read finds nothing
     assert not write_status(over(kube), Kind.VPN_SERVER, server("7", {}), {"endpoint": "new:1"})
     assert len(kube.patches) == 1
 
 
 def test_three_conflicts_raise_conflict_error() -> None:
-    kube = FakeKube(conflicts=3, fresh=[server(str(v), {}) for v in (8, 9, 10)])
+    kube = FakeKube()
+    stored(kube, "8", {})
+    counter = itertools.count()
+    # Another writer changes the status again after each of the operator's re-reads.
+    kube.meanwhile = lambda path: kube.edit(STATUS_PATH, {"status": {"peerCount": next(counter)}})
     with pytest.raises(ConflictError, match="office"):
         write_status(over(kube), Kind.VPN_SERVER, server("7", {}), {"endpoint": "new:1"})
     assert [p["metadata"]["resourceVersion"] for _, p in kube.patches] == ["7", "8", "9"]
@@ -204,7 +194,8 @@ def test_conflict_keeps_a_condition_another_writer_added_meanwhile() -> None:
         "lastTransitionTime": "T2",
     }
     stale_ready = {**ready, "status": "False", "reason": "ServerNotReady"}
-    kube = FakeKube(conflicts=1, fresh=[server("8", {"conditions": [stale_ready, dataplane]})])
+    kube = FakeKube()
+    stored(kube, "8", {"conditions": [stale_ready, dataplane]})
     assert write_status(
         KubeStorage(cast(Kube, kube)),
         Kind.VPN_SERVER,
@@ -223,7 +214,8 @@ def test_conflict_takes_every_owned_condition_from_desired_and_keeps_the_rest() 
     ready, pods = cond("Ready", "True", "Ready"), cond("PodNetwork", "True", "PodNetworkFound")
     stale_pods = cond("PodNetwork", "False", "PodNetworkNotFound")
     dataplane = cond("Dataplane", "False", "InvalidServerKey")
-    kube = FakeKube(conflicts=1, fresh=[server("8", {"conditions": [ready, stale_pods, dataplane]})])
+    kube = FakeKube()
+    stored(kube, "8", {"conditions": [ready, stale_pods, dataplane]})
     owned = ("Ready", "PodNetwork", "ClusterDNS")
     desired = {"conditions": [ready, pods]}
     assert write_status(over(kube), Kind.VPN_SERVER, server("7", {"conditions": [stale_pods]}), desired, owned=owned)
