@@ -18,7 +18,7 @@ from kvpn_core.kube import ForbiddenError, KubeError, Retry
 from kvpn_operator import peer, server
 from kvpn_operator.memory import AddressBooks, PeerEntry
 from kvpn_operator.reporting import Report
-from kvpn_operator.storage import Storage
+from kvpn_operator.storage import PeerObject, ServerObject, Storage
 
 PEERS = (GROUP, VERSION, "vpnpeers")
 SERVERS = (GROUP, VERSION, "vpnservers")
@@ -118,7 +118,7 @@ def reconcile_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
     with api_errors():
         report = server.reconcile_server(
             memo.storage,
-            plain(body),
+            ServerObject.model_validate(plain(body)),
             facts=memo.facts,
             service_networks=memo.service_networks,
             peers=lambda: _peers_of(kwargs, body.metadata.namespace or "", body.metadata.name or ""),
@@ -155,7 +155,9 @@ def _reconcile_peer(body: kopf.Body, memo: Services, servers: kopf.Index[tuple[s
         return next(iter(servers.get((namespace, name), [])), None)
 
     with api_errors():
-        report = peer.reconcile_peer(memo.storage, memo.books, plain(body), now=now(), cached_server=cached_server)
+        report = peer.reconcile_peer(
+            memo.storage, memo.books, PeerObject.model_validate(plain(body)), now=now(), cached_server=cached_server
+        )
     post(body, report)
 
 
@@ -163,7 +165,7 @@ def _reconcile_peer(body: kopf.Body, memo: Services, servers: kopf.Index[tuple[s
 def release_vpnpeer(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
     """Frees the peer's address (its binding may live in another namespace, so no owner reference can)."""
     with api_errors():
-        if peer.release_peer(memo.storage, memo.books, plain(body)):
+        if peer.release_peer(memo.storage, memo.books, PeerObject.model_validate(plain(body))):
             ref = body.spec.get("serverRef") or {}
             dependents = _peers_of(kwargs, ref.get("namespace") or body.metadata.namespace or "", ref.get("name", ""))
             waiting = peer.waiting_for_addresses(dependents)

@@ -121,7 +121,7 @@ def _readiness(insights: Insights, started: threading.Event, clusterwide: bool) 
         return None if clusterwide else {ns for ns in frozenset(insights.namespaces) if ns is not None}
 
     kube = Kube(_probe_client(), timeout=readiness.READ_TIMEOUT_SECONDS)
-    return readiness.Readiness(kube, started=started.is_set, watching=watching, namespaces=namespaces)
+    return readiness.Readiness(KubeStorage(kube), started=started.is_set, watching=watching, namespaces=namespaces)
 
 
 def _watch_for_a_stall(probe: readiness.Readiness, done: threading.Event, stalled: list[str]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kvpn_core import keys
-from kvpn_core.api import Kind, VpnPeerSpec, VpnPeerStatus, VpnServerSpec, VpnServerStatus
+from kvpn_core.api import Kind, VpnPeerSpec, VpnServerSpec, VpnServerStatus
 from kvpn_core.conditions import READY, Outcome, Reason, find, find_current, is_ready, set_condition
 from kvpn_core.contract import (
     LABEL_PEER_UID,
@@ -27,7 +27,7 @@ from kvpn_operator import builders
 from kvpn_operator.ipam import AllocationError
 from kvpn_operator.memory import ANNOTATION_NUDGE, AddressBook, AddressBooks, PeerEntry, is_revision
 from kvpn_operator.reporting import Report, describe_validation_error
-from kvpn_operator.storage import Storage, write_status
+from kvpn_operator.storage import ObjectMeta, PeerObject, ServerObject, Storage, write_status
 
 Obj = dict[str, Any]
 
@@ -43,34 +43,13 @@ _OWNED = (
 )
 
 
-@dataclass(frozen=True)
-class Peer:
-    """The parts of a VpnPeer object a reconcile works with."""
-
-    obj: Obj
-    namespace: str
-    name: str
-    uid: str
-    generation: int | None
-    status: VpnPeerStatus
-    nudge: str | None
-
-    @classmethod
-    def of(cls, obj: Obj) -> Peer:
-        meta = obj["metadata"]
-        return cls(
-            obj,
-            meta["namespace"],
-            meta["name"],
-            meta["uid"],
-            meta.get("generation"),
-            VpnPeerStatus.model_validate(obj.get("status") or {}),
-            (meta.get("annotations") or {}).get(ANNOTATION_NUDGE),
-        )
-
-
 def index_entry(obj: Obj) -> tuple[tuple[str, str], PeerEntry]:
-    """The peer's entry in the operator's index of peers by server: ((namespace, server), entry)."""
+    """The peer's entry in the operator's index of peers by server: ((namespace, server), entry).
+
+    From the object as kopf holds it, not a PeerObject: kopf calls this on every watch event of every
+    peer, where parsing the whole status would cost more than the lookups, and an index must take any
+    object, even one whose status another writer left malformed.
+    """
     spec, status, meta = obj.get("spec") or {}, obj.get("status") or {}, obj["metadata"]
     ref = spec.get("serverRef") or {}
     # The reason as last written, even for an older generation: it only picks peers to nudge, and a
@@ -109,6 +88,16 @@ def _unrouted(spec: VpnPeerSpec, routes: list[str]) -> list[str]:
     ]
 
 
+def validate_peer(peer: PeerObject) -> VpnPeerSpec | Outcome:
+    """The peer's spec, parsed; or, when its name or spec cannot be served, the refusal for Ready."""
+    if problem := builders.peer_name_problem(peer.name):
+        return Outcome.rejected(Reason.INVALID_NAME, problem)
+    try:
+        return VpnPeerSpec.model_validate(peer.spec)
+    except ValidationError as exc:
+        return Outcome.rejected(Reason.INVALID_SPEC, describe_validation_error(exc))
+
+
 class Verdict(Exception):  # noqa: N818 - not an error: how a reconcile stops early with what to report
     """Ends a reconcile early with the outcome to report."""
 
@@ -121,17 +110,20 @@ class Verdict(Exception):  # noqa: N818 - not an error: how a reconcile stops ea
 class Target:
     """The server a peer connects to, as read for this reconcile."""
 
-    obj: Obj
+    server: ServerObject
     spec: VpnServerSpec
-    status: VpnServerStatus
+
+    @property
+    def status(self) -> VpnServerStatus:
+        return self.server.status
 
     @property
     def namespace(self) -> str:
-        return str(self.obj["metadata"]["namespace"])
+        return self.server.namespace
 
     @property
     def name(self) -> str:
-        return str(self.obj["metadata"]["name"])
+        return self.server.name
 
 
 ServerLookup = Callable[[str, str], Obj | None]
@@ -143,18 +135,19 @@ class SecretExists(Exception):  # noqa: N818 - a signal inside this module, not 
 
 
 def reconcile_peer(
-    storage: Storage, books: AddressBooks, obj: Obj, *, now: dt.datetime, cached_server: ServerLookup | None = None
+    storage: Storage,
+    books: AddressBooks,
+    peer: PeerObject,
+    *,
+    now: dt.datetime,
+    cached_server: ServerLookup | None = None,
 ) -> Report:
     """Brings the peer's binding, config Secret and status in line with its spec and its server."""
-    peer = Peer.of(obj)
     fields: dict[str, Any] = {}
-    if problem := builders.peer_name_problem(peer.name):
-        return _finish(storage, peer, Outcome.rejected(Reason.INVALID_NAME, problem), now, fields)
+    spec = validate_peer(peer)
+    if isinstance(spec, Outcome):
+        return _finish(storage, peer, spec, now, fields)
     try:
-        try:
-            spec = VpnPeerSpec.model_validate(obj.get("spec") or {})
-        except ValidationError as exc:
-            raise Verdict(Outcome.rejected(Reason.INVALID_SPEC, describe_validation_error(exc))) from None
         target = _target(storage, peer, spec, cached_server)
         fields["server_revision"] = target.status.revision
         _check_against(spec, target)
@@ -197,20 +190,22 @@ def _find_server(
     return storage.get(Kind.VPN_SERVER, namespace, name)
 
 
-def _target(storage: Storage, peer: Peer, spec: VpnPeerSpec, cached: ServerLookup | None) -> Target:
+def _target(storage: Storage, peer: PeerObject, spec: VpnPeerSpec, cached: ServerLookup | None) -> Target:
     """The peer's server, if it exists, is valid and admits peers from the peer's namespace."""
     server_ns = spec.server_ref.namespace or peer.namespace
     server_id = f"{server_ns}/{spec.server_ref.name}"
-    server = _find_server(storage, cached, server_ns, spec.server_ref.name, peer.nudge)
-    if server is None:
+    nudge = peer.metadata.annotations.get(ANNOTATION_NUDGE)
+    found = _find_server(storage, cached, server_ns, spec.server_ref.name, nudge)
+    if found is None:
         raise Verdict(
             Outcome.rejected(
                 Reason.SERVER_NOT_FOUND, f"VpnServer {server_id} does not exist; the peer becomes Ready once it does"
             )
         )
-    status = VpnServerStatus.model_validate(server.get("status") or {})
+    server = ServerObject.model_validate(found)
+    status = server.status
     try:
-        target = Target(server, VpnServerSpec.model_validate(server.get("spec") or {}), status)
+        target = Target(server, VpnServerSpec.model_validate(server.spec))
     except ValidationError:
         raise Verdict(
             Outcome.waiting(
@@ -226,8 +221,7 @@ def _target(storage: Storage, peer: Peer, spec: VpnPeerSpec, cached: ServerLooku
                 f"ask its owner to add {peer.namespace!r} to spec.peerNamespaces",
             )
         )
-    generation = server["metadata"].get("generation")
-    ready = find_current(status.conditions, READY, generation)
+    ready = find_current(status.conditions, READY, server.generation)
     if ready is None and find(status.conditions, READY) is not None:
         # Ready was written for an older spec: the server's own reconcile is due and settles it; a verdict
         # taken now from the stale status would stand until something else wakes this peer.
@@ -260,7 +254,7 @@ def _check_against(spec: VpnPeerSpec, target: Target) -> None:
 def _apply(
     storage: Storage,
     books: AddressBooks,
-    peer: Peer,
+    peer: PeerObject,
     spec: VpnPeerSpec,
     target: Target,
     *,
@@ -290,7 +284,7 @@ def _apply(
     if target.spec.preshared_keys:
         preshared_key = _decode(config_secret, "presharedKey") or keys.generate_preshared_key()
     book = books.get(
-        target.obj["metadata"]["uid"],
+        target.server.uid,
         tuple(target.spec.address_pool),
         lambda: storage.list_secrets(target.namespace, label_selector=binding_selector(target.name), cached=True),
     )
@@ -308,7 +302,7 @@ def _apply(
         )
 
     try:
-        binding = claim(storage, book, target.obj, peer, requested=spec.address, binding_for=binding_for)
+        binding = claim(storage, book, target.server, peer, requested=spec.address, binding_for=binding_for)
     except AllocationError as exc:
         raise Verdict(Outcome.rejected(exc.reason, str(exc))) from None
 
@@ -346,8 +340,8 @@ def _apply(
 def claim(
     storage: Storage,
     book: AddressBook,
-    server: Obj,
-    peer: Peer,
+    server: ServerObject,
+    peer: PeerObject,
     *,
     requested: str | None,
     binding_for: Callable[[list[str]], PeerBinding],
@@ -357,7 +351,7 @@ def claim(
     The API server arbitrates: a claim is created under the address's name, and a 409 means the
     address is someone else's (or this peer's, from before a restart: then it is adopted).
     """
-    server_ns = server["metadata"]["namespace"]
+    server_ns = server.namespace
     current = book.index_of_peer(peer.uid)
     if current is None and peer.status.address:
         current = _adopt(storage, book, server, peer, peer.status.address)
@@ -367,7 +361,7 @@ def claim(
         index = book.reserve(peer.uid, requested)
         binding: PeerBinding = binding_for(book.pool.addresses(index))
         try:
-            created = storage.create_secret(server_ns, builders.binding_secret(server, binding))
+            created = storage.create_secret(server_ns, builders.binding_secret(server.body, binding))
         except Exception:
             book.release(peer.uid, index)
             raise
@@ -390,48 +384,46 @@ def claim(
     return binding
 
 
-def _adopt(storage: Storage, book: AddressBook, server: Obj, peer: Peer, address: str) -> int | None:
+def _adopt(storage: Storage, book: AddressBook, server: ServerObject, peer: PeerObject, address: str) -> int | None:
     """The index of `address` if its binding exists and belongs to `peer` (recorded in the book)."""
     try:
         index = book.pool.index_of(address)
     except AllocationError:
         return None
-    meta = server["metadata"]
-    secret = storage.get_secret(meta["namespace"], binding_secret_name(meta["name"], address))
+    secret = storage.get_secret(server.namespace, binding_secret_name(server.name, address))
     if secret is None or (secret["metadata"].get("labels") or {}).get(LABEL_PEER_UID) != peer.uid:
         return None
     book.confirm(peer.uid, index)
     return index
 
 
-def _update_binding(storage: Storage, server: Obj, binding: PeerBinding) -> PeerBinding:
+def _update_binding(storage: Storage, server: ServerObject, binding: PeerBinding) -> PeerBinding:
     """Patches the binding's data where it differs; a preshared key already in it is kept."""
-    namespace, name = server["metadata"]["namespace"], binding.secret_name(server["metadata"]["name"])
+    namespace, name = server.namespace, binding.secret_name(server.name)
     existing = storage.get_secret(namespace, name)
     if existing is None:
         raise Retry(f"peer binding {namespace}/{name} disappeared; claiming again", delay=0.5)
     stored = PeerBinding.from_secret(existing)
     if stored.preshared_key and binding.preshared_key:
         binding = binding.model_copy(update={"preshared_key": stored.preshared_key})
-    desired = builders.binding_secret(server, binding)["data"]
+    desired = builders.binding_secret(server.body, binding)["data"]
     if existing.get("data") != desired:
         storage.patch_secret_data(namespace, name, {**dict.fromkeys(existing.get("data") or {}), **desired})
     return binding
 
 
-def _delete_binding(storage: Storage, server: Obj, uid: str, address: str) -> None:
+def _delete_binding(storage: Storage, server: ServerObject, uid: str, address: str) -> None:
     """Deletes the binding named after `address` if it is this peer's (by UID), and only then."""
-    meta = server["metadata"]
-    name = binding_secret_name(meta["name"], address)
-    secret = storage.get_secret(meta["namespace"], name)
+    name = binding_secret_name(server.name, address)
+    secret = storage.get_secret(server.namespace, name)
     if secret and (secret["metadata"].get("labels") or {}).get(LABEL_PEER_UID) == uid:
-        storage.delete_secret(meta["namespace"], name, uid=secret["metadata"]["uid"])
+        storage.delete_secret(server.namespace, name, uid=secret["metadata"]["uid"])
 
 
 def _ensure_config_secret(
-    storage: Storage, peer: Peer, server: str, existing: Obj | None, data: dict[str, str], *, new: bool
+    storage: Storage, peer: PeerObject, server: str, existing: Obj | None, data: dict[str, str], *, new: bool
 ) -> None:
-    desired = builders.peer_config_secret(peer.obj, server, data)
+    desired = builders.peer_config_secret(peer.body, server, data)
     if existing is None:
         if storage.create_secret(peer.namespace, desired) is None:
             if new:
@@ -443,7 +435,7 @@ def _ensure_config_secret(
 
 
 def _finish(
-    storage: Storage, peer: Peer, outcome: Outcome, now: dt.datetime, fields: dict[str, Any] | None = None
+    storage: Storage, peer: PeerObject, outcome: Outcome, now: dt.datetime, fields: dict[str, Any] | None = None
 ) -> Report:
     previous = peer.status.conditions
     conditions = set_condition(previous, type_=READY, outcome=outcome, generation=peer.generation, now=now)
@@ -451,15 +443,16 @@ def _finish(
         update={**(fields or {}), "conditions": conditions, "observed_generation": peer.generation}
     )
     desired = status.model_dump(by_alias=True, mode="json", include=set(_OWNED))
-    write_status(storage, Kind.VPN_PEER, peer.obj, desired)
+    write_status(storage, Kind.VPN_PEER, peer.body, desired)
     return Report.of(previous, conditions, outcome)
 
 
-def release_peer(storage: Storage, books: AddressBooks, obj: Obj) -> bool:
-    """Deletes the peer's binding, freeing its address. True when an address was released."""
-    peer = Peer.of(obj)
-    spec = obj.get("spec") or {}
-    ref = spec.get("serverRef") or {}
+def release_peer(storage: Storage, books: AddressBooks, peer: PeerObject) -> bool:
+    """Deletes the peer's binding, freeing its address. True when an address was released.
+
+    From the spec as written: a peer whose spec never was valid may hold no address, but it is deleted all the same.
+    """
+    ref = peer.spec.get("serverRef") or {}
     server_ns, server_name = ref.get("namespace") or peer.namespace, ref.get("name", "")
     released = False
     claims = storage.list_secrets(server_ns, label_selector=f"{LABEL_PEER_UID}={peer.uid}")
@@ -468,11 +461,13 @@ def release_peer(storage: Storage, books: AddressBooks, obj: Obj) -> bool:
             released |= storage.delete_secret(server_ns, secret["metadata"]["name"], uid=secret["metadata"]["uid"])
     server = storage.get(Kind.VPN_SERVER, server_ns, server_name)
     if server is not None:
+        # Not a ServerObject: the server's status has no say here, and a malformed one must not keep a
+        # deleted peer's address reserved in memory.
         try:
             pool = tuple(VpnServerSpec.model_validate(server.get("spec") or {}).address_pool)
         except ValidationError:
             return released
-        book = books.peek(server["metadata"]["uid"], pool)
+        book = books.peek(ObjectMeta.model_validate(server["metadata"]).uid, pool)
         if book is not None and (index := book.index_of_peer(peer.uid)) is not None:
             book.release(peer.uid, index)
     return released

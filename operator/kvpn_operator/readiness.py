@@ -9,8 +9,9 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from kvpn_core.api import API_VERSION, GROUP, PLURALS, Kind
-from kvpn_core.kube import ForbiddenError, Kube, KubeError, NotFoundError, kvpn_path
+from kvpn_core.api import GROUP, PLURALS, Kind
+from kvpn_core.kube import ForbiddenError, KubeError, NotFoundError
+from kvpn_operator.storage import Storage
 
 # A kubelet probes every 10 s: the reads behind a verdict are reused for 5 s, so most probes cost none.
 CACHE_SECONDS = 5.0
@@ -87,7 +88,7 @@ class Readiness:
 
     def __init__(
         self,
-        kube: Kube,
+        storage: Storage,
         *,
         started: Callable[[], bool],
         watching: Callable[[], Collection[str]],
@@ -95,7 +96,7 @@ class Readiness:
         clock: Callable[[], float] = time.monotonic,
         ttl: float = CACHE_SECONDS,
     ) -> None:
-        self._kube = kube
+        self._storage = storage
         self._started = started
         self._watching = watching
         self._namespaces = namespaces
@@ -170,9 +171,8 @@ class Readiness:
         for kind in KINDS:
             problem = unreachable
             for namespace in [] if unreachable else namespaces:
-                path = kvpn_path(kind, namespace) if namespace else f"/apis/{API_VERSION}/{PLURALS[kind]}"
                 try:
-                    self._kube.list(path, limit=1)
+                    self._storage.sample(kind, namespace)
                 except Exception as exc:  # any failure is a reason in the body, never a crash of the endpoint
                     problem = _read_problem(kind, namespace, exc)
                     if isinstance(exc, KubeError) and exc.status == 0:

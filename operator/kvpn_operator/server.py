@@ -24,7 +24,7 @@ from kvpn_operator import builders, discovery
 from kvpn_operator.ipam import Pool
 from kvpn_operator.memory import ANNOTATION_NUDGE, PeerEntry
 from kvpn_operator.reporting import Report, describe_validation_error
-from kvpn_operator.storage import Storage, write_status
+from kvpn_operator.storage import ServerObject, Storage, write_status
 
 Obj = dict[str, Any]
 
@@ -96,31 +96,29 @@ def revision(status: VpnServerStatus, spec: VpnServerSpec) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def ensure_server_key(storage: Storage, server: Obj) -> str:
+def ensure_server_key(storage: Storage, server: ServerObject) -> str:
     """The server's private key: read from its Secret, generated and stored once when there is none."""
-    meta = server["metadata"]
-    name = server_key_secret_name(meta["name"])
-    secret = storage.get_secret(meta["namespace"], name)
+    name = server_key_secret_name(server.name)
+    secret = storage.get_secret(server.namespace, name)
     if secret is None:
         secret = storage.create_secret(
-            meta["namespace"], builders.server_key_secret(server, keys.generate_private_key())
-        ) or storage.get_secret(meta["namespace"], name)
+            server.namespace, builders.server_key_secret(server.body, keys.generate_private_key())
+        ) or storage.get_secret(server.namespace, name)
     encoded = ((secret or {}).get("data") or {}).get(SERVER_KEY_DATA)
     if not encoded:
-        raise KubeError(0, f"Secret {meta['namespace']}/{server_key_secret_name(meta['name'])} holds no privateKey")
+        raise KubeError(0, f"Secret {server.namespace}/{name} holds no privateKey")
     return base64.b64decode(encoded).decode()
 
 
-def ensure_service(storage: Storage, server: Obj, spec: VpnServerSpec, facts: ClusterFacts) -> Obj | None:
+def ensure_service(storage: Storage, server: ServerObject, spec: VpnServerSpec, facts: ClusterFacts) -> Obj | None:
     """Creates or updates the UDP Service (none for HostPort, where agents listen on the node itself)."""
-    meta = server["metadata"]
-    namespace, name = meta["namespace"], builders.service_name(meta["name"])
+    namespace, name = server.namespace, builders.service_name(server.name)
     existing = storage.get_service(namespace, name)
     if not builders.exposes_service(spec):
-        if existing and builders.owned_by(existing, meta["uid"]):
+        if existing and builders.owned_by(existing, server.uid):
             storage.delete_service(namespace, name, uid=existing["metadata"]["uid"])
         return None
-    desired = builders.service(server, spec, facts.gateway_selector)
+    desired = builders.service(server.body, spec, facts.gateway_selector)
     if existing is None:
         created = storage.create_service(namespace, desired)
         if created is None:
@@ -139,9 +137,22 @@ def _pool_overlap(spec: VpnServerSpec) -> str | None:
     return None
 
 
+def validate_server(server: ServerObject) -> VpnServerSpec | Outcome:
+    """The server's spec, parsed; or, when its name or spec cannot be served, the refusal for Ready."""
+    if problem := builders.server_name_problem(server.name):
+        return Outcome.rejected(Reason.INVALID_NAME, problem)
+    try:
+        spec = VpnServerSpec.model_validate(server.spec)
+    except ValidationError as exc:
+        return Outcome.rejected(Reason.INVALID_SPEC, describe_validation_error(exc))
+    if overlap := _pool_overlap(spec):
+        return Outcome.rejected(Reason.POOL_OVERLAPS_ROUTES, overlap)
+    return spec
+
+
 def reconcile_server(
     storage: Storage,
-    server: Obj,
+    server: ServerObject,
     *,
     facts: ClusterFacts,
     service_networks: ServiceNetworks,
@@ -149,25 +160,17 @@ def reconcile_server(
     now: dt.datetime,
 ) -> Report:
     """Brings the server's key, Service and status in line with its spec; nudges peers whose config is stale."""
-    meta = server["metadata"]
-    status = VpnServerStatus.model_validate(server.get("status") or {})
-    if problem := builders.server_name_problem(meta["name"]):
-        return _finish(storage, server, status, Outcome.rejected(Reason.INVALID_NAME, problem), now)
-    try:
-        spec = VpnServerSpec.model_validate(server.get("spec") or {})
-    except ValidationError as exc:
-        return _finish(
-            storage, server, status, Outcome.rejected(Reason.INVALID_SPEC, describe_validation_error(exc)), now
-        )
-    if overlap := _pool_overlap(spec):
-        return _finish(storage, server, status, Outcome.rejected(Reason.POOL_OVERLAPS_ROUTES, overlap), now)
+    status = server.status
+    spec = validate_server(server)
+    if isinstance(spec, Outcome):
+        return _finish(storage, server, status, spec, now)
 
     private_key = ensure_server_key(storage, server)
     service = ensure_service(storage, server, spec, facts)
     nodes = storage.list_nodes()
 
     pod_networks = discovery.pod_cidrs(nodes)
-    routes = list(spec.routes) or [*service_networks.get(storage, meta["namespace"]), *pod_networks]
+    routes = list(spec.routes) or [*service_networks.get(storage, server.namespace), *pod_networks]
     dns_service = None
     if spec.dns.enabled and not spec.dns.nameserver:
         dns_service = storage.get_service(*facts.dns_service)
@@ -233,7 +236,7 @@ def _endpoint_hint(spec: VpnServerSpec) -> str:
 
 def _finish(
     storage: Storage,
-    server: Obj,
+    server: ServerObject,
     status: VpnServerStatus,
     outcome: Outcome,
     now: dt.datetime,
@@ -242,15 +245,14 @@ def _finish(
 ) -> Report:
     """Writes Ready from `outcome` and the discovery conditions from `gaps` (left as they were when None:
     a refused spec says nothing new about the cluster)."""
-    meta = server["metadata"]
-    generation = meta.get("generation")
+    generation = server.generation
     previous = status.conditions
     conditions = set_condition(previous, type_=READY, outcome=outcome, generation=generation, now=now)
     for type_, gap in (gaps or {}).items():
         conditions = set_condition(conditions, type_=type_, outcome=gap, generation=generation, now=now)
     desired = status.model_copy(update={"conditions": conditions, "observed_generation": generation})
     write_status(
-        storage, Kind.VPN_SERVER, server, desired.model_dump(by_alias=True, mode="json"), owned=SERVER_CONDITIONS
+        storage, Kind.VPN_SERVER, server.body, desired.model_dump(by_alias=True, mode="json"), owned=SERVER_CONDITIONS
     )
     return Report.of(previous, conditions, outcome, gaps)
 
@@ -270,11 +272,12 @@ def nudge_for_service(storage: Storage, service: Obj) -> bool:
     ingress = (service.get("status") or {}).get("loadBalancer", {}).get("ingress") or []
     if owner is None or not ingress:
         return False
-    vpn_server = storage.get(Kind.VPN_SERVER, meta["namespace"], owner["name"])
-    if vpn_server is None or vpn_server["metadata"]["uid"] != owner["uid"]:
+    found = storage.get(Kind.VPN_SERVER, meta["namespace"], owner["name"])
+    vpn_server = ServerObject.model_validate(found) if found is not None else None
+    if vpn_server is None or vpn_server.uid != owner["uid"]:
         return False
     hosts = [i.get("ip") or i.get("hostname") for i in ingress]
-    endpoint = (vpn_server.get("status") or {}).get("endpoint") or ""
+    endpoint = vpn_server.status.endpoint or ""
     if any(h and endpoint.startswith((f"{h}:", f"[{h}]:")) for h in hosts):
         return False
     token = hashlib.sha256(json.dumps(ingress, sort_keys=True).encode()).hexdigest()[:16]

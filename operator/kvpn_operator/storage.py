@@ -1,9 +1,12 @@
 """The service layer's door to the API: domain methods behind a Protocol, implemented over kvpn_core.kube.
 
-server.py and peer.py ask for Secrets, Services, Nodes and kvpn objects by namespace and name; only this
-module builds REST paths. Expected outcomes come back as values (None for "not there" or "name taken",
+server.py, peer.py and readiness.py ask for Secrets, Services, Nodes and kvpn objects by namespace and
+name; only this module builds REST paths. Expected outcomes come back as values (None for "not there" or "name taken",
 False for "stale resourceVersion"); anything else stays a KubeError, which the handlers turn into retries.
 The unit tests put a fake with the API's 404, 409 and resourceVersion behaviour behind the same Protocol.
+
+A VpnServer or VpnPeer a reconcile works on is parsed once, at the door, into a ServerObject or PeerObject:
+typed metadata and status, the spec still as written (judging it is the reconcile's verdict, not a crash).
 """
 
 from __future__ import annotations
@@ -11,11 +14,84 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
-from kvpn_core.api import Kind
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kvpn_core.api import API_VERSION, PLURALS, Kind, VpnPeerStatus, VpnServerStatus
 from kvpn_core.conditions import READY
 from kvpn_core.kube import ConflictError, InvalidError, Kube, KubeError, NotFoundError, core_path, kvpn_path
 
 Obj = dict[str, Any]
+
+
+class ObjectMeta(BaseModel):
+    """The metadata a reconcile reads: who the object is, which version of it, and its marks."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int | None = None
+    resource_version: str = Field(alias="resourceVersion")
+    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        # The API omits empty maps, and a patch may leave them null.
+        if isinstance(data, Mapping):
+            return {**data, **{k: data.get(k) or {} for k in ("annotations", "labels")}}
+        return data
+
+
+class KubeObject(BaseModel):
+    """A kvpn object as a reconcile sees it: typed metadata, the spec as written, and the object itself.
+
+    `body` is the object as the API returned it: the builders take their owner from it, and the status
+    write compares against the status as stored, not as the model would render it.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    metadata: ObjectMeta
+    spec: Obj = Field(default_factory=dict)
+    body: Obj = Field(repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_body(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "body" not in data:
+            return {**data, "spec": data.get("spec") or {}, "status": data.get("status") or {}, "body": dict(data)}
+        return data
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def uid(self) -> str:
+        return self.metadata.uid
+
+    @property
+    def generation(self) -> int | None:
+        return self.metadata.generation
+
+
+class ServerObject(KubeObject):
+    """A VpnServer: `ServerObject.model_validate(body)`."""
+
+    status: VpnServerStatus = Field(default_factory=VpnServerStatus)
+
+
+class PeerObject(KubeObject):
+    """A VpnPeer: `PeerObject.model_validate(body)`."""
+
+    status: VpnPeerStatus = Field(default_factory=VpnPeerStatus)
 
 
 class Storage(Protocol):
@@ -23,6 +99,11 @@ class Storage(Protocol):
 
     def get(self, kind: Kind, namespace: str, name: str) -> Obj | None:
         """A VpnServer or VpnPeer; None when there is none."""
+        ...
+
+    def sample(self, kind: Kind, namespace: str | None) -> list[Obj]:
+        """At most one VpnServer or VpnPeer of `namespace` (of every namespace when None), read past the watch
+        cache: whether the API server serves the kind and lets the operator list it. A KubeError says why not."""
         ...
 
     def patch_status(self, kind: Kind, namespace: str, name: str, status: Obj, *, resource_version: str) -> bool:
@@ -83,6 +164,11 @@ class KubeStorage:
 
     def get(self, kind: Kind, namespace: str, name: str) -> Obj | None:
         return self._kube.get(kvpn_path(kind, namespace, name))
+
+    def sample(self, kind: Kind, namespace: str | None) -> list[Obj]:
+        # limit=1 and no cache: the watch cache would ignore the limit and return every object.
+        path = kvpn_path(kind, namespace) if namespace else f"/apis/{API_VERSION}/{PLURALS[kind]}"
+        return self._kube.list(path, limit=1)
 
     def patch_status(self, kind: Kind, namespace: str, name: str, status: Obj, *, resource_version: str) -> bool:
         try:
@@ -178,7 +264,8 @@ def write_status(storage: Storage, kind: Kind, obj: Obj, desired: Obj, *, owned:
 
     The patch carries the resourceVersion it was computed from, so a reconcile working from a stale
     copy cannot overwrite a newer status: on conflict it reads the object again, keeps the conditions
-    others wrote meanwhile, and compares again.
+    others wrote meanwhile, and compares again. `obj` is the object as the API returned it (a
+    KubeObject's `body`): the comparison is with the status as stored, not as a model would render it.
     """
     meta = obj["metadata"]
     namespace, name = meta["namespace"], meta["name"]

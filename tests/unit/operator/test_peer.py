@@ -22,6 +22,7 @@ from kvpn_operator.memory import AddressBooks
 from kvpn_operator.peer import index_entry, reconcile_peer, release_peer, waiting_for_addresses
 from kvpn_operator.reporting import Report
 from kvpn_operator.server import ClusterFacts, ServiceNetworks, reconcile_server
+from kvpn_operator.storage import PeerObject, ServerObject
 from tests.unit.fakes import FakeStorage
 
 Obj = dict[str, Any]
@@ -34,7 +35,14 @@ def with_server(pool: str = "10.8.0.0/24", **spec: object) -> FakeStorage:
     storage = FakeStorage()
     body = {"addressPool": [pool], "routes": ["10.96.0.0/12"], "expose": {"endpoint": "vpn.example.com:51820"}}
     server = storage.put("vpnservers", {"metadata": {"name": "office", "namespace": NS}, "spec": {**body, **spec}})
-    reconcile_server(storage, server, facts=ClusterFacts(), service_networks=ServiceNetworks(), peers=list, now=T0)
+    reconcile_server(
+        storage,
+        ServerObject.model_validate(server),
+        facts=ClusterFacts(),
+        service_networks=ServiceNetworks(),
+        peers=list,
+        now=T0,
+    )
     return storage
 
 
@@ -46,7 +54,7 @@ def a_peer(storage: FakeStorage, name: str = "laptop", **spec: object) -> Obj:
 def reconcile(storage: FakeStorage, books: AddressBooks, name: str = "laptop") -> Report:
     obj = storage.read("vpnpeers", NS, name)
     assert obj is not None
-    return reconcile_peer(storage, books, obj, now=T0)
+    return reconcile_peer(storage, books, PeerObject.model_validate(obj), now=T0)
 
 
 def status(storage: FakeStorage, name: str = "laptop") -> Obj:
@@ -184,9 +192,9 @@ def test_release_deletes_the_binding_once() -> None:
     books = AddressBooks()
     reconcile(storage, books)
     [binding] = bindings(storage)
-    assert release_peer(storage, books, peer)
+    assert release_peer(storage, books, PeerObject.model_validate(peer))
     assert storage.read("secrets", NS, binding_secret_name("office", binding.addresses[0])) is None
-    assert not release_peer(storage, books, peer)
+    assert not release_peer(storage, books, PeerObject.model_validate(peer))
 
 
 def test_release_spares_a_binding_of_another_peer() -> None:
@@ -195,7 +203,7 @@ def test_release_spares_a_binding_of_another_peer() -> None:
     other = a_peer(storage, "two")
     books = AddressBooks()
     reconcile(storage, books, "one")
-    assert not release_peer(storage, books, other)
+    assert not release_peer(storage, books, PeerObject.model_validate(other))
     [binding] = bindings(storage)
     secret = storage.read("secrets", NS, binding_secret_name("office", binding.addresses[0]))
     assert secret is not None

@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import http.client
 from collections.abc import Callable, Collection
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
 from kvpn_core.kube import ForbiddenError, Kube, KubeError, NotFoundError
 from kvpn_operator.readiness import CACHE_SECONDS, MAX_NAMESPACES, Readiness, serve
-from tests.unit.fakes import Clock
+from kvpn_operator.storage import KubeStorage
+from tests.unit.fakes import Clock, FakeKube
 
-Obj = dict[str, Any]
 WATCHED = {"vpnservers.kvpn.dev", "vpnpeers.kvpn.dev"}
-
-
-class FakeKube:
-    """Answers list requests from a function of the path; records each request with its query."""
-
-    def __init__(self, answer: Callable[[str], Exception | None] = lambda path: None) -> None:
-        self.answer = answer
-        self.requests: list[tuple[str, Obj]] = []
-
-    def list(
-        self, path: str, *, label_selector: str | None = None, cached: bool = False, limit: int | None = None
-    ) -> list[Obj]:
-        self.requests.append((path, {"label_selector": label_selector, "cached": cached, "limit": limit}))
-        if (error := self.answer(path)) is not None:
-            raise error
-        return []
 
 
 def readiness(
@@ -41,7 +25,7 @@ def readiness(
     clock: Clock | None = None,
 ) -> Readiness:
     return Readiness(
-        cast(Kube, kube),
+        KubeStorage(cast(Kube, kube)),
         started=lambda: started,
         watching=lambda: watching,
         namespaces=lambda: namespaces,
@@ -60,7 +44,7 @@ def test_ready_when_started_watching_and_both_kinds_are_readable() -> None:
         "readyz check passed",
     ]
     # Cheap: one object each, straight from etcd (a cached list would ignore the limit and return them all).
-    assert kube.requests == [
+    assert kube.lists == [
         ("/apis/kvpn.dev/v1alpha1/vpnservers", {"label_selector": None, "cached": False, "limit": 1}),
         ("/apis/kvpn.dev/v1alpha1/vpnpeers", {"label_selector": None, "cached": False, "limit": 1}),
     ]
@@ -83,7 +67,7 @@ def test_missing_crd_names_the_kind_and_what_to_install() -> None:
     def answer(path: str) -> Exception | None:
         return NotFoundError(404, "the server could not find the requested resource") if "vpnpeers" in path else None
 
-    body = readiness(FakeKube(answer)).verdict().body()
+    body = readiness(FakeKube(errors=answer)).verdict().body()
     assert "[+]vpnservers.kvpn.dev ok" in body
     line = next(line for line in body.splitlines() if line.startswith("[-]vpnpeers.kvpn.dev"))
     assert "404" in line
@@ -97,7 +81,7 @@ def test_forbidden_names_the_namespace_and_rbac() -> None:
             return ForbiddenError(403, 'vpnservers.kvpn.dev is forbidden: User "op" cannot list resource "vpnservers"')
         return None
 
-    verdict = readiness(FakeKube(answer), namespaces={"team-a", "team-b"}).verdict()
+    verdict = readiness(FakeKube(errors=answer), namespaces={"team-a", "team-b"}).verdict()
     assert not verdict.ready
     line = next(line for line in verdict.body().splitlines() if line.startswith("[-]vpnservers.kvpn.dev"))
     assert "namespace team-b" in line
@@ -108,16 +92,17 @@ def test_forbidden_names_the_namespace_and_rbac() -> None:
 
 def test_unreachable_api_server_stops_after_the_first_read() -> None:
     """Every further read would wait out its own timeout: one is enough to know."""
-    kube = FakeKube(lambda path: KubeError(0, "API server unreachable: Read timed out. (read timeout=3.0)"))
+    kube = FakeKube()
+    kube.down = True
     verdict = readiness(kube, namespaces={"a", "b", "c"}).verdict()
     assert not verdict.ready
-    assert len(kube.requests) == 1
+    assert len(kube.lists) == 1
     assert "API server unreachable" in verdict.body()
     assert "[+]kopf ok" in verdict.body()  # it is not the operator's own machinery that fails
 
 
 def test_an_unexpected_error_is_a_reason_not_a_crash() -> None:
-    verdict = readiness(FakeKube(lambda path: ValueError("bad certificate file"))).verdict()
+    verdict = readiness(FakeKube(errors=lambda path: ValueError("bad certificate file"))).verdict()
     assert not verdict.ready
     assert "ValueError: bad certificate file" in verdict.body()
 
@@ -127,7 +112,7 @@ def test_namespaced_scope_reads_in_each_namespace_up_to_a_bound() -> None:
     many = {f"team-{i:02d}" for i in range(MAX_NAMESPACES + 5)}
     verdict = readiness(kube, namespaces=many).verdict()
     assert verdict.ready
-    paths = [p for p, _ in kube.requests]
+    paths = [p for p, _ in kube.lists]
     assert len(paths) == 2 * MAX_NAMESPACES
     assert paths[0] == "/apis/kvpn.dev/v1alpha1/namespaces/team-00/vpnservers"
     assert f"listed in {MAX_NAMESPACES} of {len(many)} namespaces" in verdict.body()
@@ -138,7 +123,7 @@ def test_namespaced_scope_with_no_namespace_yet_is_ready() -> None:
     kube = FakeKube()
     verdict = readiness(kube, namespaces=set()).verdict()
     assert verdict.ready
-    assert kube.requests == []
+    assert (kube.gets, kube.lists) == ([], [])
     assert "no namespace in scope yet" in verdict.body()
 
 
@@ -149,17 +134,17 @@ def test_reads_are_cached_for_a_few_seconds() -> None:
     probe.verdict()
     clock.now += CACHE_SECONDS - 0.1
     probe.verdict()
-    assert len(kube.requests) == 2
+    assert len(kube.lists) == 2
     clock.now += 0.2
     probe.verdict()
-    assert len(kube.requests) == 4
+    assert len(kube.lists) == 4
 
 
 def test_kopf_state_is_not_cached() -> None:
     """Reads are what cost; whether kopf runs is a lookup, and is answered fresh."""
     state = {"started": False}
     probe = Readiness(
-        cast(Kube, FakeKube()),
+        KubeStorage(cast(Kube, FakeKube())),
         started=lambda: state["started"],
         watching=lambda: WATCHED,
         namespaces=lambda: None,
@@ -196,7 +181,11 @@ def test_a_kind_served_but_not_watched_is_stalled_after_the_grace() -> None:
     clock = Clock()
     watched = {"vpnpeers.kvpn.dev"}
     probe = Readiness(
-        cast(Kube, FakeKube()), started=lambda: True, watching=lambda: watched, namespaces=lambda: None, clock=clock
+        KubeStorage(cast(Kube, FakeKube())),
+        started=lambda: True,
+        watching=lambda: watched,
+        namespaces=lambda: None,
+        clock=clock,
     )
     assert probe.stalled(grace=20) == []
     clock.now += 19
@@ -224,7 +213,7 @@ def test_not_stalled_when_a_restart_would_not_help(
     answer: Callable[[str], Exception | None], started: bool, namespaces: set[str] | None
 ) -> None:
     clock = Clock()
-    probe = readiness(FakeKube(answer), started=started, watching=set(), namespaces=namespaces, clock=clock)
+    probe = readiness(FakeKube(errors=answer), started=started, watching=set(), namespaces=namespaces, clock=clock)
     probe.stalled(grace=20)
     clock.now += 60
     assert probe.stalled(grace=20) == []
@@ -233,4 +222,4 @@ def test_not_stalled_when_a_restart_would_not_help(
 def test_no_reads_for_the_stall_check_while_kopf_watches_both_kinds() -> None:
     kube = FakeKube()
     readiness(kube).stalled()
-    assert kube.requests == []
+    assert (kube.gets, kube.lists) == ([], [])

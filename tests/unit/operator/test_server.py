@@ -21,6 +21,7 @@ from kvpn_operator.server import (
     reconcile_server,
     serving_outcome,
 )
+from kvpn_operator.storage import ServerObject
 from tests.unit.fakes import FakeStorage
 
 Obj = dict[str, Any]
@@ -87,7 +88,7 @@ def reconcile(storage: FakeStorage, peers: list[PeerEntry] | None = None, *, now
     assert obj is not None
     return reconcile_server(
         storage,
-        obj,
+        ServerObject.model_validate(obj),
         facts=ClusterFacts(),
         service_networks=ServiceNetworks(),
         peers=lambda: list(peers or []),
@@ -193,7 +194,14 @@ def test_a_condition_another_writer_added_after_our_read_is_kept() -> None:
         {"conditions": [dataplane]},
         resource_version=stale["metadata"]["resourceVersion"],
     )
-    reconcile_server(storage, stale, facts=ClusterFacts(), service_networks=ServiceNetworks(), peers=list, now=T0)
+    reconcile_server(
+        storage,
+        ServerObject.model_validate(stale),
+        facts=ClusterFacts(),
+        service_networks=ServiceNetworks(),
+        peers=list,
+        now=T0,
+    )
     types = [c["type"] for c in status(storage)["conditions"]]
     assert sorted(types) == sorted([READY, "PodNetwork", "ClusterDNS", "Dataplane"])
 
