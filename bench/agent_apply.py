@@ -45,9 +45,10 @@ from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
 from kvpn_agent.observed import ObservedDevice, ObservedLink
 from kvpn_agent.plan import AddPeer, UpdateFirewall
+from kvpn_agent.processes import WireGuardGo
 from kvpn_agent.ruleset import ObservedRuleset, PeerUpdate, Ruleset
 from kvpn_agent.sync import NodeState, SyncResult, UapiBackend, sync
-from kvpn_agent.wggo import UserspaceLink, WireGuardGo
+from kvpn_agent.wggo import UserspaceLink
 from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.contract import PeerBinding, encode_data
 from kvpn_core.keys import generate_private_key

@@ -52,11 +52,12 @@ from harness.factories import key
 from harness.netlab import Interrupted, Lab, guard, wait_for
 from kvpn_agent.desired import build_desired
 from kvpn_agent.kernel import KernelLink, KernelWireGuard
+from kvpn_agent.linux import SOCKET_DIR
 from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
+from kvpn_agent.processes import WireGuardGo
 from kvpn_agent.sync import LinkBackend, UapiBackend, WireGuardBackend, sync
-from kvpn_agent.uapi import SOCKET_DIR
-from kvpn_agent.wggo import UserspaceLink, WireGuardGo
+from kvpn_agent.wggo import UserspaceLink
 from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.contract import PeerBinding, encode_data
 

@@ -37,12 +37,13 @@ from bench.figures import load_average
 from harness.commands import run
 from harness.netlab import Interrupted, Lab, guard, wait_for
 from kvpn_agent.desired import build_desired
+from kvpn_agent.linux import SOCKET_DIR
 from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
 from kvpn_agent.plan import AddPeer, ReplaceFirewall
+from kvpn_agent.processes import WireGuardGo
 from kvpn_agent.sync import UapiBackend, sync
-from kvpn_agent.uapi import SOCKET_DIR
-from kvpn_agent.wggo import UserspaceLink, WireGuardGo
+from kvpn_agent.wggo import UserspaceLink
 from kvpn_core.contract import PeerBinding, encode_data
 from kvpn_core.keys import generate_preshared_key, generate_private_key, public_key_of
 

@@ -8,34 +8,25 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
 
 from kubernetes.client import ApiClient
 
-from kvpn_agent.builder import DesiredBuilder
 from kvpn_agent.condition_report import ConditionReporter, dataplane_problems
 from kvpn_agent.dataplane import Dataplane
-from kvpn_agent.desired import (
-    GATEWAY_PREFIX,
-    LEGACY_PREFIX,
-    BindingCache,
-    DesiredServer,
-    DesiredStateError,
-    PeerProblem,
-    legacy_interface_name,
-)
+from kvpn_agent.desired import GATEWAY_PREFIX, LEGACY_PREFIX, DesiredServer, legacy_interface_name
 from kvpn_agent.metrics import Metrics, PeerStats
 from kvpn_agent.nft import NftError
-from kvpn_agent.state import ServerInputs, StateFile, selected
+from kvpn_agent.served import ServedServers, role, secret_index
+from kvpn_agent.state import StateFile
 from kvpn_agent.status_report import StatusReporter
 from kvpn_agent.supervisor_api import SupervisorError, SupervisorUnreachableError
 from kvpn_agent.sync import SERVER_ERRORS, NodeState, sync
-from kvpn_agent.watch import Informer, Key, Obj, key_of
+from kvpn_agent.watch import Informer, Key, Obj, Store, key_of
 from kvpn_core.api import API_VERSION
-from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, server_key_secret_name
+from kvpn_core.contract import LABEL_ROLE, ROLE_PEER, ROLE_SERVER_KEY
 from kvpn_core.kube import Kube, KubeError, core_path
 
 log = logging.getLogger(__name__)
@@ -64,8 +55,8 @@ class Settings:
 class Agent:
     """One node's agent. ``run`` is the sync loop (the caller's thread); watches and reports run in threads.
 
-    Desired state per served server is kept as the inputs that last built successfully and the
-    DesiredServer built from them: a server whose objects turn bad keeps being served as it was.
+    What it serves, and the desired state of each, is ``served`` (ServedServers): a server whose
+    objects turn bad keeps being served as it was.
 
     Ready (``readiness``) means the dataplane works as desired: the latest sync pass programmed
     every served server, and the wireguard-go supervisor (when there is one) answers. A server the
@@ -92,16 +83,12 @@ class Agent:
         self._dirty: set[Key] = set()
         self._dirty_bindings: dict[Key, set[str]] = {}
         """Binding Secrets changed per server since the last pass: patched in without a rebuild."""
-        self._builders: dict[Key, DesiredBuilder] = {}
-        self._parsed = BindingCache()
-        """Parsed bindings of every served server, kept across their rebuilds."""
-        self._lock = threading.Lock()  # _good and _endpoints, shared with the reporter
-        self._good: dict[Key, tuple[ServerInputs, DesiredServer]] = {}
+        # What the reporter's thread reads: what ``served`` holds, _endpoints, _unsaved, _failures.
+        self._lock = threading.Lock()
+        self.served = ServedServers(self._lock, self.metrics)
         self._endpoints: dict[str, str] = {}
         self._unsaved = False
         self._save_lock = threading.Lock()
-        self._problems: dict[Key, tuple[tuple[str, str] | None, frozenset[PeerProblem]]] = {}
-        self._gone: set[str] = set()
         self._known: NodeState | None = None
         self._node_labels: dict[str, str] | None = None
         self._have_desired = False
@@ -123,6 +110,7 @@ class Agent:
         self.conditions = ConditionReporter(self.kube, node=self.node) if self.kube is not None else None
         self.server_watches: dict[str, Informer] = {}
         self.secret_watches: dict[str, Informer] = {}
+        self._objects = _Watched(self.server_watches, self.secret_watches)
         if api is not None:
             for ns in settings.namespaces or ("",):
                 self.server_watches[ns] = Informer(api, _servers_path(ns), self._server_changed)
@@ -147,7 +135,7 @@ class Agent:
     def _secret_changed(self, obj: Obj) -> None:
         if (key := secret_index(obj)) is None:
             return
-        if _role(obj) == ROLE_PEER:
+        if role(obj) == ROLE_PEER:
             with self._cond:
                 self._dirty_bindings.setdefault(key, set()).add(key_of(obj)[1])
         self.notify(key)
@@ -171,8 +159,9 @@ class Agent:
                 "API server unreachable: serving the last good state",
                 extra={"path": str(self.state_file.path), "servers": len(saved.servers)},
             )
-            for inputs in saved.servers:
-                self._build(inputs.key, inputs)
+            built = [self.served.build(inputs.key, inputs) for inputs in saved.servers]
+            if any(built):
+                self._mark_unsaved()
             self._have_desired = True
         else:
             log.warning("API server unreachable and no saved state: leaving the dataplane as it is until it answers")
@@ -199,10 +188,10 @@ class Agent:
             full = time.monotonic() >= next_full
             if full:
                 self._fetch_node_labels()
-                dirty |= set(self._good) | self._api_keys()
+                dirty |= self.served.keys() | self._api_keys()
                 bindings = {}  # the safety net: every server compared with its objects as a whole
             changed = self._recompute(dirty, bindings)
-            if full or changed or self._gone:
+            if full or changed or self.served.gone:
                 ok = self._sync(full)
                 if ok:
                     self._save()
@@ -250,7 +239,7 @@ class Agent:
     def _use_api(self) -> None:
         self._from_api = self._have_desired = True
         with self._cond:
-            self._dirty |= set(self._good) | self._api_keys()
+            self._dirty |= self.served.keys() | self._api_keys()
 
     def _api_keys(self) -> set[Key]:
         """Every VpnServer the watches know (selected or not), once the API is the source."""
@@ -353,162 +342,25 @@ class Agent:
 
     # --- desired state -------------------------------------------------------------------------
 
-    def _inputs(self, key: Key) -> ServerInputs | None:
-        """The server's current objects from the watches, or None when this node does not serve it."""
-        ns, name = key
-        servers = self.server_watches.get(ns) or self.server_watches.get("")
-        secrets = self.secret_watches.get(ns) or self.secret_watches.get("")
-        server = servers.store.get(key) if servers else None
-        if server is None or secrets is None or not selected(server, self._node_labels or {}):
-            return None
-        key_secret = secrets.store.get((ns, server_key_secret_name(name)))
-        bindings = tuple(
-            s
-            for s in secrets.store.indexed(key)
-            if ((s.get("metadata") or {}).get("labels") or {}).get(LABEL_ROLE) == ROLE_PEER
-        )
-        return ServerInputs(server, key_secret, bindings)
-
     def _recompute(self, keys: set[Key], bindings: Mapping[Key, set[str]] | None = None) -> bool:
-        """Rebuilds the desired state of ``keys`` from the watches; True when any of it changed.
-
-        A server of which only bindings changed (``bindings``: their names) has them patched into
-        its desired state; the others are compared and rebuilt from all their objects.
-        """
+        """Brings ``served`` up to date with the watches for ``keys``; True when any of it changed."""
         if not self._from_api:
             return False  # serving the state file: nothing newer to build from
-        changed = False
-        for key in sorted(keys):
-            names = (bindings or {}).get(key)
-            if names and (patched := self._patch(key, names)) is not None:
-                changed = patched or changed
-                continue
-            inputs = self._inputs(key)
-            old = self._good.get(key)
-            if inputs is None:
-                if old is not None:
-                    log.info("server no longer served here", extra={"server_namespace": key[0], "server": key[1]})
-                    with self._lock:
-                        del self._good[key]
-                    self._builders.pop(key, None)
-                    self._gone.add(old[1].interface)
-                    changed = self._unsaved = True
-                self._set_problems(key, None, ())
-            elif old is None or old[0].version() != inputs.version():
-                changed = self._build(key, inputs) or changed
+        changed = self.served.recompute(keys, self._objects, self._node_labels or {}, bindings)
+        if changed:
+            self._mark_unsaved()
         return changed
 
-    def _patch(self, key: Key, names: set[str]) -> bool | None:
-        """Patches changed bindings into the server's desired state; None when it needs a rebuild."""
-        old, builder = self._good.get(key), self._builders.get(key)
-        if old is None or builder is None or builder.desired is not old[1]:
-            return None
-        ns, name = key
-        servers = self.server_watches.get(ns) or self.server_watches.get("")
-        secrets = self.secret_watches.get(ns) or self.secret_watches.get("")
-        if servers is None or secrets is None:
-            return None
-        server = servers.store.get(key)
-        key_secret = secrets.store.get((ns, server_key_secret_name(name)))
-        if (
-            server is None
-            or not selected(server, self._node_labels or {})
-            or _rv(server) != _rv(old[0].server)
-            or _rv(key_secret) != _rv(old[0].key_secret)
-            or (key_secret is None) != (old[0].key_secret is None)
-        ):
-            return None
-        changes: dict[str, Obj | None] = {}
-        for binding in names:
-            secret = secrets.store.get((ns, binding))
-            if secret is not None and (secret_index(secret) != key or _role(secret) != ROLE_PEER):
-                secret = None
-            had = builder.secrets.get(binding)
-            if (secret is None) != (had is None) or (secret is not None and _rv(secret) != _rv(had)):
-                changes[binding] = secret
-        if not changes:
-            return False
-        desired = builder.apply(changes)
-        self._install(
-            key,
-            ServerInputs(old[0].server, old[0].key_secret, cast("tuple[Obj, ...]", tuple(builder.secrets.values()))),
-            desired,
-        )
-        return True
-
-    def _build(self, key: Key, inputs: ServerInputs) -> bool:
-        try:
-            builder = DesiredBuilder(inputs.server, inputs.key_secret, inputs.bindings, cache=self._parsed)
-        except DesiredStateError as exc:
-            self._set_problems(key, (exc.reason, exc.message), ())
-            return False
-        self._builders[key] = builder
-        self._install(key, inputs, builder.desired)
-        return True
-
-    def _install(self, key: Key, inputs: ServerInputs, desired: DesiredServer) -> None:
-        if key not in self._good:
-            log.info(
-                "serving server", extra={"server_namespace": key[0], "server": key[1], "interface": desired.interface}
-            )
+    def _mark_unsaved(self) -> None:
         with self._lock:
-            self._good[key] = (inputs, desired)
-        self._gone.discard(desired.interface)
-        self._unsaved = True
-        self._set_problems(key, None, desired.problems)
-
-    def _set_problems(self, key: Key, server: tuple[str, str] | None, peers: Sequence[PeerProblem]) -> None:
-        """Logs what is new or resolved, once per change; the metric counts what stands."""
-        new = (server, frozenset(peers))
-        old_server, old_peers = self._problems.get(key, (None, frozenset()))
-        if new == (old_server, old_peers):
-            return
-        ns, name = key
-        if server is not None and server != old_server:
-            log.error(
-                "server's desired state is unusable",
-                extra={
-                    "server_namespace": ns,
-                    "server": name,
-                    "reason": server[0],
-                    "detail": server[1],
-                    "serving": "its last good state" if key in self._good else "nothing",
-                },
-            )
-        for p in sorted(new[1] - old_peers, key=lambda p: p.binding):
-            log.warning(
-                "peer left out of the dataplane",
-                extra={
-                    "server_namespace": ns,
-                    "server": name,
-                    "binding": p.binding,
-                    "peer_namespace": p.peer_namespace,
-                    "peer": p.peer_name,
-                    "reason": p.reason,
-                    "detail": p.message,
-                },
-            )
-        for p in sorted(old_peers - new[1], key=lambda p: p.binding):
-            log.info("peer problem resolved", extra={"server_namespace": ns, "server": name, "binding": p.binding})
-        with self._lock:  # the reporter's thread turns them into Dataplane conditions
-            if server is None and new[1] == frozenset():
-                self._problems.pop(key, None)
-            else:
-                self._problems[key] = new
-        counts: dict[tuple[str, str, str], int] = {}
-        for (pns, pname), (srv, prs) in self._problems.items():
-            for reason in [srv[0]] if srv else []:
-                counts[(pns, pname, reason)] = counts.get((pns, pname, reason), 0) + 1
-            for p in prs:
-                counts[(pns, pname, p.reason)] = counts.get((pns, pname, p.reason), 0) + 1
-        self.metrics.set_problems(counts)
+            self._unsaved = True
 
     # --- applying ------------------------------------------------------------------------------
 
     def _sync(self, full: bool) -> bool:
         mode = "full" if full else "incremental"
-        servers = [desired for _, desired in self._good.values()]
-        gone = set(self._gone)
+        servers = self.served.desired()
+        gone = set(self.served.gone)
         with self._lock:
             endpoints = dict(self._endpoints)
         try:
@@ -545,7 +397,7 @@ class Agent:
             log.info("sync works again")
             self._pass_error = None
         self._known = result.state
-        self._gone -= gone
+        self.served.gone -= gone
         self.metrics.sync_duration.labels(mode).observe(result.seconds)
         self.metrics.sync_errors.labels(mode).inc(len(result.errors))
         failed = result.errors
@@ -566,7 +418,7 @@ class Agent:
             },
         )
         if not self.synced.is_set():
-            self._unsaved = True  # a state file right after start, whatever else happens
+            self._mark_unsaved()  # a state file right after start, whatever else happens
         self.synced.set()
         return not result.errors
 
@@ -591,8 +443,8 @@ class Agent:
                 return
             with self._lock:
                 self._unsaved = False
-                inputs = [i for i, _ in self._good.values()]
-                keys = {p.public_key for _, d in self._good.values() for p in d.peers}
+                inputs = self.served.inputs()
+                keys = {p.public_key for d in self.served.desired() for p in d.peers}
                 endpoints = {k: v for k, v in self._endpoints.items() if k in keys}
             try:
                 self.state_file.save(inputs, endpoints)
@@ -611,7 +463,7 @@ class Agent:
 
     def report_once(self) -> list[PeerStats]:
         with self._lock:
-            servers = [d for _, d in self._good.values()]
+            servers = self.served.desired()
         stats = []
         for server in servers:
             try:
@@ -656,14 +508,13 @@ class Agent:
         if self.conditions is not None and reachable and self._from_api and self.synced.is_set():
             # Only once the desired state comes from the API: before that every problem looks solved.
             with self._lock:
-                problems = dict(self._problems)
-                failures = {key: error for key, (_, error) in self._failures.items() if key in self._good}
-                served = [inputs.server for inputs, _ in self._good.values()]
+                problems = self.served.problems()
+                keys = self.served.keys()
+                failures = {key: error for key, (_, error) in self._failures.items() if key in keys}
+                served = [inputs.server for inputs in self.served.inputs()]
                 refused = self.dp.fallback.failed if self.dp.fallback is not None else {}
                 fallbacks = {
-                    (d.namespace, d.name): refused[d.interface]
-                    for _, d in self._good.values()
-                    if d.interface in refused
+                    (d.namespace, d.name): refused[d.interface] for d in self.served.desired() if d.interface in refused
                 }
             try:
                 self.conditions.report(dataplane_problems(problems, self.node, failures, fallbacks), served)
@@ -679,16 +530,25 @@ def _servers_path(namespace: str) -> str:
     return f"/apis/{API_VERSION}" + (f"/namespaces/{namespace}" if namespace else "") + "/vpnservers"
 
 
-def _rv(obj: Mapping[str, Any] | None) -> str:
-    return str(((obj or {}).get("metadata") or {}).get("resourceVersion") or "")
+class _Watched:
+    """The objects the Agent's watches hold (served.Objects); the dicts are the Agent's, read as they are now."""
 
+    def __init__(self, servers: Mapping[str, Informer], secrets: Mapping[str, Informer]) -> None:
+        self._servers, self._secrets = servers, secrets
 
-def _role(secret: Obj) -> str | None:
-    return ((secret.get("metadata") or {}).get("labels") or {}).get(LABEL_ROLE)
+    def _stores(self, namespace: str) -> tuple[Store, Store] | None:
+        servers = self._servers.get(namespace) or self._servers.get("")
+        secrets = self._secrets.get(namespace) or self._secrets.get("")
+        return (servers.store, secrets.store) if servers is not None and secrets is not None else None
 
+    def server(self, key: Key) -> Obj | None:
+        stores = self._stores(key[0])
+        return stores[0].get(key) if stores is not None else None
 
-def secret_index(secret: Obj) -> Key | None:
-    """The server a key Secret or binding belongs to (both carry its name as a label)."""
-    meta = secret.get("metadata") or {}
-    server = (meta.get("labels") or {}).get(LABEL_SERVER)
-    return (str(meta.get("namespace") or ""), str(server)) if server else None
+    def secret(self, key: Key) -> Obj | None:
+        stores = self._stores(key[0])
+        return stores[1].get(key) if stores is not None else None
+
+    def bindings(self, key: Key) -> Iterable[Obj]:
+        stores = self._stores(key[0])
+        return stores[1].indexed(key) if stores is not None else ()

@@ -126,7 +126,7 @@ def _pid(value: object) -> int:
 
 
 class SupervisorClient:
-    """The agent's wireguard-go processes, run by the supervisor: the role of wggo.WireGuardGo.
+    """The agent's wireguard-go processes, run by the supervisor: the role of processes.WireGuardGo.
 
     One connection per request (a unix connect costs microseconds, and a supervisor that restarted
     is simply reached again); a dead or hung supervisor is SupervisorUnreachableError.

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from kvpn_agent.linux import SOCKET_DIR  # also found here by its older users
+from kvpn_agent.linux import SOCKET_DIR
 from kvpn_agent.observed import ObservedDevice, ObservedPeer
 from kvpn_agent.wire import DeviceConfig, PeerConfig, sort_networks
 from kvpn_core.keys import KEY_BYTES, decode_key

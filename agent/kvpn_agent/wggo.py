@@ -5,11 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from kvpn_agent.netlink import Netlink, NetlinkConfigured
-from kvpn_agent.processes import WireGuardGo, WireGuardGoError, WireGuardGoProcesses
-
-# The processes have a module of their own (the supervisor imports it without netlink); their names
-# stay importable from here too, where the tests and the benchmarks have always found them.
-__all__ = ["UserspaceLink", "WireGuardGo", "WireGuardGoError"]
+from kvpn_agent.processes import WireGuardGoProcesses
 
 
 class UserspaceLink(NetlinkConfigured):

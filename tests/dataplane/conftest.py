@@ -20,8 +20,9 @@ from kvpn_agent.kernel import KernelLink, KernelWireGuard
 from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
 from kvpn_agent.observed import ObservedDevice
+from kvpn_agent.processes import WireGuardGo
 from kvpn_agent.sync import LinkBackend, SyncResult, UapiBackend, WireGuardBackend, sync
-from kvpn_agent.wggo import UserspaceLink, WireGuardGo
+from kvpn_agent.wggo import UserspaceLink
 from kvpn_core.api import AllowedDestination
 from kvpn_core.contract import PeerBinding, encode_data
 

@@ -21,9 +21,9 @@ from harness.commands import run
 from harness.netlab import wait_for
 from harness.traffic import TcpProbe, curl, echo_server
 from kvpn_agent.dataplane import build_dataplane
+from kvpn_agent.processes import WireGuardGo
 from kvpn_agent.sync import sync
 from kvpn_agent.uapi import UapiClient
-from kvpn_agent.wggo import WireGuardGo
 from tests.dataplane.agent_world import RESYNC, StateWorld, state_file_world
 from tests.dataplane.conftest import NODE_SIDE, PORT, SERVICE, Site, both_backends
 

@@ -16,7 +16,8 @@ from harness.factories import key, keypair
 from harness.netlab import Lab, wait_for
 from kvpn_agent.dataplane import build_dataplane
 from kvpn_agent.desired import interface_name
-from kvpn_agent.runner import Agent, Settings, secret_index
+from kvpn_agent.runner import Agent, Settings
+from kvpn_agent.served import secret_index
 from kvpn_agent.state import StateFile
 from kvpn_agent.uapi import UapiClient
 from kvpn_agent.watch import Obj, Store

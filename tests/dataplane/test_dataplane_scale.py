@@ -24,9 +24,10 @@ from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
 from kvpn_agent.observed import ObservedDevice
 from kvpn_agent.plan import AddPeer, UpdateFirewall
+from kvpn_agent.processes import WireGuardGo
 from kvpn_agent.ruleset import PeerUpdate, build_ruleset
 from kvpn_agent.sync import LinkBackend, UapiBackend, WireGuardBackend, sync
-from kvpn_agent.wggo import UserspaceLink, WireGuardGo
+from kvpn_agent.wggo import UserspaceLink
 from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.contract import PeerBinding, encode_data
 from tests.dataplane.conftest import BACKENDS

@@ -26,7 +26,8 @@ from kvpn_agent.metrics import Metrics
 from kvpn_agent.observed import ObservedDevice, ObservedLink, ObservedPeer
 from kvpn_agent.processes import WireGuardGoProcesses
 from kvpn_agent.ruleset import ObservedRuleset, PeerUpdate, Ruleset
-from kvpn_agent.runner import Agent, Settings, secret_index
+from kvpn_agent.runner import Agent, Settings
+from kvpn_agent.served import secret_index
 from kvpn_agent.state import ServerInputs, StateFile
 from kvpn_agent.supervisor_api import SupervisorClient
 from kvpn_agent.sync import assumed_ruleset, sync
@@ -435,7 +436,7 @@ def test_sync_with_a_known_state_reads_nothing_back_and_a_failing_server_spares_
 def test_binding_events_are_patched_in_and_give_the_desired_state_of_a_rebuild(running: Running) -> None:
     wait(running.agent.synced.is_set, "the first sync")
     agent, k = running.agent, (NS, NAME)
-    builder = agent._builders[k]
+    builder = agent.served._builders[k]
 
     def event(obj: Obj, *, deleted: bool = False) -> None:
         if deleted:
@@ -452,11 +453,11 @@ def test_binding_events_are_patched_in_and_give_the_desired_state_of_a_rebuild(r
     event(binding(2), deleted=True)
 
     def moved() -> bool:
-        return [p.addresses for p in agent._good[k][1].peers if p.public_key == key(2)] == [["10.8.0.5"]]
+        return [p.addresses for p in agent.served._good[k][1].peers if p.public_key == key(2)] == [["10.8.0.5"]]
 
     wait(moved, "the key to move to the newer binding")
-    assert agent._builders[k] is builder  # patched, never rebuilt from scratch
-    inputs, desired = agent._good[k]
+    assert agent.served._builders[k] is builder  # patched, never rebuilt from scratch
+    inputs, desired = agent.served._good[k]
     bindings = [s for s in running.secrets.indexed(k) if s["metadata"]["labels"][LABEL_ROLE] == ROLE_PEER]
     assert desired == build_desired(server_obj(), key_secret(), bindings)
     assert {key_of(b) for b in inputs.bindings} == {key_of(b) for b in bindings}
