@@ -38,11 +38,11 @@ from bench.throughput import (
     MTU,
     POOL,
     ROUTES,
-    SERVER_ADDRESS,
     TARGET,
     UNDERLAY_LAPTOP,
     UNDERLAY_NODE,
     Keys,
+    desired_server,
     iperf3,
     iperf3_server,
     write_conf,
@@ -50,7 +50,6 @@ from bench.throughput import (
 from harness.commands import run
 from harness.factories import key
 from harness.netlab import Interrupted, Lab, guard, wait_for
-from kvpn_agent.desired import build_desired
 from kvpn_agent.kernel import KernelLink, KernelWireGuard
 from kvpn_agent.linux import SOCKET_DIR
 from kvpn_agent.netlink import Netlink
@@ -59,7 +58,6 @@ from kvpn_agent.processes import WireGuardGo
 from kvpn_agent.sync import LinkBackend, UapiBackend, WireGuardBackend, sync
 from kvpn_agent.wggo import UserspaceLink
 from kvpn_agent.wire import DeviceConfig, PeerConfig
-from kvpn_core.contract import PeerBinding, encode_data
 
 REQUIRED = ("ip", "ss", "nft", "wireguard-go", "wg", "iperf3")
 BACKENDS = ("kernel", "userspace")
@@ -99,25 +97,7 @@ def make_pair(lab: Lab, backend: str) -> Pair:
 
 
 def server_by_agent(lab: Lab, pair: Pair, keys: Keys) -> None:
-    server = {
-        "metadata": {"namespace": "team", "name": "bench"},
-        "spec": {"addressPool": [POOL], "listenPort": LISTEN_PORT, "routes": [ROUTES], "mtu": MTU},
-        "status": {"addresses": [SERVER_ADDRESS], "routes": [ROUTES]},
-    }
-    pb = PeerBinding(
-        peer_namespace="team",
-        peer_name="laptop",
-        peer_uid="uid-laptop",
-        public_key=keys.laptop_public,
-        preshared_key=keys.preshared,
-        addresses=[LAPTOP_ADDRESS],
-    )
-    binding = {
-        "metadata": {"name": pb.secret_name("bench"), "creationTimestamp": "2024-01-01T00:00:00Z"},
-        "data": encode_data(pb.to_string_data()),
-    }
-    key_secret = {"data": encode_data({"privateKey": keys.server_private})}
-    desired = build_desired(server, key_secret, [binding], interface=pair.server_if)
+    desired = desired_server(keys, pair.server_if)
     link, wireguard = backends(pair.backend, pair.node, lab)
     firewall = Nft(prefix=("ip", "netns", "exec", pair.node))
     result = sync([desired], link, wireguard, firewall)

@@ -36,7 +36,7 @@ from typing import Any
 from bench.figures import load_average
 from harness.commands import run
 from harness.netlab import Interrupted, Lab, guard, wait_for
-from kvpn_agent.desired import build_desired
+from kvpn_agent.desired import DesiredServer, build_desired
 from kvpn_agent.linux import SOCKET_DIR
 from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
@@ -138,8 +138,8 @@ def server_by_hand(lab: Lab, tmp: Path, pair: Pair, keys: Keys) -> None:
     run("ip", "-n", pair.node, "link", "set", pair.server_if, "mtu", str(MTU), "up")
 
 
-def server_by_agent(lab: Lab, pair: Pair, keys: Keys) -> list[str]:
-    """The node's side through the agent's sync; returns the actions it ran."""
+def desired_server(keys: Keys, interface: str) -> DesiredServer:
+    """The benchmark's server with its one laptop peer, as the agent builds it from the API's objects."""
     server = {
         "metadata": {"namespace": "team", "name": "bench"},
         "spec": {"addressPool": [POOL], "listenPort": LISTEN_PORT, "routes": [ROUTES], "mtu": MTU},
@@ -158,7 +158,12 @@ def server_by_agent(lab: Lab, pair: Pair, keys: Keys) -> list[str]:
         "data": encode_data(pb.to_string_data()),
     }
     key_secret = {"data": encode_data({"privateKey": keys.server_private})}
-    desired = build_desired(server, key_secret, [binding], interface=pair.server_if)
+    return build_desired(server, key_secret, [binding], interface=interface)
+
+
+def server_by_agent(lab: Lab, pair: Pair, keys: Keys) -> list[str]:
+    """The node's side through the agent's sync; returns the actions it ran."""
+    desired = desired_server(keys, pair.server_if)
     assert len(desired.peers) == 1, desired.problems
     prefix = ("ip", "netns", "exec", pair.node)
     wggo = WireGuardGo(prefix=prefix)
