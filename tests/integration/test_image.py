@@ -222,6 +222,7 @@ def test_the_build_left_nothing_behind(buildah: Buildah, container: str) -> None
         "uncompiled project modules": (
             'cd "$(python3 -c \'import sysconfig; print(sysconfig.get_paths()["purelib"])\')"'
             " && for p in kvpn_operator kvpn_agent kvpn_cli; do ls $p/__pycache__/main.cpython-*.pyc; done"
+            " && ls kvpn_core/__pycache__/api.cpython-*.pyc"
         ),
     }
     failed = []
