@@ -12,16 +12,16 @@ from pydantic import ValidationError
 
 from kvpn_agent.desired import BindingCache, DesiredServer, Judged, binding_age, build_desired, judge_binding
 
-Claim = str | ipaddress.IPv4Address | ipaddress.IPv6Address
-"""What a binding competes for with the others: its public key and its addresses."""
+ExclusiveValue = str | ipaddress.IPv4Address | ipaddress.IPv6Address
+"""A value only one binding of a server may hold, which bindings compete for: a public key or an address."""
 
 
 class DesiredBuilder:
     """One server's desired state kept current one binding change at a time (the watch-event path).
 
     ``apply`` gives exactly what ``build_desired`` over the current bindings gives. A binding's
-    outcome depends on the others only through the public key and addresses it claims (older
-    bindings win), so a change whose claims no other binding shares is patched in and out alone;
+    outcome depends on the others only through its exclusive values, the public key and addresses
+    (older bindings win), so a change whose values no other binding shares is patched in and out alone;
     any other change rebuilds from all bindings. Not thread-safe: used by the sync loop only.
 
     ``cache`` is the owner's parsed bindings, shared by the builders of all its servers and kept
@@ -55,11 +55,11 @@ class DesiredBuilder:
             judged=judged,
             cache=self._cache,
         )
-        self._claims = {name: self._claims_of(secret) for name, secret in self.secrets.items()}
-        self._count: dict[Claim, int] = {}
-        for claims in self._claims.values():
-            for claim in claims:
-                self._count[claim] = self._count.get(claim, 0) + 1
+        self._exclusive = {name: self._exclusive_values(secret) for name, secret in self.secrets.items()}
+        self._count: dict[ExclusiveValue, int] = {}
+        for values in self._exclusive.values():
+            for value in values:
+                self._count[value] = self._count.get(value, 0) + 1
         self._peer = {name: peer for name, (_, peer, _) in judged.items() if peer is not None}
         self._problem = {name: (age, problem) for name, (age, _, problem) in judged.items() if problem is not None}
         self._keys = [self._cache.address_key(p.addresses[0]) for p in desired.peers]
@@ -70,19 +70,19 @@ class DesiredBuilder:
         """Binding Secret name → its new version, or None when it is gone; the new desired state."""
         full = False
         for name, secret in changes.items():
-            old = self._claims.pop(name, ())
-            for claim in old:
-                self._count[claim] -= 1
-                if not self._count[claim]:
-                    del self._count[claim]
+            old = self._exclusive.pop(name, ())
+            for value in old:
+                self._count[value] -= 1
+                if not self._count[value]:
+                    del self._count[value]
             self.secrets.pop(name, None)
-            new = self._claims_of(secret) if secret is not None else ()
+            new = self._exclusive_values(secret) if secret is not None else ()
             full = full or any(c in self._count for c in (*old, *new))
             if secret is not None:
                 self.secrets[name] = secret
-                self._claims[name] = new
-                for claim in new:
-                    self._count[claim] = self._count.get(claim, 0) + 1
+                self._exclusive[name] = new
+                for value in new:
+                    self._count[value] = self._count.get(value, 0) + 1
             if not full:
                 self._patch(name, secret)
         if full:
@@ -113,16 +113,16 @@ class DesiredBuilder:
             self._keys.insert(i, key)
             self._peers.insert(i, peer)
 
-    def _claims_of(self, secret: Mapping[str, Any]) -> tuple[Claim, ...]:
+    def _exclusive_values(self, secret: Mapping[str, Any]) -> tuple[ExclusiveValue, ...]:
         try:
             binding = self._cache.binding(secret)
         except (ValidationError, ValueError, UnicodeDecodeError):
             return ()  # refused whatever the others hold
-        claims: list[Claim] = [binding.public_key] if binding.public_key else []
+        values: list[ExclusiveValue] = [binding.public_key] if binding.public_key else []
         for address in binding.addresses:
             with contextlib.suppress(ValueError):
-                claims.append(self._cache.ip(address))
-        return tuple(claims)
+                values.append(self._cache.ip(address))
+        return tuple(values)
 
 
 def _secret_name(secret: Mapping[str, Any]) -> str:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from kvpn_agent.desired import PeerProblem
 from kvpn_agent.fetch import Obj, fetch
 from kvpn_core.api import API_VERSION, PLURALS, Condition, Kind
-from kvpn_core.conditions import Outcome, Reason, set_condition
+from kvpn_core.conditions import Finding, Outcome, Reason, set_condition
 from kvpn_core.kube import ConflictError, Kube, KubeError, NotFoundError, kvpn_path
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,8 @@ RECHECK = 120.0
 """Seconds between two reads of an object that has a problem: a condition removed by someone else
 (another gateway whose problem went away first, an operator write that raced ours) comes back."""
 
-Target = tuple[Kind, str, str]
+ObjectRef = tuple[Kind, str, str]
 """A VpnPeer or VpnServer: kind, namespace, name."""
-
-Problem = tuple[str, str]
-"""A condition's reason and message."""
 
 
 def node_mark(node: str) -> str:
@@ -48,57 +45,57 @@ def node_mark(node: str) -> str:
 
 
 def dataplane_problems(
-    problems: Mapping[tuple[str, str], tuple[Problem | None, Iterable[PeerProblem]]],
+    problems: Mapping[tuple[str, str], tuple[Finding | None, Iterable[PeerProblem]]],
     node: str,
     failures: Mapping[tuple[str, str], str] | None = None,
     fallbacks: Mapping[tuple[str, str], str] | None = None,
-) -> dict[Target, Problem]:
+) -> dict[ObjectRef, Finding]:
     """What this node has to say, per object: the server-level problems on their VpnServer, the
     per-peer ones on their VpnPeer. A binding too broken to name its peer is only logged.
 
     ``failures`` are the servers this node failed to program in its latest sync pass, and why;
     ``fallbacks`` those whose kernel link was refused, and why, now served by wireguard-go.
     """
-    out: dict[Target, list[Problem]] = {}
+    out: dict[ObjectRef, list[Finding]] = {}
     where = node_mark(node)
     for (namespace, server), (server_problem, peer_problems) in problems.items():
         if server_problem is not None:
-            reason, message = server_problem
-            out.setdefault((Kind.VPN_SERVER, namespace, server), []).append((reason, f"{message} {where}"))
+            out.setdefault((Kind.VPN_SERVER, namespace, server), []).append(
+                Finding(server_problem.reason, f"{server_problem.message} {where}")
+            )
         for p in sorted(peer_problems, key=lambda p: p.binding):
             if p.peer_namespace and p.peer_name:
                 out.setdefault((Kind.VPN_PEER, p.peer_namespace, p.peer_name), []).append(
-                    (p.reason, f"{p.message} {where}")
+                    Finding(p.finding.reason, f"{p.finding.message} {where}")
                 )
     for (namespace, server), error in sorted((failures or {}).items()):
         message = f"this node cannot program the server: {error} {where}"
-        out.setdefault((Kind.VPN_SERVER, namespace, server), []).append((Reason.SYNC_FAILED, message))
+        out.setdefault((Kind.VPN_SERVER, namespace, server), []).append(Finding(Reason.SYNC_FAILED, message))
     for (namespace, server), error in sorted((fallbacks or {}).items()):
         message = f"kernel WireGuard failed on this node ({error}): the server is served by {FALLBACK} instead {where}"
-        out.setdefault((Kind.VPN_SERVER, namespace, server), []).append((Reason.KERNEL_WIREGUARD_FAILED, message))
-    return {t: (found[0][0], "; ".join(m for _, m in found)) for t, found in out.items()}
+        out.setdefault((Kind.VPN_SERVER, namespace, server), []).append(
+            Finding(Reason.KERNEL_WIREGUARD_FAILED, message)
+        )
+    return {ref: Finding(found[0].reason, "; ".join(f.message for f in found)) for ref, found in out.items()}
 
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def conditions_update(current: list[Obj], problem: Problem | None, now: dt.datetime) -> list[Obj] | None:
+def conditions_update(current: list[Obj], problem: Finding | None, now: dt.datetime) -> list[Obj] | None:
     """The whole conditions list with only the Dataplane condition set (False) or removed; None when
     the list already says that. Every other condition is kept exactly as read."""
     mine = next((c for c in current if c.get("type") == DATAPLANE), None)
     if problem is None:
         return [c for c in current if c.get("type") != DATAPLANE] if mine is not None else None
-    reason, message = problem
     if mine is not None and (mine.get("status"), mine.get("reason"), mine.get("message")) == ("False", *problem):
         return None
     previous: list[Condition] = []
     if mine is not None:
         with contextlib.suppress(ValidationError):  # a hand-written, malformed one is replaced
             previous = [Condition.model_validate(mine)]
-    condition = set_condition(
-        previous, type_=DATAPLANE, outcome=Outcome.waiting(reason, message), generation=None, now=now
-    )[0]
+    condition = set_condition(previous, type_=DATAPLANE, outcome=Outcome.waiting(*problem), generation=None, now=now)[0]
     entry = condition.model_dump(by_alias=True, mode="json", exclude_none=True)
     if mine is None:
         return [*current, entry]
@@ -134,15 +131,15 @@ class ConditionReporter:
         self.clock = clock
         self.now = now
         self.node = node
-        self._said: dict[Target, Problem] = {}
+        self._said: dict[ObjectRef, Finding] = {}
         """The problem each object was last found or made to hold, for objects with a problem."""
-        self._looked: dict[Target, float] = {}
-        self._wrote: dict[Target, float] = {}
+        self._looked: dict[ObjectRef, float] = {}
+        self._wrote: dict[ObjectRef, float] = {}
         self._swept = False
-        self._unswept: set[Target] = set()
+        self._unswept: set[ObjectRef] = set()
         """VpnPeers found with a Dataplane condition at start and not looked at since."""
 
-    def report(self, wanted: Mapping[Target, Problem], servers: Iterable[Obj] = ()) -> int:
+    def report(self, wanted: Mapping[ObjectRef, Finding], servers: Iterable[Obj] = ()) -> int:
         """Sets and removes conditions as needed; returns the number of writes.
 
         ``servers`` are the VpnServers this node serves, as last read: one still holding a Dataplane
@@ -169,32 +166,32 @@ class ConditionReporter:
         for (kind, namespace), names in sorted(by_place.items()):
             objects = fetch(self.kube, kind, namespace, sorted(names))
             for name in sorted(names):
-                target = (kind, namespace, name)
-                outcome = self._write(target, objects.get(name), wanted.get(target))
+                ref = (kind, namespace, name)
+                outcome = self._write(ref, objects.get(name), wanted.get(ref))
                 if outcome == "failed":
                     continue  # looked at again in the next pass
                 writes += outcome == "written"
-                self._unswept.discard(target)
-                self._looked[target] = clock
+                self._unswept.discard(ref)
+                self._looked[ref] = clock
                 if outcome == "written":
-                    self._wrote[target] = clock
-                if target in wanted:  # gone too: a binding whose VpnPeer is gone is looked for again later
-                    self._said[target] = wanted[target]
+                    self._wrote[ref] = clock
+                if ref in wanted:  # gone too: a binding whose VpnPeer is gone is looked for again later
+                    self._said[ref] = wanted[ref]
                 else:
-                    self._said.pop(target, None)
+                    self._said.pop(ref, None)
         self._forget(wanted, clock)
         return writes
 
-    def _stale(self, wanted: Mapping[Target, Problem], servers: Iterable[Obj]) -> set[Target]:
+    def _stale(self, wanted: Mapping[ObjectRef, Finding], servers: Iterable[Obj]) -> set[ObjectRef]:
         """Objects holding a Dataplane condition this node has no problem for."""
         served: set[tuple[str, str]] = set()
-        stale: set[Target] = set()
+        stale: set[ObjectRef] = set()
         for server in servers:
             meta = server.get("metadata") or {}
-            target = (Kind.VPN_SERVER, str(meta.get("namespace") or ""), str(meta.get("name") or ""))
-            served.add(target[1:])
+            ref = (Kind.VPN_SERVER, str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+            served.add(ref[1:])
             if _has_dataplane(server) and not self._another_nodes(server):
-                stale.add(target)
+                stale.add(ref)
         if not self._swept:
             self._unswept = self._sweep_peers(served)
             self._swept = True
@@ -208,15 +205,15 @@ class ConditionReporter:
             for c in (obj.get("status") or {}).get("conditions") or []
         )
 
-    def _forget(self, wanted: Mapping[Target, Problem], clock: float) -> None:
+    def _forget(self, wanted: Mapping[ObjectRef, Finding], clock: float) -> None:
         """Drops what is known of objects without a problem, once their write interval is over."""
-        for target in set(self._looked) - set(wanted) - set(self._said):
-            self._looked.pop(target)
-        for target in set(self._wrote) - set(wanted) - set(self._said):
-            if clock - self._wrote[target] >= self.min_interval:
-                self._wrote.pop(target)
+        for ref in set(self._looked) - set(wanted) - set(self._said):
+            self._looked.pop(ref)
+        for ref in set(self._wrote) - set(wanted) - set(self._said):
+            if clock - self._wrote[ref] >= self.min_interval:
+                self._wrote.pop(ref)
 
-    def _sweep_peers(self, served: set[tuple[str, str]]) -> set[Target]:
+    def _sweep_peers(self, served: set[tuple[str, str]]) -> set[ObjectRef]:
         if not served:
             return set()
         try:
@@ -234,8 +231,8 @@ class ConditionReporter:
                 found.add((Kind.VPN_PEER, namespace, str(meta.get("name"))))
         return found
 
-    def _write(self, target: Target, obj: Obj | None, problem: Problem | None) -> str:
-        kind, namespace, name = target
+    def _write(self, ref: ObjectRef, obj: Obj | None, problem: Finding | None) -> str:
+        kind, namespace, name = ref
         path = kvpn_path(kind, namespace, name, "status")
         for _ in range(3):
             if obj is None:
@@ -268,7 +265,7 @@ class ConditionReporter:
                     "kind": kind.value,
                     "namespace": namespace,
                     "object": name,
-                    "reason": problem[0] if problem else "",
+                    "reason": problem.reason if problem else "",
                 },
             )
             return "written"

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from kvpn_agent.linux import IFNAMSIZ
 from kvpn_core.api import VpnServerSpec, VpnServerStatus
-from kvpn_core.conditions import Reason
+from kvpn_core.conditions import Finding, Reason
 from kvpn_core.contract import SERVER_KEY_DATA, PeerBinding
 from kvpn_core.keys import clamped, decode_key, public_key_of
 
@@ -32,12 +32,11 @@ LEGACY_PREFIX = "kvpn-"
 
 
 class DesiredStateError(Exception):
-    """The server as a whole cannot be programmed; ``reason`` is a CamelCase word for a condition."""
+    """The server as a whole cannot be programmed, and why (``finding``, for its Dataplane condition)."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+    def __init__(self, finding: Finding) -> None:
+        super().__init__(finding.message)
+        self.finding = finding
 
 
 class PeerProblem(BaseModel):
@@ -50,8 +49,8 @@ class PeerProblem(BaseModel):
 
     peer_namespace: str = ""
     peer_name: str = ""
-    reason: str
-    message: str
+    finding: Finding
+    """Why it was skipped, for the peer's Dataplane condition and the log."""
 
 
 class DesiredServer(BaseModel):
@@ -142,7 +141,7 @@ def build_desired(
         spec = VpnServerSpec.model_validate(server.get("spec") or {})
         status = VpnServerStatus.model_validate(server.get("status") or {})
     except ValidationError as exc:
-        raise DesiredStateError("InvalidSpec", f"VpnServer {namespace}/{name}: {exc}") from None
+        raise DesiredStateError(Finding(Reason.INVALID_SPEC, f"VpnServer {namespace}/{name}: {exc}")) from None
 
     private_key = clamped(_server_private_key(key_secret))
     pools = [ipaddress.ip_network(p) for p in spec.address_pool]
@@ -176,12 +175,16 @@ def _server_private_key(secret: Mapping[str, Any] | None) -> str:
     data = (secret or {}).get("data") or {}
     encoded = data.get(SERVER_KEY_DATA)
     if not encoded:
-        raise DesiredStateError(Reason.SERVER_KEY_MISSING, f"the server key Secret has no {SERVER_KEY_DATA!r} yet")
+        raise DesiredStateError(
+            Finding(Reason.SERVER_KEY_MISSING, f"the server key Secret has no {SERVER_KEY_DATA!r} yet")
+        )
     try:
         key = base64.b64decode(encoded, validate=True).decode().strip()
         decode_key(key)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise DesiredStateError(Reason.INVALID_SERVER_KEY, f"the server's private key is unusable: {exc}") from None
+        raise DesiredStateError(
+            Finding(Reason.INVALID_SERVER_KEY, f"the server's private key is unusable: {exc}")
+        ) from None
     return key
 
 
@@ -198,7 +201,9 @@ def _server_addresses(
         mine = [a for a in status_addresses if ipaddress.ip_address(a.split("/")[0]).version == pool.version]
         ip = ipaddress.ip_address(mine[0].split("/")[0]) if mine else next(pool.hosts())
         if ip not in pool:
-            raise DesiredStateError(Reason.ADDRESS_OUTSIDE_POOL, f"server address {ip} is outside its pool {pool}")
+            raise DesiredStateError(
+                Finding(Reason.ADDRESS_OUTSIDE_POOL, f"server address {ip} is outside its pool {pool}")
+            )
         result.append(f"{ip}/{pool.prefixlen}")
     return tuple(result)
 
@@ -299,16 +304,11 @@ def judge_binding(
     try:
         binding = cache.binding(secret)
     except (ValidationError, ValueError, UnicodeDecodeError) as exc:
-        return None, PeerProblem(binding=secret_name, reason=Reason.INVALID_BINDING, message=_short(exc))
+        return None, PeerProblem(binding=secret_name, finding=Finding(Reason.INVALID_BINDING, _short(exc)))
     reject = _check(binding, pools, keys, taken, cache)
     if reject is not None:
-        reason, message = reject
         return None, PeerProblem(
-            binding=secret_name,
-            peer_namespace=binding.peer_namespace,
-            peer_name=binding.peer_name,
-            reason=reason,
-            message=message,
+            binding=secret_name, peer_namespace=binding.peer_namespace, peer_name=binding.peer_name, finding=reject
         )
     if not binding.enabled or not binding.public_key:
         return None, None  # not an error: disabled, expired, or the key is still being set up
@@ -322,8 +322,9 @@ def judge_binding(
         binding=secret_name,
         peer_namespace=binding.peer_namespace,
         peer_name=binding.peer_name,
-        reason=Reason.DESTINATION_OUTSIDE_ROUTES,
-        message=f"allowedDestinations outside the server's routes: {', '.join(dropped)}",
+        finding=Finding(
+            Reason.DESTINATION_OUTSIDE_ROUTES, f"allowedDestinations outside the server's routes: {', '.join(dropped)}"
+        ),
     )
     if not kept:
         return None, problem  # dropping every destination must not widen the peer to all routes
@@ -336,29 +337,29 @@ def _check(
     keys: set[str],
     taken: set[ipaddress.IPv4Address | ipaddress.IPv6Address],
     cache: BindingCache,
-) -> tuple[str, str] | None:
+) -> Finding | None:
+    """Why the binding is refused, given what older bindings hold; None when nothing is wrong with it."""
     for key, what in ((binding.public_key, "publicKey"), (binding.preshared_key, "presharedKey")):
         if key:
             try:
                 decode_key(key)
             except ValueError as exc:
-                return (
+                return Finding(
                     Reason.INVALID_PUBLIC_KEY if what == "publicKey" else Reason.INVALID_PRESHARED_KEY,
                     f"{what} {exc}",
                 )
     try:
         ips = [cache.ip(a) for a in binding.addresses]
     except ValueError as exc:
-        return (Reason.INVALID_ADDRESS, str(exc))
+        return Finding(Reason.INVALID_ADDRESS, str(exc))
     for ip in ips:
         if not any(ip in pool for pool in pools):
-            return (Reason.ADDRESS_OUTSIDE_POOL, f"address {ip} is outside the server's pool")
+            return Finding(Reason.ADDRESS_OUTSIDE_POOL, f"address {ip} is outside the server's pool")
         if ip in taken:
-            return ("AddressConflict", f"address {ip} is the server's own or an older binding's")
+            return Finding(Reason.ADDRESS_CONFLICT, f"address {ip} is the server's own or an older binding's")
     if binding.public_key and binding.enabled and binding.public_key in keys:
-        return (
-            Reason.DUPLICATE_PUBLIC_KEY,
-            "publicKey is already used by another peer of this server (or the server)",
+        return Finding(
+            Reason.DUPLICATE_PUBLIC_KEY, "publicKey is already used by another peer of this server (or the server)"
         )
     return None
 

@@ -12,12 +12,13 @@ from kvpn_agent.desired import BindingCache, DesiredServer, DesiredStateError, P
 from kvpn_agent.metrics import Metrics
 from kvpn_agent.state import ServerInputs, selected
 from kvpn_agent.watch import Key, Obj
+from kvpn_core.conditions import Finding
 from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, server_key_secret_name
 
 log = logging.getLogger(__name__)
 
-Problems = tuple[tuple[str, str] | None, frozenset[PeerProblem]]
-"""A server's problems: its own (reason, message) if it is unusable, and its peers left out."""
+Problems = tuple[Finding | None, frozenset[PeerProblem]]
+"""A server's problems: why it is unusable (None when it is not), and its peers left out."""
 
 
 class Objects(Protocol):
@@ -137,7 +138,7 @@ class ServedServers:
         try:
             builder = DesiredBuilder(inputs.server, inputs.key_secret, inputs.bindings, cache=self._parsed)
         except DesiredStateError as exc:
-            self._set_problems(key, (exc.reason, exc.message), ())
+            self._set_problems(key, exc.finding, ())
             return False
         self._builders[key] = builder
         self._install(key, inputs, builder.desired)
@@ -153,7 +154,7 @@ class ServedServers:
         self.gone.discard(desired.interface)
         self._set_problems(key, None, desired.problems)
 
-    def _set_problems(self, key: Key, server: tuple[str, str] | None, peers: Sequence[PeerProblem]) -> None:
+    def _set_problems(self, key: Key, server: Finding | None, peers: Sequence[PeerProblem]) -> None:
         """Logs what is new or resolved, once per change; the metric counts what stands."""
         new = (server, frozenset(peers))
         old_server, old_peers = self._problems.get(key, (None, frozenset()))
@@ -166,8 +167,8 @@ class ServedServers:
                 extra={
                     "server_namespace": ns,
                     "server": name,
-                    "reason": server[0],
-                    "detail": server[1],
+                    "reason": server.reason,
+                    "detail": server.message,
                     "serving": "its last good state" if key in self._good else "nothing",
                 },
             )
@@ -180,8 +181,8 @@ class ServedServers:
                     "binding": p.binding,
                     "peer_namespace": p.peer_namespace,
                     "peer": p.peer_name,
-                    "reason": p.reason,
-                    "detail": p.message,
+                    "reason": p.finding.reason,
+                    "detail": p.finding.message,
                 },
             )
         for p in sorted(old_peers - new[1], key=lambda p: p.binding):
@@ -193,10 +194,10 @@ class ServedServers:
                 self._problems[key] = new
         counts: dict[tuple[str, str, str], int] = {}
         for (pns, pname), (srv, prs) in self._problems.items():
-            for reason in [srv[0]] if srv else []:
+            for reason in [srv.reason] if srv else []:
                 counts[(pns, pname, reason)] = counts.get((pns, pname, reason), 0) + 1
             for p in prs:
-                counts[(pns, pname, p.reason)] = counts.get((pns, pname, p.reason), 0) + 1
+                counts[(pns, pname, p.finding.reason)] = counts.get((pns, pname, p.finding.reason), 0) + 1
         self._metrics.set_problems(counts)
 
 

@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from kvpn_core.api import Condition
 
@@ -72,34 +72,45 @@ class Reason(StrEnum):
     DUPLICATE_PUBLIC_KEY = "DuplicatePublicKey"
 
 
+class Finding(NamedTuple):
+    """A reason and the message that explains it: what a condition, an Event or a log line says, and why.
+
+    Whatever carries one adds what it knows besides: an Outcome the condition's status, a PeerProblem the
+    binding, an exception the fact that work stopped. A named tuple, so ``reason, message = finding`` reads
+    as it always did.
+    """
+
+    reason: Reason
+    message: str
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """The verdict of one reconcile on one condition (Ready, unless said otherwise): status, reason, message.
+    """The verdict of one reconcile on one condition (Ready, unless said otherwise): a status and its finding.
 
     `warning` marks outcomes a user must act on (a rejected input); they become Warning Events.
     """
 
     status: Literal["True", "False", "Unknown"]
-    reason: str
-    message: str
+    finding: Finding
     warning: bool = False
 
     @classmethod
-    def ready(cls, reason: str, message: str) -> Outcome:
-        return cls("True", reason, message)
+    def ready(cls, reason: Reason, message: str) -> Outcome:
+        return cls("True", Finding(reason, message))
 
     @classmethod
-    def waiting(cls, reason: str, message: str) -> Outcome:
-        return cls("False", reason, message)
+    def waiting(cls, reason: Reason, message: str) -> Outcome:
+        return cls("False", Finding(reason, message))
 
     @classmethod
-    def rejected(cls, reason: str, message: str) -> Outcome:
-        return cls("False", reason, message, warning=True)
+    def rejected(cls, reason: Reason, message: str) -> Outcome:
+        return cls("False", Finding(reason, message), warning=True)
 
     @classmethod
-    def missing(cls, reason: str, message: str) -> Outcome:
+    def missing(cls, reason: Reason, message: str) -> Outcome:
         """Something the cluster should provide is absent, and only a user can supply it."""
-        return cls("False", reason, message, warning=True)
+        return cls("False", Finding(reason, message), warning=True)
 
 
 def set_condition(
@@ -120,8 +131,8 @@ def set_condition(
     updated = Condition(
         type=type_,
         status=outcome.status,
-        reason=outcome.reason,
-        message=outcome.message,
+        reason=outcome.finding.reason,
+        message=outcome.finding.message,
         last_transition_time=since.replace(microsecond=0),
         observed_generation=generation,
     )

@@ -66,7 +66,7 @@ def post(body: kopf.Body, report: Report) -> None:
     """One Event per piece of news: Ready when it changed, a discovery condition when it flipped."""
     for outcome in ((report.outcome,) if report.transition else ()) + report.news:
         kind = "Warning" if outcome.warning else "Normal"
-        kopf.event(body, type=kind, reason=outcome.reason, message=outcome.message)
+        kopf.event(body, type=kind, reason=outcome.finding.reason, message=outcome.finding.message)
 
 
 @kopf.on.startup()

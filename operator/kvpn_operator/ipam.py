@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Collection, Sequence
 from ipaddress import IPv4Network, IPv6Network
 
-from kvpn_core.conditions import Reason
+from kvpn_core.conditions import Finding, Reason
 
 SERVER_INDEX = 1
 FIRST_PEER_INDEX = 2
@@ -17,11 +17,14 @@ MAX_INDEX = 2**20
 
 
 class AllocationError(Exception):
-    """An address cannot be allocated; reason is a condition reason, str(error) the message for the user."""
+    """An address cannot be allocated, and why: ``finding`` (PoolExhausted, AddressConflict, AddressOutOfPool).
 
-    def __init__(self, reason: Reason, message: str) -> None:  # PoolExhausted, AddressConflict, AddressOutOfPool
-        super().__init__(message)
-        self.reason = reason
+    str(error) is the finding's message, for the user.
+    """
+
+    def __init__(self, finding: Finding) -> None:
+        super().__init__(finding.message)
+        self.finding = finding
 
 
 class Pool:
@@ -67,25 +70,30 @@ class Pool:
             ip = ipaddress.ip_address(address)
         except ValueError:
             raise AllocationError(
-                Reason.ADDRESS_OUT_OF_POOL, f"{address!r} is not an IP address (for example 10.8.0.10)"
+                Finding(Reason.ADDRESS_OUT_OF_POOL, f"{address!r} is not an IP address (for example 10.8.0.10)")
             ) from None
         net = next((n for n in self.networks if ip in n), None)
         if net is None:
-            raise AllocationError(Reason.ADDRESS_OUT_OF_POOL, f"address {ip} is outside the pool {self}")
+            raise AllocationError(Finding(Reason.ADDRESS_OUT_OF_POOL, f"address {ip} is outside the pool {self}"))
         index = int(ip) - int(net.network_address)
         if index == 0:
-            raise AllocationError(Reason.ADDRESS_OUT_OF_POOL, f"address {ip} is the network address of {net}, reserved")
+            raise AllocationError(
+                Finding(Reason.ADDRESS_OUT_OF_POOL, f"address {ip} is the network address of {net}, reserved")
+            )
         if index == SERVER_INDEX:
-            raise AllocationError(Reason.ADDRESS_OUT_OF_POOL, f"address {ip} is the server's own address")
+            raise AllocationError(Finding(Reason.ADDRESS_OUT_OF_POOL, f"address {ip} is the server's own address"))
         if net.version == 4 and ip == net.broadcast_address:
             raise AllocationError(
-                Reason.ADDRESS_OUT_OF_POOL, f"address {ip} is the broadcast address of {net}, reserved"
+                Finding(Reason.ADDRESS_OUT_OF_POOL, f"address {ip} is the broadcast address of {net}, reserved")
             )
         if index > self.last_index:
             first = net.network_address + self.first_index
             last = net.network_address + self.last_index
             raise AllocationError(
-                Reason.ADDRESS_OUT_OF_POOL, f"address {ip} is outside the peer addresses of {net}, {first} to {last}"
+                Finding(
+                    Reason.ADDRESS_OUT_OF_POOL,
+                    f"address {ip} is outside the peer addresses of {net}, {first} to {last}",
+                )
             )
         return index
 
@@ -98,13 +106,15 @@ def choose_index(pool: Pool, taken: Collection[int], requested: str | None = Non
     if requested is not None:
         index = pool.index_of(requested)
         if index in taken:
-            raise AllocationError(Reason.ADDRESS_CONFLICT, f"address {requested} is already taken by another peer")
+            raise AllocationError(
+                Finding(Reason.ADDRESS_CONFLICT, f"address {requested} is already taken by another peer")
+            )
         return index
     taken = set(taken)  # O(1) membership: the scan may test every index of a pool of 10,000 peers
     free = next((i for i in range(pool.first_index, pool.last_index + 1) if i not in taken), None)
     if free is None:
         raise AllocationError(
-            Reason.POOL_EXHAUSTED, f"pool {pool} is full: all {pool.capacity} peer addresses are taken"
+            Finding(Reason.POOL_EXHAUSTED, f"pool {pool} is full: all {pool.capacity} peer addresses are taken")
         )
     return free
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from kvpn_core import keys
 from kvpn_core.api import Kind, VpnPeerSpec, VpnServerSpec, VpnServerStatus
-from kvpn_core.conditions import READY, Outcome, Reason, find, find_current, is_ready, set_condition
+from kvpn_core.conditions import READY, Finding, Outcome, Reason, find, find_current, is_ready, set_condition
 from kvpn_core.contract import (
     LABEL_PEER_UID,
     PeerBinding,
@@ -102,12 +102,12 @@ class Verdict(Exception):  # noqa: N818 - not an error: how a reconcile stops ea
     """Ends a reconcile early with the outcome to report."""
 
     def __init__(self, outcome: Outcome) -> None:
-        super().__init__(outcome.message)
+        super().__init__(outcome.finding.message)
         self.outcome = outcome
 
 
 @dataclass(frozen=True)
-class Target:
+class PeerServer:
     """The server a peer connects to, as read for this reconcile."""
 
     server: ServerObject
@@ -148,14 +148,16 @@ def reconcile_peer(
     if isinstance(spec, Outcome):
         return _finish(storage, peer, spec, now, fields)
     try:
-        target = _target(storage, peer, spec, cached_server)
-        fields["server_revision"] = target.status.revision
-        _check_against(spec, target)
+        peer_server = _peer_server(storage, peer, spec, cached_server)
+        fields["server_revision"] = peer_server.status.revision
+        _check_against(spec, peer_server)
         try:
             # A peer without a config Secret in its status is new: its Secret is created, not read first.
-            fields.update(_apply(storage, books, peer, spec, target, now=now, new=not peer.status.config_secret_name))
+            fields.update(
+                _apply(storage, books, peer, spec, peer_server, now=now, new=not peer.status.config_secret_name)
+            )
         except SecretExists:
-            fields.update(_apply(storage, books, peer, spec, target, now=now, new=False))
+            fields.update(_apply(storage, books, peer, spec, peer_server, now=now, new=False))
         if spec.disabled:
             outcome = Outcome.waiting(Reason.DISABLED, "spec.disabled is true: the gateways drop this peer's traffic")
         elif _expired(spec, now):
@@ -190,7 +192,7 @@ def _find_server(
     return storage.get(Kind.VPN_SERVER, namespace, name)
 
 
-def _target(storage: Storage, peer: PeerObject, spec: VpnPeerSpec, cached: ServerLookup | None) -> Target:
+def _peer_server(storage: Storage, peer: PeerObject, spec: VpnPeerSpec, cached: ServerLookup | None) -> PeerServer:
     """The peer's server, if it exists, is valid and admits peers from the peer's namespace."""
     server_ns = spec.server_ref.namespace or peer.namespace
     server_id = f"{server_ns}/{spec.server_ref.name}"
@@ -205,15 +207,15 @@ def _target(storage: Storage, peer: PeerObject, spec: VpnPeerSpec, cached: Serve
     server = ServerObject.model_validate(found)
     status = server.status
     try:
-        target = Target(server, VpnServerSpec.model_validate(server.spec))
+        peer_server = PeerServer(server, VpnServerSpec.model_validate(server.spec))
     except ValidationError:
         raise Verdict(
             Outcome.waiting(
                 Reason.SERVER_NOT_READY, f"VpnServer {server_id} has an invalid spec; see its Ready condition"
             )
         ) from None
-    if not _namespace_allowed(peer.namespace, server_ns, target.spec):
-        allowed = target.spec.peer_namespaces or [server_ns]
+    if not _namespace_allowed(peer.namespace, server_ns, peer_server.spec):
+        allowed = peer_server.spec.peer_namespaces or [server_ns]
         raise Verdict(
             Outcome.rejected(
                 Reason.NAMESPACE_NOT_ALLOWED,
@@ -231,22 +233,22 @@ def _target(storage: Storage, peer: PeerObject, spec: VpnPeerSpec, cached: Serve
         raise Verdict(
             Outcome.waiting(Reason.SERVER_NOT_READY, f"VpnServer {server_id} is not Ready yet; see its Ready condition")
         )
-    return target
+    return peer_server
 
 
-def _check_against(spec: VpnPeerSpec, target: Target) -> None:
+def _check_against(spec: VpnPeerSpec, peer_server: PeerServer) -> None:
     """What the schema cannot say about a peer: a usable key, destinations inside the server's routes."""
     if spec.public_key:
         try:
             keys.validate_public_key(spec.public_key)
         except keys.InvalidKeyError as exc:
             raise Verdict(Outcome.rejected(Reason.INVALID_PUBLIC_KEY, str(exc))) from None
-    if unrouted := _unrouted(spec, target.status.routes):
+    if unrouted := _unrouted(spec, peer_server.status.routes):
         raise Verdict(
             Outcome.rejected(
                 Reason.DESTINATION_NOT_ROUTED,
                 f"allowedDestinations {', '.join(unrouted)} lie outside the server's routes "
-                f"{', '.join(target.status.routes)}",
+                f"{', '.join(peer_server.status.routes)}",
             )
         )
 
@@ -256,7 +258,7 @@ def _apply(
     books: AddressBooks,
     peer: PeerObject,
     spec: VpnPeerSpec,
-    target: Target,
+    peer_server: PeerServer,
     *,
     now: dt.datetime,
     new: bool,
@@ -281,12 +283,14 @@ def _apply(
     private_key = None if spec.public_key else (_decode(config_secret, "privateKey") or keys.generate_private_key())
     public_key = spec.public_key or keys.public_key_of(private_key or "")
     preshared_key = None
-    if target.spec.preshared_keys:
+    if peer_server.spec.preshared_keys:
         preshared_key = _decode(config_secret, "presharedKey") or keys.generate_preshared_key()
     book = books.get(
-        target.server.uid,
-        tuple(target.spec.address_pool),
-        lambda: storage.list_secrets(target.namespace, label_selector=binding_selector(target.name), cached=True),
+        peer_server.server.uid,
+        tuple(peer_server.spec.address_pool),
+        lambda: storage.list_secrets(
+            peer_server.namespace, label_selector=binding_selector(peer_server.name), cached=True
+        ),
     )
 
     def binding_for(addresses: list[str]) -> PeerBinding:
@@ -302,11 +306,11 @@ def _apply(
         )
 
     try:
-        binding = claim(storage, book, target.server, peer, requested=spec.address, binding_for=binding_for)
+        binding = claim(storage, book, peer_server.server, peer, requested=spec.address, binding_for=binding_for)
     except AllocationError as exc:
-        raise Verdict(Outcome.rejected(exc.reason, str(exc))) from None
+        raise Verdict(Outcome.rejected(*exc.finding)) from None
 
-    status = target.status
+    status = peer_server.status
     config = render_client_config(
         ClientConfig(
             name=f"{peer.namespace}/{peer.name}",
@@ -315,12 +319,12 @@ def _apply(
             addresses=binding.addresses,
             dns_servers=[status.dns_nameserver] if status.dns_nameserver else [],
             dns_search=status.dns_search,
-            mtu=target.spec.mtu,
+            mtu=peer_server.spec.mtu,
             server_public_key=status.public_key or "",
             preshared_key=binding.preshared_key,
             endpoint=status.endpoint or "",
             allowed_ips=status.routes,
-            persistent_keepalive=target.spec.persistent_keepalive,
+            persistent_keepalive=peer_server.spec.persistent_keepalive,
         )
     )
     data = {"wg0.conf": config, "publicKey": public_key, "address": binding.addresses[0]}
@@ -328,7 +332,7 @@ def _apply(
         data["privateKey"] = private_key
     if binding.preshared_key:
         data["presharedKey"] = binding.preshared_key
-    _ensure_config_secret(storage, peer, target.name, config_secret, data, new=new)
+    _ensure_config_secret(storage, peer, peer_server.name, config_secret, data, new=new)
     return {
         "address": binding.addresses[0],
         "addresses": binding.addresses,
@@ -371,7 +375,7 @@ def claim(
                 break
             book.taken_by_other(index, "")
             if requested:
-                raise AllocationError(Reason.ADDRESS_CONFLICT, f"address {requested} is taken by another peer")
+                raise AllocationError(Finding(Reason.ADDRESS_CONFLICT, f"address {requested} is taken by another peer"))
             continue
         book.confirm(peer.uid, index)
         break

@@ -258,6 +258,6 @@ def test_a_bad_binding_does_not_stop_the_others(site: Site) -> None:
     bad = PeerBinding(peer_namespace="team", peer_name="bad", peer_uid="x", public_key=None, addresses=["10.99.0.5"])
     site.bind(bad)
     desired = site.desired()
-    assert [p.reason for p in desired.problems] == ["AddressOutsidePool"]
+    assert [p.finding.reason for p in desired.problems] == ["AddressOutsidePool"]
     site.sync()
     assert reach(site) == NODE_SIDE

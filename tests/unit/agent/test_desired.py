@@ -119,19 +119,19 @@ def test_dns_nameserver_in_effect_is_kept_unless_dns_is_off() -> None:
 def test_unusable_server_key_is_a_server_error(secret: dict[str, Any] | None, reason: str) -> None:
     with pytest.raises(DesiredStateError) as caught:
         build_desired(server(), secret, [])
-    assert caught.value.reason == reason
+    assert caught.value.finding.reason == reason
 
 
 def test_invalid_spec_is_a_server_error() -> None:
     with pytest.raises(DesiredStateError) as caught:
         build_desired(server(addressPool=["not-a-cidr"]), key_secret(), [])
-    assert caught.value.reason == "InvalidSpec"
+    assert caught.value.finding.reason == "InvalidSpec"
 
 
 def test_status_address_outside_the_pool_is_a_server_error() -> None:
     with pytest.raises(DesiredStateError) as caught:
         build_desired(server(status={"addresses": ["10.9.0.1"]}), key_secret(), [])
-    assert caught.value.reason == "AddressOutsidePool"
+    assert caught.value.finding.reason == "AddressOutsidePool"
 
 
 def test_peers_are_sorted_by_address_and_keep_their_keys() -> None:
@@ -161,7 +161,7 @@ def test_a_bad_binding_is_reported_and_the_others_keep_working(fields: dict[str,
     secrets = [binding("10.8.0.2", **fields), binding("10.8.0.3")]
     desired = build_desired(server(), key_secret(), secrets)
     assert [p.addresses[0] for p in desired.peers] == ["10.8.0.3"]
-    assert [p.reason for p in desired.problems] == [reason]
+    assert [p.finding.reason for p in desired.problems] == [reason]
     assert desired.problems[0].peer_name == "laptop-10-8-0-2"
 
 
@@ -169,7 +169,7 @@ def test_invalid_public_key_slipped_past_the_schema_is_reported() -> None:
     bad = binding("10.8.0.2")
     bad["data"]["publicKey"] = base64.b64encode(b"not a key").decode()
     desired = build_desired(server(), key_secret(), [bad, binding("10.8.0.3")])
-    assert [p.reason for p in desired.problems] == ["InvalidPublicKey"]
+    assert [p.finding.reason for p in desired.problems] == ["InvalidPublicKey"]
     assert len(desired.peers) == 1
 
 
@@ -177,7 +177,7 @@ def test_garbage_binding_is_reported_by_secret_name() -> None:
     garbage = {"metadata": {"name": "kvpn-office-10-8-0-9"}, "data": {"addresses": "!!"}}
     desired = build_desired(server(), key_secret(), [garbage, binding("10.8.0.3")])
     assert desired.problems[0].binding == "kvpn-office-10-8-0-9"
-    assert desired.problems[0].reason == "InvalidBinding"
+    assert desired.problems[0].finding.reason == "InvalidBinding"
     assert len(desired.peers) == 1
 
 
@@ -187,13 +187,13 @@ def test_duplicate_public_key_the_older_binding_wins() -> None:
     older = binding("10.8.0.3", created="2024-01-01T00:00:00Z", publicKey=shared)
     desired = build_desired(server(), key_secret(), [newer, older])
     assert [p.addresses[0] for p in desired.peers] == ["10.8.0.3"]
-    assert [(p.peer_name, p.reason) for p in desired.problems] == [("laptop-10-8-0-2", "DuplicatePublicKey")]
+    assert [(p.peer_name, p.finding.reason) for p in desired.problems] == [("laptop-10-8-0-2", "DuplicatePublicKey")]
 
 
 def test_a_peer_using_the_servers_own_key_is_refused() -> None:
     desired = build_desired(server(), key_secret(), [binding("10.8.0.2", publicKey=public_key_of(SERVER_KEY))])
     assert desired.peers == ()
-    assert desired.problems[0].reason == "DuplicatePublicKey"
+    assert desired.problems[0].finding.reason == "DuplicatePublicKey"
 
 
 def test_second_address_claimed_twice_the_older_binding_wins() -> None:
@@ -202,7 +202,7 @@ def test_second_address_claimed_twice_the_older_binding_wins() -> None:
     newer = binding("10.8.0.3", created="2024-03-01T00:00:00Z", addresses=["10.8.0.3", "fd00:8::5"])
     desired = build_desired(body, key_secret(), [newer, older])
     assert [p.addresses[0] for p in desired.peers] == ["10.8.0.2"]
-    assert desired.problems[0].reason == "AddressConflict"
+    assert desired.problems[0].finding.reason == "AddressConflict"
 
 
 def test_destinations_outside_the_routes_are_dropped_and_reported() -> None:
@@ -210,14 +210,14 @@ def test_destinations_outside_the_routes_are_dropped_and_reported() -> None:
     outside = AllowedDestination(cidr="192.168.0.0/16").to_api()
     desired = build_desired(server(), key_secret(), [binding("10.8.0.2", allowedDestinations=[inside, outside])])
     assert [d.cidr for d in desired.peers[0].allowed_destinations] == ["10.96.0.10/32"]
-    assert desired.problems[0].reason == "DestinationOutsideRoutes"
+    assert desired.problems[0].finding.reason == "DestinationOutsideRoutes"
 
 
 def test_a_peer_whose_every_destination_is_outside_gets_nothing_not_everything() -> None:
     outside = AllowedDestination(cidr="192.168.0.0/16").to_api()
     desired = build_desired(server(), key_secret(), [binding("10.8.0.2", allowedDestinations=[outside])])
     assert desired.peers == ()
-    assert desired.problems[0].reason == "DestinationOutsideRoutes"
+    assert desired.problems[0].finding.reason == "DestinationOutsideRoutes"
 
 
 def test_no_key_material_in_repr() -> None:

@@ -40,7 +40,7 @@ def condition(type_: str = READY, status: str = "True", reason: str = "Ready", m
 
 
 def test_first_condition_is_added_at_now_without_microseconds() -> None:
-    [ready] = set_condition([], type_=READY, outcome=Outcome.ready("Ready", "serving"), generation=3, now=T1)
+    [ready] = set_condition([], type_=READY, outcome=Outcome.ready(Reason.READY, "serving"), generation=3, now=T1)
     assert (ready.type, ready.status, ready.reason, ready.message) == (READY, "True", "Ready", "serving")
     assert ready.last_transition_time == T1.replace(microsecond=0)
     assert ready.observed_generation == 3
@@ -48,7 +48,7 @@ def test_first_condition_is_added_at_now_without_microseconds() -> None:
 
 def test_reason_and_message_change_keeps_last_transition_time() -> None:
     before = [condition(status="False", reason="EndpointPending", message="waiting for the load balancer")]
-    outcome = Outcome.waiting("NoRoutes", "set spec.routes")
+    outcome = Outcome.waiting(Reason.NO_ROUTES, "set spec.routes")
     [ready] = set_condition(before, type_=READY, outcome=outcome, generation=2, now=T1)
     assert (ready.status, ready.reason, ready.message) == ("False", "NoRoutes", "set spec.routes")
     assert ready.last_transition_time == T0
@@ -58,10 +58,10 @@ def test_reason_and_message_change_keeps_last_transition_time() -> None:
 @pytest.mark.parametrize(
     ("old", "outcome"),
     [
-        ("False", Outcome.ready("Ready", "serving")),
-        ("True", Outcome.waiting("EndpointPending", "waiting")),
-        ("True", Outcome.rejected("InvalidSpec", "spec.mtu: too small")),
-        ("Unknown", Outcome.ready("Ready", "serving")),
+        ("False", Outcome.ready(Reason.READY, "serving")),
+        ("True", Outcome.waiting(Reason.ENDPOINT_PENDING, "waiting")),
+        ("True", Outcome.rejected(Reason.INVALID_SPEC, "spec.mtu: too small")),
+        ("Unknown", Outcome.ready(Reason.READY, "serving")),
     ],
 )
 def test_status_flip_moves_last_transition_time(old: str, outcome: Outcome) -> None:
@@ -73,7 +73,11 @@ def test_status_flip_moves_last_transition_time(old: str, outcome: Outcome) -> N
 def test_other_condition_types_are_untouched_and_keep_their_place() -> None:
     degraded, ready, synced = condition("Degraded", "False"), condition(), condition("Synced", "True")
     after = set_condition(
-        [degraded, ready, synced], type_=READY, outcome=Outcome.waiting("Pending", "wait"), generation=1, now=T1
+        [degraded, ready, synced],
+        type_=READY,
+        outcome=Outcome.waiting(Reason.ENDPOINT_PENDING, "wait"),
+        generation=1,
+        now=T1,
     )
     assert [c.type for c in after] == ["Degraded", READY, "Synced"]
     assert after[0] is degraded
@@ -84,14 +88,14 @@ def test_other_condition_types_are_untouched_and_keep_their_place() -> None:
 
 def test_new_type_is_appended_after_the_others() -> None:
     degraded = condition("Degraded", "False")
-    after = set_condition([degraded], type_=READY, outcome=Outcome.ready("Ready", "ok"), generation=1, now=T1)
+    after = set_condition([degraded], type_=READY, outcome=Outcome.ready(Reason.READY, "ok"), generation=1, now=T1)
     assert after[0] is degraded
     assert [c.type for c in after] == ["Degraded", READY]
 
 
 def test_same_outcome_again_gives_equal_conditions() -> None:
     """A reconcile that finds nothing new must produce the same list, or status would be rewritten each time."""
-    outcome = Outcome.ready("Ready", "serving")
+    outcome = Outcome.ready(Reason.READY, "serving")
     once = set_condition([], type_=READY, outcome=outcome, generation=1, now=T0)
     twice = set_condition(once, type_=READY, outcome=outcome, generation=1, now=T1)
     assert twice == once
@@ -102,20 +106,20 @@ def test_find_returns_none_when_absent() -> None:
 
 
 def test_rejected_outcomes_are_warnings() -> None:
-    assert Outcome.rejected("InvalidSpec", "bad").warning
-    assert not Outcome.waiting("Pending", "wait").warning
-    assert not Outcome.ready("Ready", "ok").warning
+    assert Outcome.rejected(Reason.INVALID_SPEC, "bad").warning
+    assert not Outcome.waiting(Reason.ENDPOINT_PENDING, "wait").warning
+    assert not Outcome.ready(Reason.READY, "ok").warning
 
 
 @pytest.mark.parametrize(
     ("before", "outcome", "transition"),
     [
-        ([], Outcome.ready("Ready", "ok"), True),
-        ([condition()], Outcome.ready("Ready", "ok"), False),
-        ([condition()], Outcome.ready("Ready", "serving elsewhere"), True),
-        ([condition()], Outcome.ready("Moved", "ok"), True),
-        ([condition()], Outcome.waiting("Ready", "ok"), True),
-        ([condition("Degraded")], Outcome.ready("Ready", "ok"), True),
+        ([], Outcome.ready(Reason.READY, "ok"), True),
+        ([condition()], Outcome.ready(Reason.READY, "ok"), False),
+        ([condition()], Outcome.ready(Reason.READY, "serving elsewhere"), True),
+        ([condition()], Outcome.ready(Reason.DISABLED, "ok"), True),
+        ([condition()], Outcome.waiting(Reason.READY, "ok"), True),
+        ([condition("Degraded")], Outcome.ready(Reason.READY, "ok"), True),
     ],
     ids=["first", "same", "message", "reason", "status", "other-type-only"],
 )
@@ -129,8 +133,8 @@ def test_report_is_a_transition_when_ready_changes(before: list[Condition], outc
 def test_report_ignores_time_and_generation() -> None:
     """A resync with a newer generation but the same verdict sends no Event."""
     before = [condition()]
-    after = set_condition(before, type_=READY, outcome=Outcome.ready("Ready", "ok"), generation=7, now=T1)
-    assert not Report.of(before, after, Outcome.ready("Ready", "ok")).transition
+    after = set_condition(before, type_=READY, outcome=Outcome.ready(Reason.READY, "ok"), generation=7, now=T1)
+    assert not Report.of(before, after, Outcome.ready(Reason.READY, "ok")).transition
 
 
 def other(status: str, reason: str, type_: str = POD_NETWORK) -> Condition:
@@ -166,7 +170,7 @@ def test_report_news_of_other_conditions_is_a_status_flip(
 ) -> None:
     """An Event for a discovery condition when it goes False (a Warning) or comes back (Normal); a new
     server whose discovery works gets none, and a resync that finds the same gap sends nothing again."""
-    ready = Outcome.ready("Ready", "ok")
+    ready = Outcome.ready(Reason.READY, "ok")
     after = set_condition(before, type_=READY, outcome=ready, generation=1, now=T1)
     after = set_condition(after, type_=POD_NETWORK, outcome=outcome, generation=1, now=T1)
     report = Report.of(before, after, ready, others={POD_NETWORK: outcome})
@@ -175,7 +179,7 @@ def test_report_news_of_other_conditions_is_a_status_flip(
 
 def test_report_news_follows_the_order_given() -> None:
     pod, dns = Outcome.missing(Reason.POD_NETWORK_NOT_FOUND, "p"), Outcome.missing(Reason.DNS_SERVICE_NOT_FOUND, "d")
-    report = Report.of([], [], Outcome.ready("Ready", "ok"), others={POD_NETWORK: pod, CLUSTER_DNS: dns})
+    report = Report.of([], [], Outcome.ready(Reason.READY, "ok"), others={POD_NETWORK: pod, CLUSTER_DNS: dns})
     assert report.news == (pod, dns)
 
 

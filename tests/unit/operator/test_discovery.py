@@ -260,19 +260,19 @@ def spec_of(**fields: Any) -> VpnServerSpec:
 
 def test_pod_network_found_names_the_networks() -> None:
     outcome = pod_network(spec_of(), ["10.244.0.0/16", "fd00:244::/56"])
-    assert (outcome.status, outcome.reason, outcome.warning) == ("True", Reason.POD_NETWORK_FOUND, False)
-    assert "10.244.0.0/16, fd00:244::/56" in outcome.message
+    assert (outcome.status, outcome.finding.reason, outcome.warning) == ("True", Reason.POD_NETWORK_FOUND, False)
+    assert "10.244.0.0/16, fd00:244::/56" in outcome.finding.message
 
 
 def test_pod_network_from_spec_is_not_discovered_at_all() -> None:
     outcome = pod_network(spec_of(routes=["10.96.0.0/12"]), [])
-    assert (outcome.status, outcome.reason) == ("True", Reason.ROUTES_FROM_SPEC)
+    assert (outcome.status, outcome.finding.reason) == ("True", Reason.ROUTES_FROM_SPEC)
 
 
 def test_no_pod_network_is_a_warning_that_says_what_to_set() -> None:
     outcome = pod_network(spec_of(), [])
-    assert (outcome.status, outcome.reason, outcome.warning) == ("False", Reason.POD_NETWORK_NOT_FOUND, True)
-    assert outcome.message == (
+    assert (outcome.status, outcome.finding.reason, outcome.warning) == ("False", Reason.POD_NETWORK_NOT_FOUND, True)
+    assert outcome.finding.message == (
         "no Node has spec.podCIDR (is the controller manager's --allocate-node-cidrs on? some CNIs allocate "
         "pod addresses elsewhere): set spec.routes to the Service and pod networks"
     )
@@ -281,16 +281,16 @@ def test_no_pod_network_is_a_warning_that_says_what_to_set() -> None:
 def test_cluster_dns_found() -> None:
     nameserver, outcome = cluster_dns(spec_of(), {"spec": {"clusterIP": "10.96.0.10"}}, DNS_SERVICE)
     assert nameserver == "10.96.0.10"
-    assert (outcome.status, outcome.reason, outcome.warning) == ("True", Reason.DNS_SERVICE_FOUND, False)
-    assert "10.96.0.10" in outcome.message
-    assert "kube-system/kube-dns" in outcome.message
+    assert (outcome.status, outcome.finding.reason, outcome.warning) == ("True", Reason.DNS_SERVICE_FOUND, False)
+    assert "10.96.0.10" in outcome.finding.message
+    assert "kube-system/kube-dns" in outcome.finding.message
 
 
 def test_cluster_dns_service_missing_says_what_to_set() -> None:
     nameserver, outcome = cluster_dns(spec_of(), None, ("dns", "coredns"))
     assert nameserver is None
-    assert (outcome.status, outcome.reason, outcome.warning) == ("False", Reason.DNS_SERVICE_NOT_FOUND, True)
-    assert outcome.message == (
+    assert (outcome.status, outcome.finding.reason, outcome.warning) == ("False", Reason.DNS_SERVICE_NOT_FOUND, True)
+    assert outcome.finding.message == (
         "Service dns/coredns not found: set spec.dns.nameserver, or the chart's operator.dnsService "
         "(the operator's --dns-service), or spec.dns.enabled: false"
     )
@@ -299,15 +299,19 @@ def test_cluster_dns_service_missing_says_what_to_set() -> None:
 def test_cluster_dns_service_without_cluster_ip() -> None:
     nameserver, outcome = cluster_dns(spec_of(), {"spec": {"clusterIP": "None"}}, DNS_SERVICE)
     assert nameserver is None
-    assert (outcome.status, outcome.reason, outcome.warning) == ("False", Reason.DNS_SERVICE_HAS_NO_CLUSTER_IP, True)
-    assert "Service kube-system/kube-dns has no ClusterIP" in outcome.message
-    assert "spec.dns.nameserver" in outcome.message
+    assert (outcome.status, outcome.finding.reason, outcome.warning) == (
+        "False",
+        Reason.DNS_SERVICE_HAS_NO_CLUSTER_IP,
+        True,
+    )
+    assert "Service kube-system/kube-dns has no ClusterIP" in outcome.finding.message
+    assert "spec.dns.nameserver" in outcome.finding.message
 
 
 def test_cluster_dns_from_spec_needs_no_service() -> None:
     nameserver, outcome = cluster_dns(spec_of(dns={"nameserver": "10.0.0.53"}), None, DNS_SERVICE)
     assert nameserver == "10.0.0.53"
-    assert (outcome.status, outcome.reason) == ("True", Reason.NAMESERVER_FROM_SPEC)
+    assert (outcome.status, outcome.finding.reason) == ("True", Reason.NAMESERVER_FROM_SPEC)
 
 
 def test_cluster_dns_disabled_is_true_and_says_so() -> None:
@@ -316,5 +320,5 @@ def test_cluster_dns_disabled_is_true_and_says_so() -> None:
         spec_of(dns={"enabled": False}), {"spec": {"clusterIP": "10.96.0.10"}}, DNS_SERVICE
     )
     assert nameserver is None
-    assert (outcome.status, outcome.reason) == ("True", Reason.DISABLED)
-    assert "spec.dns.enabled is false" in outcome.message
+    assert (outcome.status, outcome.finding.reason) == ("True", Reason.DISABLED)
+    assert "spec.dns.enabled is false" in outcome.finding.message

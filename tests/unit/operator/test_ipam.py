@@ -20,7 +20,7 @@ def allocate_all(pool: Pool) -> list[list[str]]:
         taken.add(choose_index(pool, taken))
     with pytest.raises(AllocationError, match="is full") as error:
         choose_index(pool, taken)
-    assert error.value.reason == "PoolExhausted"
+    assert error.value.finding.reason == "PoolExhausted"
     return [pool.addresses(i) for i in sorted(taken)]
 
 
@@ -99,13 +99,13 @@ def test_static_address_in_pool(address: str, index: int) -> None:
 def test_static_address_not_a_peer_address(address: str, message: str) -> None:
     with pytest.raises(AllocationError, match=f"^{message}") as error:
         choose_index(POOL, set(), address)
-    assert error.value.reason == "AddressOutOfPool"
+    assert error.value.finding.reason == "AddressOutOfPool"
 
 
 def test_static_address_taken() -> None:
     with pytest.raises(AllocationError, match=r"^address fd00:8::5 is already taken") as error:
         choose_index(POOL, [2, 5], "fd00:8::5")
-    assert error.value.reason == "AddressConflict"
+    assert error.value.finding.reason == "AddressConflict"
 
 
 def test_static_address_may_take_an_index_above_the_lowest_free() -> None:
@@ -121,7 +121,7 @@ def test_exhaustion_names_the_pool_and_its_capacity() -> None:
     pool = Pool(["10.8.0.0/29"])
     with pytest.raises(AllocationError, match=r"^pool 10.8.0.0/29 is full: all 5 peer addresses are taken") as e:
         choose_index(pool, range(2, 7))
-    assert e.value.reason == "PoolExhausted"
+    assert e.value.finding.reason == "PoolExhausted"
 
 
 def test_ten_thousand_taken_is_fast() -> None:
@@ -177,7 +177,7 @@ class AllocateAndRelease(RuleBasedStateMachine):
         try:
             index = choose_index(self.pool, self.held.keys(), address)
         except AllocationError as error:
-            reason: str | None = error.reason
+            reason: str | None = error.finding.reason
         else:
             reason = None
             assert index == offset

@@ -106,10 +106,10 @@ def test_reserve_a_requested_address() -> None:
     assert book.reserve("b", "10.8.0.200") == 200
     with pytest.raises(AllocationError) as taken:
         book.reserve("c", "10.8.0.2")
-    assert taken.value.reason == "AddressConflict"
+    assert taken.value.finding.reason == "AddressConflict"
     with pytest.raises(AllocationError) as outside:
         book.reserve("c", "10.9.0.2")
-    assert outside.value.reason == "AddressOutOfPool"
+    assert outside.value.finding.reason == "AddressOutOfPool"
 
 
 def test_taken_by_other_skips_the_index_without_giving_it_to_anyone() -> None:
@@ -126,7 +126,7 @@ def test_reserve_until_full() -> None:
     assert [book.reserve(f"p{i}", None) for i in range(5)] == [2, 3, 4, 5, 6]
     with pytest.raises(AllocationError) as full:
         book.reserve("p5", None)
-    assert full.value.reason == "PoolExhausted"
+    assert full.value.finding.reason == "PoolExhausted"
 
 
 @pytest.fixture

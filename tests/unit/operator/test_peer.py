@@ -77,7 +77,7 @@ def test_a_peer_gets_an_address_a_binding_a_config_and_ready() -> None:
     storage = with_server()
     a_peer(storage)
     report = reconcile(storage, AddressBooks())
-    assert (report.outcome.status, report.outcome.reason) == ("True", Reason.READY)
+    assert (report.outcome.status, report.outcome.finding.reason) == ("True", Reason.READY)
     current = status(storage)
     assert (current["address"], current["configSecretName"]) == ("10.8.0.2", "kvpn-peer-laptop")
     [binding] = bindings(storage)
@@ -128,7 +128,7 @@ def test_a_full_pool_says_so_and_the_peer_is_found_waiting() -> None:
     books = AddressBooks()
     reconcile(storage, books, "one")
     report = reconcile(storage, books, "two")
-    assert (report.outcome.reason, report.outcome.warning) == (Reason.POOL_EXHAUSTED, True)
+    assert (report.outcome.finding.reason, report.outcome.warning) == (Reason.POOL_EXHAUSTED, True)
     obj = storage.read("vpnpeers", NS, "two")
     assert obj is not None
     _, entry = index_entry(obj)
@@ -139,7 +139,7 @@ def test_a_missing_server_is_reported() -> None:
     storage = FakeStorage()
     a_peer(storage)
     report = reconcile(storage, AddressBooks())
-    assert (report.outcome.status, report.outcome.reason, report.outcome.warning) == (
+    assert (report.outcome.status, report.outcome.finding.reason, report.outcome.warning) == (
         "False",
         Reason.SERVER_NOT_FOUND,
         True,
@@ -182,7 +182,7 @@ def test_an_invalid_public_key_is_refused() -> None:
     storage = with_server()
     a_peer(storage, publicKey="A" * 43 + "=")  # the schema's pattern lets all zeros through; WireGuard does not
     report = reconcile(storage, AddressBooks())
-    assert (report.outcome.reason, report.outcome.warning) == (Reason.INVALID_PUBLIC_KEY, True)
+    assert (report.outcome.finding.reason, report.outcome.warning) == (Reason.INVALID_PUBLIC_KEY, True)
     assert storage.count("secrets") == 1  # the server's key only: no binding, no config
 
 

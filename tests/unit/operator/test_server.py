@@ -35,8 +35,8 @@ FOUND = {
 
 def test_ready_with_everything_found() -> None:
     outcome = serving_outcome(SPEC, "vpn.example.com:51820", ["10.96.0.0/16", "10.244.0.0/16"], FOUND)
-    assert (outcome.status, outcome.reason) == ("True", "Ready")
-    assert outcome.message == "serving at vpn.example.com:51820, routes 10.96.0.0/16, 10.244.0.0/16"
+    assert (outcome.status, outcome.finding.reason) == ("True", "Ready")
+    assert outcome.finding.message == "serving at vpn.example.com:51820, routes 10.96.0.0/16, 10.244.0.0/16"
 
 
 def test_still_ready_without_pod_network_and_dns_but_says_what_peers_lack() -> None:
@@ -45,8 +45,8 @@ def test_still_ready_without_pod_network_and_dns_but_says_what_peers_lack() -> N
         CLUSTER_DNS: Outcome.missing(Reason.DNS_SERVICE_NOT_FOUND, "d"),
     }
     outcome = serving_outcome(SPEC, "vpn.example.com:51820", ["10.96.0.0/16"], gaps)
-    assert (outcome.status, outcome.reason, outcome.warning) == ("True", "Ready", False)
-    assert outcome.message == (
+    assert (outcome.status, outcome.finding.reason, outcome.warning) == ("True", "Ready", False)
+    assert outcome.finding.message == (
         "serving at vpn.example.com:51820, routes 10.96.0.0/16; peers reach no pod IPs (see condition PodNetwork); "
         "peers get no cluster DNS (see condition ClusterDNS)"
     )
@@ -54,7 +54,7 @@ def test_still_ready_without_pod_network_and_dns_but_says_what_peers_lack() -> N
 
 def test_only_the_missing_one_is_named() -> None:
     gaps = {**FOUND, CLUSTER_DNS: Outcome.missing(Reason.DNS_SERVICE_NOT_FOUND, "d")}
-    message = serving_outcome(SPEC, "vpn.example.com:51820", ["10.96.0.0/16", "10.244.0.0/16"], gaps).message
+    message = serving_outcome(SPEC, "vpn.example.com:51820", ["10.96.0.0/16", "10.244.0.0/16"], gaps).finding.message
     assert "ClusterDNS" in message
     assert "PodNetwork" not in message
 
@@ -63,12 +63,12 @@ def test_no_routes_at_all_is_not_ready() -> None:
     outcome = serving_outcome(
         SPEC, "vpn.example.com:51820", [], {POD_NETWORK: Outcome.missing(Reason.POD_NETWORK_NOT_FOUND, "p")}
     )
-    assert (outcome.status, outcome.reason, outcome.warning) == ("False", "NoRoutes", True)
+    assert (outcome.status, outcome.finding.reason, outcome.warning) == ("False", "NoRoutes", True)
 
 
 def test_no_endpoint_yet_comes_first() -> None:
     outcome = serving_outcome(SPEC, None, [], {})
-    assert (outcome.status, outcome.reason) == ("False", "EndpointPending")
+    assert (outcome.status, outcome.finding.reason) == ("False", "EndpointPending")
 
 
 # --- reconcile_server against the fake Storage -----------------------------------------------------
@@ -116,7 +116,7 @@ def test_a_new_server_gets_a_key_a_service_and_a_ready_status() -> None:
     storage = FakeStorage()
     a_server(storage, routes=["10.96.0.0/12"])
     report = reconcile(storage)
-    assert (report.outcome.status, report.outcome.reason, report.transition) == ("True", Reason.READY, True)
+    assert (report.outcome.status, report.outcome.finding.reason, report.transition) == ("True", Reason.READY, True)
     assert storage.read("services", NS, "kvpn-office") is not None
     current = status(storage)
     assert current["publicKey"] == keys.public_key_of(private_key_in(storage))
@@ -161,7 +161,7 @@ def test_an_invalid_spec_is_refused_and_nothing_is_created() -> None:
     storage = FakeStorage()
     a_server(storage, addressPool=["not-a-cidr"])
     report = reconcile(storage)
-    assert (report.outcome.status, report.outcome.reason, report.outcome.warning) == (
+    assert (report.outcome.status, report.outcome.finding.reason, report.outcome.warning) == (
         "False",
         Reason.INVALID_SPEC,
         True,
