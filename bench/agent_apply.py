@@ -44,7 +44,7 @@ from kvpn_agent.desired import DesiredServer, build_desired
 from kvpn_agent.netlink import Netlink
 from kvpn_agent.nft import Nft
 from kvpn_agent.observed import ObservedDevice, ObservedLink
-from kvpn_agent.plan import AddPeer, UpdateFirewall
+from kvpn_agent.plan import AddPeer, AllowedIps, UpdateFirewall
 from kvpn_agent.processes import WireGuardGo
 from kvpn_agent.ruleset import ObservedRuleset, PeerUpdate, Ruleset
 from kvpn_agent.sync import NodeState, SyncResult, UapiBackend, sync
@@ -185,13 +185,14 @@ def measure(lab: Lab, n: int, reps: int, warmup: int, readbacks: int) -> Scale:
         netlink = Netlink()
         lab.closers.extend([wggo.stop_all, netlink.close])
         node = Node(UserspaceLink(netlink, wggo), UapiBackend(), Nft())
-        state = cold_and_readback(scale, node, desired, readbacks)
+        memo = AllowedIps()  # one across the syncs, as the agent's loop keeps it
+        state = cold_and_readback(scale, node, desired, readbacks, memo)
 
         desired = one_peer_changes(
-            scale, node, state, secrets, key_secret=key_secret, interface=interface, reps=reps, warmup=warmup
+            scale, node, state, secrets, key_secret=key_secret, interface=interface, reps=reps, warmup=warmup, memo=memo
         )
 
-        check = sync([desired], node, node, node)  # a full read-back: the known state told the truth
+        check = sync([desired], node, node, node, memo=memo)  # a full read-back: the known state told the truth
         assert check.actions == [], f"the node differs from the state the syncs assumed: {check.actions[:3]}"
         device = node.get(interface)
         assert device is not None
@@ -215,6 +216,7 @@ def one_peer_changes(
     interface: str,
     reps: int,
     warmup: int,
+    memo: AllowedIps,
 ) -> DesiredServer:
     """Adds peers one at a time, alternating the old path and the agent's; the last desired state."""
     builder = DesiredBuilder(server_object(), key_secret, secrets, interface=interface)
@@ -227,7 +229,7 @@ def one_peer_changes(
         started = time.perf_counter()
         desired = build_desired(server_object(), key_secret, secrets, interface=interface)
         rebuild = time.perf_counter() - started
-        result = one_change(node, desired, NodeState(servers=state.servers, ruleset=state.ruleset))
+        result = one_change(node, desired, NodeState(servers=state.servers, ruleset=state.ruleset), memo)
         assert result.state is not None
         state = result.state
         builder.apply({secret["metadata"]["name"]: secret})
@@ -245,7 +247,7 @@ def one_peer_changes(
         started = time.perf_counter()
         desired = builder.apply({secret["metadata"]["name"]: secret})
         patch = time.perf_counter() - started
-        result = one_change(node, desired, state)
+        result = one_change(node, desired, state, memo)
         assert result.state is not None
         state = result.state
         if i >= warmup:
@@ -256,18 +258,18 @@ def one_peer_changes(
     return desired
 
 
-def one_change(node: Node, desired: DesiredServer, known: NodeState) -> SyncResult:
+def one_change(node: Node, desired: DesiredServer, known: NodeState, memo: AllowedIps) -> SyncResult:
     node.spent.clear()
-    result = sync([desired], node, node, node, known=known)
+    result = sync([desired], node, node, node, known=known, memo=memo)
     assert kinds(result) == [AddPeer, UpdateFirewall], kinds(result)
     assert not {"read uapi", "read nft", "read link"} & node.spent.keys(), node.spent
     return result
 
 
-def cold_and_readback(scale: Scale, node: Node, desired: DesiredServer, readbacks: int) -> NodeState:
+def cold_and_readback(scale: Scale, node: Node, desired: DesiredServer, readbacks: int, memo: AllowedIps) -> NodeState:
     """The cold sync of all peers, the full read-back (several times) and one no-op sync; its state."""
     interface = desired.interface
-    cold = sync([desired], node, node, node)
+    cold = sync([desired], node, node, node, memo=memo)
     scale.cold_sync_ms = ms(cold.seconds)
     scale.cold_breakdown_ms = {k: ms(v) for k, v in node.spent.items()}
 
@@ -288,7 +290,7 @@ def cold_and_readback(scale: Scale, node: Node, desired: DesiredServer, readback
     scale.readback_ms = statistics.median(totals)
     scale.readback_uapi_ms, scale.readback_nft_ms = statistics.median(uapi), statistics.median(nft)
 
-    noop = sync([desired], node, node, node)
+    noop = sync([desired], node, node, node, memo=memo)
     assert noop.actions == [], noop.actions[:3]
     assert noop.state is not None
     scale.noop_sync_ms = ms(noop.seconds)

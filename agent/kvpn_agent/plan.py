@@ -99,13 +99,20 @@ FirewallAction = ReplaceFirewall | UpdateFirewall
 Action = LinkAction | WireGuardAction | FirewallAction
 
 
-def plan_server(desired: DesiredServer, observed: Observed, endpoints: Mapping[str, str] | None = None) -> list[Action]:
+def plan_server(
+    desired: DesiredServer,
+    observed: Observed,
+    endpoints: Mapping[str, str] | None = None,
+    *,
+    memo: AllowedIps | None = None,
+) -> list[Action]:
     """Actions for one server's interface, in the order they must run.
 
     Link first (the device must exist before it is configured), then the device's key and port,
     then peers: removals before additions so an address moving between peers is never claimed twice.
     ``endpoints`` are last known peer endpoints (public key → host:port), set only on peers being
-    added, so that after a restart the gateway can start the handshake itself.
+    added, so that after a restart the gateway can start the handshake itself. ``memo``: the
+    caller's ``AllowedIps``, kept across calls (default: a fresh one).
     """
     ifname = desired.interface
     actions: list[Action] = []
@@ -115,7 +122,7 @@ def plan_server(desired: DesiredServer, observed: Observed, endpoints: Mapping[s
         link, device = None, ObservedDevice()
     actions.extend(_plan_link(desired, link))
     actions.extend(_plan_device(desired, device))
-    actions.extend(_plan_peers(desired, device, endpoints or {}))
+    actions.extend(_plan_peers(desired, device, endpoints or {}, memo=memo))
     return actions
 
 
@@ -154,10 +161,27 @@ def allowed_ips(peer: PeerBinding) -> tuple[str, ...]:
     return _host_networks(tuple(peer.addresses))
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _host_networks(addresses: tuple[str, ...]) -> tuple[str, ...]:
-    # Memoized: every incremental sync plans all peers of a server, and parsing dominates that.
     return sort_networks(host_prefix(a) for a in addresses)
+
+
+class AllowedIps:
+    """``allowed_ips``, memoized by the peer's addresses: the agent's loop keeps one across its syncs.
+
+    A full resync plans (and assumes) every peer of a server, and parsing their addresses dominates
+    that: a converged 10,000-peer resync plans in about 25 ms with a warm memo, 240-750 ms without.
+    A caller that passes none gets a fresh memo per call, so the result never depends on one.
+    """
+
+    SIZE = 1 << 16
+    """Bounded, so the addresses of peers long gone fall out; more peers than a node serves."""
+
+    def __init__(self, size: int = SIZE) -> None:
+        self._networks = functools.lru_cache(maxsize=size)(_host_networks)
+
+    def of(self, peer: PeerBinding) -> tuple[str, ...]:
+        """``allowed_ips(peer)``."""
+        return self._networks(tuple(peer.addresses))
 
 
 def plan_server_change(
@@ -167,21 +191,22 @@ def plan_server_change(
     endpoints: Mapping[str, str] | None = None,
     *,
     changes: Callable[[DesiredServer | None, DesiredServer | None], PeerChange] = changed_peers,
+    memo: AllowedIps | None = None,
 ) -> list[Action]:
     """``plan_server`` for an interface that holds what ``previous`` was planned to: only changed peers compared.
 
     ``observed`` must be what a sync of ``previous`` left (``assumed(previous)``); the periodic
     read-back resync, with ``plan_server``, is what catches anything else. ``changes`` tells the
-    changed peers (a sync pass hands in its PeerChanges).
+    changed peers (a sync pass hands in its PeerChanges); ``memo`` is as for ``plan_server``.
     """
     link, device = observed.link, observed.device
     if link is None or device is None:
-        return plan_server(desired, observed, endpoints)
+        return plan_server(desired, observed, endpoints, memo=memo)
     gone, added = changes(previous, desired)
     actions: list[Action] = [*_plan_link(desired, link), *_plan_device(desired, device)]
     wanted = {p.public_key: p for p in added if p.public_key}
     stale = sorted(k for p in gone if (k := p.public_key) and k in device.peers and k not in wanted)
-    actions.extend(_plan_peers(desired, device, endpoints or {}, wanted, stale))
+    actions.extend(_plan_peers(desired, device, endpoints or {}, wanted, stale, memo=memo))
     return actions
 
 
@@ -191,9 +216,12 @@ def _plan_peers(
     endpoints: Mapping[str, str],
     wanted: Mapping[str, PeerBinding] | None = None,
     stale: list[str] | None = None,
+    *,
+    memo: AllowedIps | None,
 ) -> list[Action]:
     """``wanted`` and ``stale``: the peers to compare and the keys to remove (default: all of both)."""
     ifname = desired.interface
+    memo = AllowedIps() if memo is None else memo
     if wanted is None:
         wanted = {p.public_key: p for p in desired.peers if p.public_key}
     if stale is None:
@@ -202,7 +230,7 @@ def _plan_peers(
     updates: list[Action] = []
     adds: list[Action] = []
     for key, peer in wanted.items():
-        ips = allowed_ips(peer)
+        ips = memo.of(peer)
         have = device.peers.get(key)
         if have is None:
             endpoint = endpoints.get(key)

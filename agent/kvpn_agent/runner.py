@@ -19,6 +19,7 @@ from kvpn_agent.dataplane import Dataplane
 from kvpn_agent.desired import GATEWAY_PREFIX, LEGACY_PREFIX, DesiredServer, legacy_interface_name
 from kvpn_agent.metrics import Metrics, PeerStats
 from kvpn_agent.nft import NftError
+from kvpn_agent.plan import AllowedIps
 from kvpn_agent.served import ServedServers, role, secret_index
 from kvpn_agent.state import StateFile
 from kvpn_agent.status_report import StatusReporter
@@ -90,6 +91,8 @@ class Agent:
         self._unsaved = False
         self._save_lock = threading.Lock()
         self._known: NodeState | None = None
+        self._allowed_ips = AllowedIps()
+        """Kept from one sync to the next: a full resync at 10,000 peers costs several times more without."""
         self._node_labels: dict[str, str] | None = None
         self._have_desired = False
         self._from_api = False
@@ -383,6 +386,7 @@ class Agent:
                 endpoints=endpoints,
                 gone=sorted(gone),
                 known=None if full else self._known,
+                memo=self._allowed_ips,
             )
         except (NftError, subprocess.SubprocessError, *SERVER_ERRORS) as exc:
             self._known = None  # read everything back next time

@@ -19,6 +19,7 @@ from kvpn_agent.plan import (
     Action,
     AddAddress,
     AddPeer,
+    AllowedIps,
     ConfigureDevice,
     CreateInterface,
     RemoveAddress,
@@ -262,6 +263,19 @@ def test_changed_addresses_replace_the_allowed_ips() -> None:
     assert update.changed == ("allowed_ips",)
     assert update.peer.replace_allowed_ips
     assert update.peer.allowed_ips == ("10.8.0.2/32", "fd00:8::2/128")
+
+
+def test_a_memo_kept_across_plans_follows_a_peer_given_new_addresses() -> None:
+    # The agent's loop keeps one AllowedIps for all its syncs: a re-addressed peer must not get its old ones.
+    memo = AllowedIps()
+    p = peer(0)
+    d = desired([p])
+    assert plan_server(d, converged(d), memo=memo) == []
+    moved = PeerBinding.model_validate({**p.model_dump(by_alias=True), "addresses": ["10.8.7.7"]})
+    (update,) = plan_server(desired([moved]), converged(d), memo=memo)
+    assert isinstance(update, UpdatePeer)
+    assert update.peer.allowed_ips == ("10.8.7.7/32",)
+    assert plan_server(desired([moved]), converged(d), memo=memo) == plan_server(desired([moved]), converged(d))
 
 
 def test_keepalive_set_by_hand_is_reset() -> None:
