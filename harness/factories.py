@@ -10,7 +10,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from kvpn_core.contract import PeerBinding, encode_data
+from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, PeerBinding, encode_data
 
 
 def keypair() -> tuple[str, str]:
@@ -34,8 +34,9 @@ def binding_secret(
     namespace: str | None = None,
     resource_version: str | None = None,
 ) -> dict[str, Any]:
-    """A peer binding Secret as the API returns it."""
-    metadata: dict[str, Any] = {"name": pb.secret_name(server), "creationTimestamp": created, "labels": {}}
+    """A peer binding Secret of ``server`` as the API returns it, labelled as the operator labels it."""
+    labels = {LABEL_SERVER: server, LABEL_ROLE: ROLE_PEER}
+    metadata: dict[str, Any] = {"name": pb.secret_name(server), "creationTimestamp": created, "labels": labels}
     if namespace is not None:
         metadata["namespace"] = namespace
     if resource_version is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.factories import key, keypair
+from harness.factories import binding_secret, key, keypair
 from harness.netlab import Lab, wait_for
 from kvpn_agent.dataplane import build_dataplane
 from kvpn_agent.desired import interface_name
@@ -21,7 +21,7 @@ from kvpn_agent.served import secret_index
 from kvpn_agent.state import StateFile
 from kvpn_agent.uapi import UapiClient
 from kvpn_agent.watch import Obj, Store
-from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, PeerBinding, encode_data
+from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_SERVER_KEY, PeerBinding, encode_data
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -55,16 +55,7 @@ def binding(i: int, version: str = "1", enabled: bool = True) -> Obj:
         addresses=[f"10.100.{(i + 2) // 256}.{(i + 2) % 256}"],
         enabled=enabled,
     )
-    return {
-        "metadata": {
-            "namespace": NAMESPACE,
-            "name": pb.secret_name(SERVER),
-            "resourceVersion": version,
-            "creationTimestamp": "2024-01-01T00:00:00Z",
-            "labels": {LABEL_SERVER: SERVER, LABEL_ROLE: ROLE_PEER},
-        },
-        "data": encode_data(pb.to_string_data()),
-    }
+    return binding_secret(SERVER, pb, namespace=NAMESPACE, resource_version=version)
 
 
 @pytest.fixture

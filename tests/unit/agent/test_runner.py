@@ -20,6 +20,7 @@ import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
 from harness.agent_process import SupervisorProcess, fake_wireguard_go
+from harness.factories import binding_secret
 from kvpn_agent.dataplane import Dataplane, KernelFirstLink, KernelFirstWireGuard
 from kvpn_agent.desired import DesiredServer, build_desired, interface_name, legacy_interface_name
 from kvpn_agent.metrics import Metrics
@@ -184,16 +185,7 @@ def binding(i: int, version: str = "1", **fields: Any) -> Obj:
             **fields,
         }
     )
-    return {
-        "metadata": {
-            "namespace": NS,
-            "name": pb.secret_name(NAME),
-            "resourceVersion": version,
-            "creationTimestamp": f"2024-01-01T00:00:{i:02d}Z",
-            "labels": {LABEL_SERVER: NAME, LABEL_ROLE: ROLE_PEER},
-        },
-        "data": encode_data(pb.to_string_data()),
-    }
+    return binding_secret(NAME, pb, f"2024-01-01T00:00:{i:02d}Z", namespace=NS, resource_version=version)
 
 
 @dataclass
