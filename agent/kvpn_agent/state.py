@@ -1,4 +1,4 @@
-"""Which servers this node serves, from which objects, and the last good state file that outlives the API."""
+"""A served server's inputs (object, key Secret, bindings), node selection, and the state file that outlives the API."""
 
 from __future__ import annotations
 

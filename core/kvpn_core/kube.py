@@ -1,4 +1,4 @@
-"""The operator's only door to the Kubernetes API: raw JSON requests, API errors turned into domain errors."""
+"""The API client the operator and the agent share: raw JSON requests, API errors turned into domain errors."""
 
 from __future__ import annotations
 
