@@ -17,7 +17,6 @@ the cluster's namespaces.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import re
@@ -54,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE_SCRIPT = REPO / "hack" / "image.sh"
 PODS_DIR = Path(__file__).with_name("pods")
 TCP_PROBE = Path(__file__).with_name("tcp_probe.py")
+REQUEST_LOOP = Path(__file__).with_name("request_loop.py")
 PLUGIN = str(Path(sys.executable).with_name("kubectl-vpn"))  # installed with the project into the venv
 ETC_NETNS = Path("/etc/netns")
 
@@ -175,48 +175,56 @@ class Laptop:
 @dataclass
 class Outage:
     """What a laptop saw while something happened: requests made, failed, and the longest time
-    without an answer (between two answered requests, or since the start)."""
+    without an answer (between two answered requests, or since the start or until the end)."""
 
     attempts: int = 0
     failures: int = 0
     longest_s: float = 0.0
-    answers: list[float] = field(default_factory=list)
+    gaps: list[list[float]] = field(default_factory=list)
+    """The long ones, as [seconds since the start, length] pairs."""
 
 
 class TrafficLoop:
-    """New requests from a laptop in a loop while something happens: `with TrafficLoop(laptop) as t: ...`."""
+    """New requests from a laptop in a loop while something happens (harness/request_loop.py, in the
+    laptop's namespace): `with TrafficLoop(laptop) as t: ...`, then `t.outage`."""
 
     def __init__(self, laptop: Laptop, url: str = HELLO_URL, max_time: float = 1.0, pause: float = 0.05) -> None:
         self.laptop, self.url, self.max_time, self.pause = laptop, url, max_time, pause
         self.outage = Outage()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._began = 0.0
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.outage.attempts += 1
-            body = self.laptop.curl(self.url, self.max_time)
-            if (body or "").startswith("hello"):
-                self.outage.answers.append(time.monotonic())
-            else:
-                self.outage.failures += 1
-            time.sleep(self.pause)
+        self._proc: subprocess.Popen[str] | None = None
 
     @property
     def failures(self) -> int:
         return self.outage.failures
 
     def __enter__(self) -> TrafficLoop:
-        self._began = time.monotonic()
-        self._thread.start()
+        argv = ["ip", "netns", "exec", self.laptop.netns, sys.executable, str(REQUEST_LOOP), self.url]
+        self._proc = subprocess.Popen(
+            [*argv, "--max-time", str(self.max_time), "--pause", str(self.pause)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        first = json.loads(self._proc.stdout.readline() or "{}")
+        if not first.get("started"):
+            self._proc.wait(timeout=10)
+            raise WorldError(f"the request loop of {self.laptop.name} did not start: {first}")
+        self.laptop.world.manifest.add_pid(self._proc.pid)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.max_time + 10)
-        marks = [self._began, *self.outage.answers, time.monotonic()]
-        self.outage.longest_s = round(max(b - a for a, b in itertools.pairwise(marks)), 3)
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.send_signal(signal.SIGTERM)
+        out, _ = self._proc.communicate(timeout=self.max_time + 20)
+        found = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        self.outage = Outage(
+            attempts=int(found.get("attempts", 0)),
+            failures=int(found.get("failures", 0)),
+            longest_s=float(found.get("longest_gap_s", float("inf"))),
+            gaps=list(found.get("gaps", [])),
+        )
 
 
 class EndpointsWatch:

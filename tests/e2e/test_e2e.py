@@ -272,6 +272,7 @@ def test_pod_lifecycle_breaks_no_connection(world: World, alice: Laptop, event: 
                 "attempts": loop.outage.attempts,
                 "failed": loop.failures,
                 "longest_gap_s": loop.outage.longest_s,
+                "gaps": loop.outage.gaps,
             },
         }
     print(json.dumps(summary))
