@@ -184,6 +184,29 @@ class Outage:
     """The long ones, as [seconds since the start, length] pairs."""
 
 
+def start_probe(laptop: Laptop, script: Path, *args: str, ready: str, what: str) -> subprocess.Popen[str]:
+    """One of the probe scripts (tcp_probe.py, request_loop.py) in the laptop's namespace, once its first
+    line says ``ready``; recorded in the manifest, so a killed test leaves none behind."""
+    argv = ["ip", "netns", "exec", laptop.netns, sys.executable, str(script), *args]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    first = json.loads(proc.stdout.readline() or "{}")
+    if not first.get(ready):
+        proc.wait(timeout=10)
+        raise WorldError(f"{what} of {laptop.name} did not start: {first}")
+    laptop.world.manifest.add_pid(proc.pid)
+    return proc
+
+
+def stop_probe(proc: subprocess.Popen[str], timeout: float = 20) -> dict[str, Any]:
+    """SIGTERM, then the probe's last line: its result ({} when it printed none)."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    found: dict[str, Any] = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    return found
+
+
 class TrafficLoop:
     """New requests from a laptop in a loop while something happens (harness/request_loop.py, in the
     laptop's namespace): `with TrafficLoop(laptop) as t: ...`, then `t.outage`."""
@@ -198,27 +221,13 @@ class TrafficLoop:
         return self.outage.failures
 
     def __enter__(self) -> TrafficLoop:
-        argv = ["ip", "netns", "exec", self.laptop.netns, sys.executable, str(REQUEST_LOOP), self.url]
-        self._proc = subprocess.Popen(
-            [*argv, "--max-time", str(self.max_time), "--pause", str(self.pause)],
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self._proc.stdout is not None
-        first = json.loads(self._proc.stdout.readline() or "{}")
-        if not first.get("started"):
-            self._proc.wait(timeout=10)
-            raise WorldError(f"the request loop of {self.laptop.name} did not start: {first}")
-        self.laptop.world.manifest.add_pid(self._proc.pid)
+        args = (self.url, "--max-time", str(self.max_time), "--pause", str(self.pause))
+        self._proc = start_probe(self.laptop, REQUEST_LOOP, *args, ready="started", what="the request loop")
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.send_signal(signal.SIGTERM)
-        out, _ = self._proc.communicate(timeout=self.max_time + 20)
-        found = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        found = stop_probe(self._proc, timeout=self.max_time + 20)
         self.outage = Outage(
             attempts=int(found.get("attempts", 0)),
             failures=int(found.get("failures", 0)),
@@ -267,25 +276,13 @@ class TcpProbe:
         self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> TcpProbe:
-        argv = ["ip", "netns", "exec", self.laptop.netns, sys.executable, str(TCP_PROBE), self.host, str(self.port)]
-        self._proc = subprocess.Popen(
-            [*argv, "--interval", str(self.interval)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
-        )
-        assert self._proc.stdout is not None
-        first = json.loads(self._proc.stdout.readline() or "{}")
-        if not first.get("connected"):
-            self._proc.wait(timeout=10)
-            raise WorldError(f"tcp probe from {self.laptop.name} to {self.host}:{self.port} did not connect: {first}")
-        self.laptop.world.manifest.add_pid(self._proc.pid)
+        args = (self.host, str(self.port), "--interval", str(self.interval))
+        self._proc = start_probe(self.laptop, TCP_PROBE, *args, ready="connected", what=f"the tcp probe to {self.host}")
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._proc is not None
-        assert self._proc.stdout is not None
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.send_signal(signal.SIGTERM)
-        out, _ = self._proc.communicate(timeout=20)
-        self.result = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"broken": "no result"}
+        self.result = stop_probe(self._proc) or {"broken": "no result"}
 
 
 # --- the world -------------------------------------------------------------------------------------
