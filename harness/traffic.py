@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +71,33 @@ def curl(ns: str, url: str, max_time: float = 2) -> str | None:
         "ip", "netns", "exec", ns, "curl", "-s", "--max-time", str(max_time), url, check=False, timeout=max_time + 5
     )
     return proc.stdout if proc.returncode == 0 else None
+
+
+class RequestLoop:
+    """New requests from ``ns`` to ``url`` in a thread while something happens: `with RequestLoop(...) as r:`;
+    then ``attempts`` and ``failures`` (when each request that did not get ``expect`` ended)."""
+
+    def __init__(self, ns: str, url: str, expect: str, max_time: float = 2, pause: float = 0.1) -> None:
+        self.ns, self.url, self.expect, self.max_time, self.pause = ns, url, expect, max_time, pause
+        self.attempts = 0
+        self.failures: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.attempts += 1
+            if curl(self.ns, self.url, max_time=self.max_time) != self.expect:
+                self.failures.append(time.monotonic())
+            self._stop.wait(self.pause)
+
+    def __enter__(self) -> RequestLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.max_time + 30)
 
 
 def echo_server(lab: Lab, ns: str, address: str, port: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from harness.commands import run
 from harness.netlab import wait_for
-from harness.traffic import TcpProbe, curl, echo_server
+from harness.traffic import RequestLoop, TcpProbe, curl, echo_server
 from kvpn_agent.dataplane import build_dataplane
 from kvpn_agent.processes import WireGuardGo
 from kvpn_agent.sync import sync
@@ -50,33 +49,18 @@ def test_sigkill_and_restart_of_the_agent_loses_no_packet_and_adopts_the_interfa
     assert before.last_handshake is not None
     pids = wireguard_go_pids(site)
     echo_server(site.lab, site.service_ns, SERVICE, ECHO_PORT)
-    failures: list[float] = []
-    attempts = 0
-    stop = threading.Event()
-
-    def loop() -> None:
-        nonlocal attempts
-        while not stop.is_set():
-            attempts += 1
-            if curl(site.laptop_ns, URL, max_time=2) != NODE_SIDE:
-                failures.append(time.monotonic())
-            stop.wait(0.1)
-
-    traffic = threading.Thread(target=loop)
-    with TcpProbe(site.lab, site.laptop_ns, SERVICE, ECHO_PORT, site.tmp / "tcp-probe.log") as probe:
-        traffic.start()
-        try:
-            time.sleep(0.5)
-            world.agent.stop(signal.SIGKILL)
-            time.sleep(1)
-            world.agent.start()  # returns once /readyz says the dataplane is as desired
-            time.sleep(RESYNC + 0.5)  # and one resync
-        finally:
-            stop.set()
-            traffic.join(timeout=30)
+    with (
+        TcpProbe(site.lab, site.laptop_ns, SERVICE, ECHO_PORT, site.tmp / "tcp-probe.log") as probe,
+        RequestLoop(site.laptop_ns, URL, NODE_SIDE) as requests,
+    ):
+        time.sleep(0.5)
+        world.agent.stop(signal.SIGKILL)
+        time.sleep(1)
+        world.agent.start()  # returns once /readyz says the dataplane is as desired
+        time.sleep(RESYNC + 0.5)  # and one resync
     tcp = probe.result()
-    assert attempts > 5
-    assert failures == [], world.diagnose()
+    assert requests.attempts > 5
+    assert requests.failures == [], world.diagnose()
     assert tcp["broken"] is None, tcp
     assert tcp["received"] == tcp["sent"], tcp
     assert site.ifindex() == index  # adopted, not re-created
@@ -86,7 +70,7 @@ def test_sigkill_and_restart_of_the_agent_loses_no_packet_and_adopts_the_interfa
     syncs = [r for r in world.agent.records(start=1) if r.get("message") == "synced"]
     assert syncs, world.agent.log_tail()
     assert syncs[0]["actions"] == 0, syncs
-    print(f"{site.backend}: {attempts} requests, TCP max gap {tcp['max_gap_s']} s across the agent's restart")
+    print(f"{site.backend}: {requests.attempts} requests, TCP max gap {tcp['max_gap_s']} s across the agent's restart")
 
 
 def wireguard_go_pids(site: Site) -> list[str]:

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +20,12 @@ from harness.commands import run
 from harness.controlplane import ControlPlane
 from harness.kvpn import Kvpn, decode
 from harness.netlab import wait_for
+from harness.traffic import RequestLoop
 from kvpn_core.contract import binding_secret_name
 from tests.dataplane.agent_world import (
     RESYNC,
     SERVER,
+    URL,
     AgentLab,
     agent_world,
     connected,
@@ -138,31 +139,14 @@ def test_killing_and_restarting_the_agent_drops_nothing(world: AgentLab) -> None
     connected(world)
     time.sleep(RESYNC + 0.5)  # a resync has read back the node since the laptop came up
     before = world.dataplane()
-    failures: list[float] = []
-    attempts = 0
-    stop = threading.Event()
-
-    def loop() -> None:
-        nonlocal attempts
-        while not stop.is_set():
-            attempts += 1
-            if world.reach(max_time=2) != NODE_SIDE:
-                failures.append(time.monotonic())
-            time.sleep(0.1)
-
-    traffic = threading.Thread(target=loop)
-    traffic.start()
-    try:
+    with RequestLoop(world.site.laptop_ns, URL, NODE_SIDE) as requests:
         time.sleep(0.5)
         world.agent.stop(signal.SIGKILL)
         time.sleep(1)
         world.agent.start()
         time.sleep(RESYNC + 0.5)  # its first sync and one resync
-    finally:
-        stop.set()
-        traffic.join(timeout=10)
-    assert attempts > 5
-    assert failures == [], world.diagnose()
+    assert requests.attempts > 5
+    assert requests.failures == [], world.diagnose()
     assert world.dataplane() == before
     syncs = [r for r in world.agent.records(start=1) if r.get("message") == "synced"]
     assert syncs, world.agent.log_tail()

@@ -383,31 +383,10 @@ def test_without_the_api_and_without_a_state_file_the_node_is_left_alone(tmp_pat
 def test_sync_with_a_known_state_reads_nothing_back_and_a_failing_server_spares_the_others() -> None:
     node = FakeNode()
 
-    def desired(name: str, peers: int) -> DesiredServer:
-        pbs = tuple(
-            PeerBinding(
-                peer_namespace=NS, peer_name=f"p{i}", peer_uid=f"u{i}", public_key=key(i), addresses=[f"10.8.0.{i + 2}"]
-            )
-            for i in range(peers)
-        )
-        return DesiredServer(
-            namespace=NS,
-            name=name,
-            interface=interface_name(NS, name),
-            private_key=SERVER_KEY,  # type: ignore[arg-type]
-            public_key=public_key_of(SERVER_KEY),
-            listen_port=51820,
-            mtu=1420,
-            addresses=("10.8.0.1/24",),
-            routes=("10.96.0.0/12",),
-            masquerade=True,
-            peers=pbs,
-        )
-
-    first = sync([desired("a", 2)], node, node, node)
+    first = sync([desired_server("a", 2)], node, node, node)
     assert first.state is not None
     node.reads = 0
-    again = sync([desired("a", 3)], node, node, node, known=first.state)
+    again = sync([desired_server("a", 3)], node, node, node, known=first.state)
     assert node.reads == 0
     assert [type(a).__name__ for a in again.actions] == ["AddPeer", "UpdateFirewall"]
 
@@ -418,7 +397,7 @@ def test_sync_with_a_known_state_reads_nothing_back_and_a_failing_server_spares_
             super().create(interface)
 
     failing = Failing()
-    result = sync([desired("a", 1), desired("b", 1)], failing, failing, failing)
+    result = sync([desired_server("a", 1), desired_server("b", 1)], failing, failing, failing)
     assert list(result.errors) == [interface_name(NS, "b")]
     assert interface_name(NS, "a") in failing.links
     assert result.state is not None
