@@ -3,7 +3,7 @@
 - the control plane (etcd, kube-apiserver, kube-controller-manager allocating node pod CIDRs,
   kube-scheduler), on an address of a veth the harness adds to the host (the nodes' way to it);
 - a node network: a bridge in namespace "lan" joining that veth, the nodes and any extra hosts
-  (`add_host`: a laptop, for instance);
+  (`add_host`: a laptop, for instance); `cut_network` pulls a node's cable, `restore_network` puts it back;
 - two or more nodes, each a network namespace with a mount namespace of its own running containerd,
   kubelet and kube-proxy (iptables mode) (harness/node.sh); pods on a CNI bridge (the reference
   `bridge` and `host-local` plugins) in the node's pod CIDR, routes between the nodes' pod networks,
@@ -928,6 +928,34 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         run("ip", "-n", self.lan, "link", "set", port, "master", "br0")
         run("ip", "-n", ns, "addr", "add", f"{address}/{self.node_network.prefixlen}", "dev", "eth0")
         return ns, address
+
+    def remove_host(self, ns: str) -> None:
+        """Unplugs and removes a machine add_host made: deleting its namespace takes its veth, and so its
+        port on br0, with it. Its name stays in the manifest, which sweep skips once it is gone; its port
+        name and address are not given out again."""
+        run("ip", "netns", "del", ns, check=False)
+
+    def cut_network(self, node: Node | str) -> None:
+        """A pulled cable: the node's port on br0 goes down, so nothing on the node network (the API
+        server on the host, the other nodes, laptops) reaches the node or its pods, and they reach nothing.
+        Noted in the manifest (info["cut"]) for whoever reads a killed run's; sweep has nothing to undo,
+        as deleting the lan namespace removes the port, cut or not."""
+        node = self.node(node) if isinstance(node, str) else node
+        cut: list[str] = self.manifest.info.setdefault("cut", [])
+        if node.role not in cut:
+            cut.append(node.role)
+            self.manifest.save()
+        run("ip", "-n", self.lan, "link", "set", node.role, "down")
+
+    def restore_network(self, node: Node | str) -> None:
+        """The cable back in. The bridge forwards at once (no STP); a peer's first packets may wait for
+        ARP, whose entries the carrier loss flushed (up to its 1 s retransmit)."""
+        node = self.node(node) if isinstance(node, str) else node
+        run("ip", "-n", self.lan, "link", "set", node.role, "up")
+        cut: list[str] = self.manifest.info.get("cut", [])
+        if node.role in cut:
+            cut.remove(node.role)
+            self.manifest.save()
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -13,6 +13,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from harness.controlplane import ControlPlane, ControlPlaneError, apply_crd_files, log_tail
+from harness.gateway_standin import GatewayStandIn
 from harness.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,11 +83,13 @@ def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator
 def operator(
     control_plane: ControlPlane, crds: list[str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    """The real operator, watching all namespaces; its log must hold no traceback at the end."""
+    """The real operator, watching all namespaces; its log must hold no traceback at the end. No agents run
+    beside it: a stand-in renews the gateway leases they would (harness/gateway_standin.py)."""
     process = OperatorProcess(control_plane, log_path=tmp_path_factory.mktemp("operator") / "operator.log")
     process.start()
     try:
-        yield process
+        with control_plane.api_client() as api_client, GatewayStandIn(api_client):
+            yield process
     finally:
         process.stop()
     tail = log_tail(process.log_path, 80)

@@ -46,9 +46,17 @@ class Dataplane:
     fallback: KernelFirstLink | None = None
     """backend auto on a node with the module: which servers the kernel refused, now on wireguard-go."""
 
+    takeover: WireGuardBackend | None = None
+    """A third client, for the takeover worker's handshakes (kvpn_agent.takeover); None: no takeovers."""
+
     def userspace(self, interface: str) -> bool:
         """Whether wireguard-go serves (or is to serve) the interface."""
         return self.wggo is not None and (self.fallback is None or interface in self.fallback.failed)
+
+    def outlives_agent(self, interface: str) -> bool:
+        """Whether the interface keeps serving when the agent stops: a kernel link does, and so does a
+        wireguard-go the supervisor runs (its own pod); the agent's own children die with its container."""
+        return not self.userspace(interface) or isinstance(self.wggo, SupervisorClient)
 
     def uses_wireguard_go(self) -> bool:
         """Whether any interface is wireguard-go's: only then its processes (and supervisor) are watched."""
@@ -138,7 +146,9 @@ def build_dataplane(backend: str, netns: str | None, log_dir: Path | None, super
     wg = KernelWireGuard(netns)
     kernel = KernelLink(netlink, wg)  # the sync thread's socket
     if backend == "kernel":
-        return Dataplane("kernel", kernel, wg, KernelWireGuard(netns), firewall, netlink, forwarding)
+        return Dataplane(
+            "kernel", kernel, wg, KernelWireGuard(netns), firewall, netlink, forwarding, takeover=KernelWireGuard(netns)
+        )
     wggo: WireGuardGoProcesses
     if supervisor is not None:
         wggo = SupervisorClient(supervisor)
@@ -148,7 +158,17 @@ def build_dataplane(backend: str, netns: str | None, log_dir: Path | None, super
         wggo = WireGuardGo(prefix=prefix, log_dir=log_dir)
     userspace = UserspaceLink(netlink, wggo)
     if backend == "userspace":
-        return Dataplane("userspace", userspace, UapiBackend(), UapiBackend(), firewall, netlink, forwarding, wggo)
+        return Dataplane(
+            "userspace",
+            userspace,
+            UapiBackend(),
+            UapiBackend(),
+            firewall,
+            netlink,
+            forwarding,
+            wggo,
+            takeover=UapiBackend(),
+        )
     link = KernelFirstLink(netlink, kernel, userspace)
     return Dataplane(
         "kernel",
@@ -160,6 +180,7 @@ def build_dataplane(backend: str, netns: str | None, log_dir: Path | None, super
         forwarding,
         wggo,
         link,
+        KernelFirstWireGuard(link, KernelWireGuard(netns), UapiBackend()),
     )
 
 

@@ -17,6 +17,7 @@ from kubernetes.client import ApiClient
 from kvpn_agent.condition_report import ConditionReporter, dataplane_problems
 from kvpn_agent.dataplane import Dataplane
 from kvpn_agent.desired import GATEWAY_PREFIX, LEGACY_PREFIX, DesiredServer, legacy_interface_name
+from kvpn_agent.gateway_lease import GatewayLeases
 from kvpn_agent.metrics import Metrics, PeerStats
 from kvpn_agent.nft import NftError
 from kvpn_agent.plan import AllowedIps
@@ -25,9 +26,17 @@ from kvpn_agent.state import StateFile
 from kvpn_agent.status_report import StatusReporter
 from kvpn_agent.supervisor_api import SupervisorError, SupervisorUnreachableError
 from kvpn_agent.sync import SERVER_ERRORS, NodeState, sync
+from kvpn_agent.takeover import Takeover
 from kvpn_agent.watch import Informer, Key, Obj, Store, key_of
 from kvpn_core.api import API_VERSION
-from kvpn_core.contract import LABEL_ROLE, ROLE_PEER, ROLE_SERVER_KEY
+from kvpn_core.contract import (
+    GATEWAY_HANDOVER_SECONDS,
+    GATEWAY_RENEW_SECONDS,
+    LABEL_ROLE,
+    ROLE_PEER,
+    ROLE_SERVER_KEY,
+    GatewayReport,
+)
 from kvpn_core.kube import Kube, KubeError, core_path
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,8 @@ POLL_SECONDS = 0.5
 """How often the loop asks which wireguard-go devices live: a dead one is replaced within about this."""
 RETRY_SECONDS = 8.0
 """The longest wait before a failed sync is tried again: a port freed on the node is used this soon."""
+HANDOVER_TIMEOUT = 3.0
+"""The longest a stopping agent waits for its handover leases to be written: well within a pod's grace period."""
 
 
 @dataclass(frozen=True)
@@ -107,23 +118,41 @@ class Agent:
         """Servers the latest sync pass could not program: (interface, error); replaced, never mutated
         (the metrics thread reads it)."""
         self.kube = Kube(api, timeout=10.0) if api is not None else None
-        self.status = StatusReporter(self.kube) if self.kube is not None else None
         self.node = settings.node_name or socket.gethostname()
-        """How this gateway names itself in Dataplane conditions."""
+        """How this gateway names itself in Dataplane conditions, peer status and its gateway leases."""
+        self.status = StatusReporter(self.kube, node=self.node) if self.kube is not None else None
         self.conditions = ConditionReporter(self.kube, node=self.node) if self.kube is not None else None
+        self._init_leases()
+        self.takeover = _takeover(self.kube, self.node, dataplane)
+        """Handshakes started by this gateway when it takes over another one's laptops."""
         self.server_watches: dict[str, Informer] = {}
         self.secret_watches: dict[str, Informer] = {}
         self._objects = _Watched(self.server_watches, self.secret_watches)
         if api is not None:
-            for ns in settings.namespaces or ("",):
-                self.server_watches[ns] = Informer(api, _servers_path(ns), self._server_changed)
-                self.secret_watches[ns] = Informer(
-                    api,
-                    core_path("secrets", ns or None),
-                    self._secret_changed,
-                    label_selector=f"{LABEL_ROLE} in ({ROLE_PEER},{ROLE_SERVER_KEY})",
-                    index=secret_index,
-                )
+            self._watch(api)
+
+    def _init_leases(self) -> None:
+        self.leases = GatewayLeases(self.kube, self.node) if self.kube is not None else None
+        # Set when a server's verdict changed from what the lease thread last wrote (_leased): written
+        # now, not at the thread's next round.
+        self._lease_due = threading.Event()
+        self._leased: dict[Key, GatewayReport] = {}
+        self._programmed: frozenset[Key] = frozenset()
+        """Servers a sync pass of this process has programmed (and still served): only they get a lease."""
+        self._adopted: frozenset[Key] | None = None
+        """Servers whose interface was up before this process's first full pass (a previous agent's)."""
+
+    def _watch(self, api: ApiClient) -> None:
+        """One watch of VpnServers and one of their Secrets per namespace served (or one for all)."""
+        for ns in self.settings.namespaces or ("",):
+            self.server_watches[ns] = Informer(api, _servers_path(ns), self._server_changed)
+            self.secret_watches[ns] = Informer(
+                api,
+                core_path("secrets", ns or None),
+                self._secret_changed,
+                label_selector=f"{LABEL_ROLE} in ({ROLE_PEER},{ROLE_SERVER_KEY})",
+                index=secret_index,
+            )
 
     # --- events --------------------------------------------------------------------------------
 
@@ -134,6 +163,8 @@ class Agent:
 
     def _server_changed(self, obj: Obj) -> None:
         self.notify(key_of(obj))
+        if self.takeover is not None:
+            self.takeover.on_server(obj)  # returns at once: its work runs in a thread of its own
 
     def _secret_changed(self, obj: Obj) -> None:
         if (key := secret_index(obj)) is None:
@@ -152,6 +183,8 @@ class Agent:
         for watch in self._watches():
             watch.start()
         threading.Thread(target=self._report_loop, args=(stop,), name="report", daemon=True).start()
+        if self.leases is not None:
+            threading.Thread(target=self._lease_loop, args=(stop,), name="leases", daemon=True).start()
         deadline = time.monotonic() + self.settings.start_timeout
         while not stop.is_set() and not self._api_synced() and time.monotonic() < deadline:
             stop.wait(0.1)
@@ -169,6 +202,7 @@ class Agent:
         else:
             log.warning("API server unreachable and no saved state: leaving the dataplane as it is until it answers")
         self._loop(stop)
+        self._hand_over()
 
     def _loop(self, stop: threading.Event) -> None:
         next_full, delay = time.monotonic(), 1.0
@@ -202,6 +236,7 @@ class Agent:
                     next_full = time.monotonic() + (self.settings.resync_seconds if ok else delay)
                     delay = 1.0 if ok else min(delay * 2, self.settings.resync_seconds, RETRY_SECONDS)
             self._publish_readiness()
+            self._check_verdicts()
 
     def _publish_readiness(self) -> None:
         """Leaves the verdict on the node's dataplane in settings.ready_file when it changes.
@@ -370,7 +405,10 @@ class Agent:
             if full:
                 # Interfaces of servers deleted while the agent was away are found by their prefix.
                 ours = {s.interface for s in servers}
-                gone |= {i for i in self.dp.netlink.interfaces(GATEWAY_PREFIX) if i not in ours}
+                present = set(self.dp.netlink.interfaces(GATEWAY_PREFIX))
+                if self._adopted is None:
+                    self._adopted = frozenset((s.namespace, s.name) for s in servers if s.interface in present)
+                gone |= present - ours
                 # An upgrade from the kvpn- names: the served servers' old interfaces go (they hold
                 # the listen ports), picked by exact name so that a laptop's kvpn-<server> stays.
                 legacy = {legacy_interface_name(s.namespace, s.name) for s in servers}
@@ -409,6 +447,11 @@ class Agent:
             {(s.namespace, s.name): (s.interface, failed[s.interface]) for s in servers if s.interface in failed}
         )
         self._watch_devices(servers, set(result.errors), full)
+        keys = {(s.namespace, s.name) for s in servers}
+        with self._lock:  # the lease thread reads it
+            self._programmed = (self._programmed & keys) | {
+                (s.namespace, s.name) for s in servers if s.interface not in failed
+            }
         level = logging.INFO if result.actions or not self.synced.is_set() else logging.DEBUG
         log.log(
             level,
@@ -526,8 +569,124 @@ class Agent:
                 log.warning("Dataplane conditions not written", extra={"error": str(exc)})
         return stats
 
+    # --- gateway leases --------------------------------------------------------------------------
+
+    def gateway_reports(self) -> dict[Key, tuple[str, GatewayReport]]:
+        """Each server this node claims, with its uid and verdict: the servers a pass of this process
+        programmed, and those a previous agent left running once this process's first pass ran.
+
+        The verdict is readiness() narrowed to the server: its own failure, the pass's error, and the
+        supervisor only for a server on wireguard-go.
+        """
+        if not self.synced.is_set():
+            return {}
+        failures, supervisor, error = self._failures, self._supervisor_down, self._pass_error
+        with self._lock:
+            claimed = self._programmed | (self._adopted or frozenset())
+            served = {inputs.key: inputs.server for inputs in self.served.inputs()}
+            desired = [d for d in self.served.desired() if (d.namespace, d.name) in claimed]
+        reports = {}
+        for d in desired:
+            key = (d.namespace, d.name)
+            uid = str(((served.get(key) or {}).get("metadata") or {}).get("uid") or "")
+            if not uid:
+                continue  # not read from the API server (the state file's, a test's): nothing to own the lease
+            userspace = self.dp.userspace(d.interface)
+            reasons = []
+            if supervisor is not None and userspace:
+                reasons.append(f"wireguard-go supervisor unreachable: {supervisor}")
+            if key in failures:
+                reasons.append(failures[key][1])
+            elif error is not None:
+                reasons.append(f"sync failed: {error}")
+            reports[key] = (
+                uid,
+                GatewayReport(
+                    ready=not reasons, message="; ".join(reasons), backend="userspace" if userspace else "kernel"
+                ),
+            )
+        return reports
+
+    def _leasing(self) -> bool:
+        """Whether leases are written now: only while the desired state comes from a reachable API server."""
+        watches = self._watches()
+        return self.leases is not None and self._from_api and bool(watches) and all(w.connected for w in watches)
+
+    def renew_leases(self) -> None:
+        """One round of the lease thread; raises KubeError (status 0) when the API server cannot be reached."""
+        if self.leases is None or not self._leasing():
+            return
+        reports = self.gateway_reports()
+        with self._lock:
+            self._leased = {key: report for key, (_, report) in reports.items()}
+        self.leases.renew(reports)
+
+    def _check_verdicts(self) -> None:
+        """Wakes the lease thread when a verdict changed since it last wrote (the sync loop, each turn)."""
+        if not self._leasing():
+            return
+        now = {key: report for key, (_, report) in self.gateway_reports().items()}
+        with self._lock:
+            changed = now != self._leased
+        if changed:
+            self._lease_due.set()
+
+    def _lease_loop(self, stop: threading.Event) -> None:
+        failing: str | None = None
+        while not stop.is_set():
+            self._lease_due.wait(GATEWAY_RENEW_SECONDS)
+            self._lease_due.clear()
+            if stop.is_set():
+                return
+            try:
+                self.renew_leases()
+            except KubeError as exc:  # unreachable: the leases run out, as they should for a node gone silent
+                if failing is None:
+                    log.warning("gateway leases not renewed", extra={"error": str(exc)})
+                failing = str(exc)
+                continue
+            except Exception:
+                # Like reporting, best effort: the dataplane does not depend on it, so it must not stop.
+                log.exception("gateway leases not renewed")
+                continue
+            if failing is not None:
+                log.info("gateway leases renewed again")
+                failing = None
+
+    def _hand_over(self) -> None:
+        """On a graceful stop: the leases of the servers whose dataplane outlives this process are
+        renewed once for GATEWAY_HANDOVER_SECONDS, so that a restart moves no laptop. Bounded by
+        HANDOVER_TIMEOUT; the other leases run out."""
+        leases = self.leases
+        if leases is None:
+            return
+        with self._lock:
+            staying = [(d.namespace, d.name) for d in self.served.desired() if self.dp.outlives_agent(d.interface)]
+        self._lease_due.set()  # the lease thread sees the stop and ends
+
+        def hand_over() -> None:
+            try:
+                leases.handover(staying)
+            except KubeError as exc:
+                log.warning("gateway leases not handed over", extra={"error": str(exc)})
+
+        thread = threading.Thread(target=hand_over, name="handover", daemon=True)
+        thread.start()
+        thread.join(HANDOVER_TIMEOUT)
+        if thread.is_alive():
+            log.warning("gateway leases not handed over in time", extra={"seconds": HANDOVER_TIMEOUT})
+        else:
+            log.info("gateway leases handed over", extra={"servers": len(staying), "seconds": GATEWAY_HANDOVER_SECONDS})
+
     def healthy(self) -> bool:
         return time.monotonic() - self.heartbeat < max(120.0, 4 * self.settings.resync_seconds)
+
+
+def _takeover(kube: Kube | None, node: str, dataplane: Dataplane) -> Takeover | None:
+    wireguard = dataplane.takeover
+    if kube is None or wireguard is None:
+        return None
+    return Takeover(kube, node, wireguard, wireguard.get)
 
 
 def _servers_path(namespace: str) -> str:

@@ -1,4 +1,4 @@
-"""VpnPeer status from what a gateway sees: last handshake, bytes, endpoint; the freshest gateway wins."""
+"""VpnPeer status from what a gateway sees: last handshake, bytes, endpoint, the gateway; the freshest gateway wins."""
 
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ def _parse_time(value: Any) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
-def status_patch(current: Mapping[str, Any], mine: PeerStats) -> Obj | None:
-    """The status fields to write for ``mine``, or None when there is nothing to say.
+def status_patch(current: Mapping[str, Any], mine: PeerStats, gateway: str) -> Obj | None:
+    """The status fields to write for ``mine`` as seen by node ``gateway``, or None when there is nothing to say.
 
     Another gateway's newer handshake is left alone: the peer talks to that one now, and its byte
-    counters are that gateway's. Only these four fields are ever written; the rest is the operator's.
+    counters are that gateway's. Only these five fields are ever written; the rest is the operator's.
     """
     if mine.last_handshake is None:
         return None
@@ -46,7 +46,12 @@ def status_patch(current: Mapping[str, Any], mine: PeerStats) -> Obj | None:
     ours = dt.datetime.fromtimestamp(int(mine.last_handshake), dt.UTC)
     if theirs is not None and theirs > ours:
         return None
-    patch: Obj = {"lastHandshake": rfc3339(mine.last_handshake), "rxBytes": mine.rx_bytes, "txBytes": mine.tx_bytes}
+    patch: Obj = {
+        "lastHandshake": rfc3339(mine.last_handshake),
+        "gateway": gateway,
+        "rxBytes": mine.rx_bytes,
+        "txBytes": mine.tx_bytes,
+    }
     if mine.endpoint:
         patch["endpoint"] = mine.endpoint
     if all(current.get(k) == v for k, v in patch.items()):
@@ -58,9 +63,16 @@ class StatusReporter:
     """Writes due peers' status in one pass: only on change, at most once per peer per MIN_INTERVAL."""
 
     def __init__(
-        self, kube: Kube, min_interval: float = MIN_INTERVAL, clock: Callable[[], float] = time.monotonic
+        self,
+        kube: Kube,
+        *,
+        node: str,
+        min_interval: float = MIN_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube = kube
+        self.node = node
+        """This gateway, written as the peer's status.gateway beside its handshake."""
         self.min_interval = min_interval
         self.clock = clock
         self._seen: dict[PeerKey, tuple[object, ...]] = {}
@@ -99,7 +111,7 @@ class StatusReporter:
         return fetch(self.kube, Kind.VPN_PEER, namespace, names)
 
     def _write(self, obj: Obj, mine: PeerStats) -> str:
-        patch = status_patch(obj.get("status") or {}, mine)
+        patch = status_patch(obj.get("status") or {}, mine, self.node)
         if patch is None:
             return "unchanged"
         path = kvpn_path(Kind.VPN_PEER, mine.peer_namespace, mine.peer, "status")

@@ -158,12 +158,36 @@ class PeerCounts(Model):
     """Of those, the ones that are Ready."""
 
 
+class GatewayStatus(Model):
+    node: str
+    """The gateway node."""
+
+    ready: bool
+    """Whether laptops are sent to it: its agent reports the server programmed, and keeps saying so."""
+
+    reason: str
+    """Why it is or is not ready, in one word (Serving, NotProgrammed, LeaseExpired, NodeNotFound)."""
+
+    message: str = ""
+    """The details."""
+
+    endpoint: str | None = None
+    """host:port on this node (NodePort, HostPort); none behind a load balancer."""
+
+
 class VpnServerStatus(Model):
     public_key: str | None = Field(default=None, alias="publicKey")
     """The server's WireGuard public key."""
 
     endpoint: str | None = None
-    """host:port laptops dial."""
+    """host:port laptops dial: the one in peers' configs. With NodePort or HostPort a healthy gateway's, kept
+    while that gateway stays healthy."""
+
+    endpoints: list[str] = Field(default_factory=list)
+    """Every endpoint laptops may dial now: one per healthy gateway (NodePort, HostPort), else the one above."""
+
+    gateways: list[GatewayStatus] = Field(default_factory=list)
+    """Every gateway node that reported for this server, healthy or not, by name."""
 
     addresses: list[str] = Field(default_factory=list)
     """The server's own tunnel addresses, one per family of the pool, plain IPs without a prefix."""
@@ -269,6 +293,9 @@ class VpnPeerStatus(Model):
 
     endpoint: str | None = None
     """Where the peer's packets last came from, as seen by a gateway."""
+
+    gateway: str | None = None
+    """The gateway node of the latest handshake: the one the peer talks to now."""
 
     rx_bytes: int | None = Field(default=None, alias="rxBytes")
     """Bytes received from the peer."""

@@ -17,9 +17,11 @@ READY = "Ready"
 # nothing is missing (found, or taken from the spec, or DNS switched off); False names what to set.
 POD_NETWORK = "PodNetwork"
 CLUSTER_DNS = "ClusterDNS"
+GATEWAYS = "Gateways"
+"""Whether some gateway node serves the server, naming the ones that do not and why."""
 
 # The condition types the operator writes on a VpnServer; others (the agents' Dataplane) are kept as found.
-SERVER_CONDITIONS = (READY, POD_NETWORK, CLUSTER_DNS)
+SERVER_CONDITIONS = (READY, POD_NETWORK, CLUSTER_DNS, GATEWAYS)
 
 
 class Reason(StrEnum):
@@ -36,6 +38,14 @@ class Reason(StrEnum):
     POOL_OVERLAPS_ROUTES = "PoolOverlapsRoutes"
     ENDPOINT_PENDING = "EndpointPending"
     NO_ROUTES = "NoRoutes"
+    NO_HEALTHY_GATEWAY = "NoHealthyGateway"
+    """Also the Gateways condition's, when no gateway serves the server."""
+    # Gateways, VpnServer; and each entry of status.gateways
+    GATEWAYS_SERVING = "GatewaysServing"
+    SERVING = "Serving"
+    NOT_PROGRAMMED = "NotProgrammed"
+    LEASE_EXPIRED = "LeaseExpired"
+    NODE_NOT_FOUND = "NodeNotFound"
     # Ready, VpnPeer
     SERVER_NOT_FOUND = "ServerNotFound"
     SERVER_NOT_READY = "ServerNotReady"

@@ -8,6 +8,14 @@ An agent serving VpnServer ``S`` in namespace ``N`` watches, in ``N`` only:
 3. the Secrets labelled ``kvpn.dev/server=<S>, kvpn.dev/role=peer``: one **peer binding** per peer
    (``PeerBinding``), named after the peer's address.
 
+and reports back, per server it serves, a **gateway lease** (``GatewayReport``): a
+coordination.k8s.io Lease in ``N`` named ``gateway_lease_name(S, node)``, renewed every
+``GATEWAY_RENEW_SECONDS`` while the agent runs. The operator sends laptops only to gateways whose lease
+is current and says the server is programmed: the server's Service endpoints, its status.endpoints, the
+endpoint in peers' configs. A node that stops renewing (its network cut, the node down) is out once the
+lease runs out; an agent that stops on purpose while its dataplane stays (a restart, an upgrade)
+renews once for ``GATEWAY_HANDOVER_SECONDS``, so that its restart moves no laptop.
+
 Why this shape:
 
 - *Within a second.* Agents hold a watch on these objects (no mounted files, which kubelet refreshes
@@ -27,6 +35,7 @@ Why this shape:
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import json
 from typing import Any
@@ -48,6 +57,17 @@ SERVER_KEY_DATA = "privateKey"
 ROLE_PEER = "peer"
 ROLE_SERVER_KEY = "server-key"
 ROLE_PEER_CONFIG = "peer-config"
+ROLE_GATEWAY = "gateway"
+
+ANNOTATION_GATEWAY = "kvpn.dev/gateway"
+"""On a gateway lease: the agent's GatewayReport, as JSON."""
+
+GATEWAY_LEASE_SECONDS = 10
+"""How long a gateway lease holds after its renewal: a node that went silent is out within this."""
+GATEWAY_RENEW_SECONDS = 2.0
+"""How often an agent renews its leases (and how soon a change of its verdict shows)."""
+GATEWAY_HANDOVER_SECONDS = 60
+"""The lease an agent leaves when it stops while the dataplane stays: its successor renews well within it."""
 
 # Secret types (names of kinds of Secret, not secrets themselves).
 SECRET_TYPE_BINDING = "kvpn.dev/peer-binding"  # noqa: S105
@@ -76,6 +96,34 @@ def binding_secret_name(server: str, address: str) -> str:
 def peer_config_secret_name(peer: str) -> str:
     """Name of the Secret holding a peer's wg0.conf, in the peer's namespace."""
     return f"kvpn-peer-{peer}"
+
+
+def gateway_lease_name(server: str, node: str) -> str:
+    """Name of the lease a gateway node holds for a server: kvpn-<server>.<node>, a DNS subdomain;
+    hashed when a long node name would make it too long."""
+    name = f"kvpn-{server}.{node}"
+    if len(name) <= 253:
+        return name
+    digest = hashlib.sha256(node.encode()).hexdigest()[:16]
+    return f"kvpn-{server}.{node[: 253 - len(server) - 23]}-{digest}"
+
+
+def gateway_selector(server: str) -> str:
+    """Label selector of a server's gateway leases."""
+    return f"{LABEL_SERVER}={server},{LABEL_ROLE}={ROLE_GATEWAY}"
+
+
+class GatewayReport(Model):
+    """What an agent says of one server on its node, in the gateway lease."""
+
+    ready: bool
+    """The server's interface is programmed as desired on this node."""
+
+    message: str = ""
+    """Why not, when not ready; what the agent does, when it hands over."""
+
+    backend: str = ""
+    """The WireGuard backend serving it (kernel, userspace)."""
 
 
 def binding_selector(server: str) -> str:

@@ -47,7 +47,7 @@ def owned_by(obj: Obj, owner_uid: str) -> bool:
     return any(ref.get("uid") == owner_uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
 
 
-def _labels(server: str, role: str) -> dict[str, str]:
+def labels(server: str, role: str) -> dict[str, str]:
     return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_SERVER: server, LABEL_ROLE: role}
 
 
@@ -60,7 +60,7 @@ def server_key_secret(server: Obj, private_key: str) -> Obj:
         "metadata": {
             "name": server_key_secret_name(name),
             "namespace": server["metadata"]["namespace"],
-            "labels": _labels(name, ROLE_SERVER_KEY),
+            "labels": labels(name, ROLE_SERVER_KEY),
             "ownerReferences": [owner_reference(server)],
         },
         "data": encode_data({SERVER_KEY_DATA: private_key}),
@@ -93,8 +93,14 @@ def service_name(server: str) -> str:
     return f"kvpn-{server}"
 
 
-def service(server: Obj, spec: VpnServerSpec, gateway_selector: Mapping[str, str]) -> Obj:
-    """The UDP Service in front of the gateways' WireGuard port (LoadBalancer or NodePort)."""
+def service(server: Obj, spec: VpnServerSpec) -> Obj:
+    """The UDP Service in front of the gateways' WireGuard port (LoadBalancer or NodePort).
+
+    No selector: its Endpoints are the gateways that serve this server and are healthy for it, which
+    the operator writes (gateways.endpoints_object). externalTrafficPolicy Local: a node sends what
+    reaches its NodePort to its own gateway only, with the laptop's address kept, so the gateway a
+    laptop dials is the one that holds its session, and sees where to reach the laptop from.
+    """
     name = server["metadata"]["name"]
     port: Obj = {
         "name": "wireguard",
@@ -110,13 +116,13 @@ def service(server: Obj, spec: VpnServerSpec, gateway_selector: Mapping[str, str
         "metadata": {
             "name": service_name(name),
             "namespace": server["metadata"]["namespace"],
-            "labels": _labels(name, "server"),
+            "labels": labels(name, "server"),
             "annotations": dict(spec.expose.annotations),
             "ownerReferences": [owner_reference(server)],
         },
         "spec": {
             "type": str(spec.expose.type),
-            "selector": dict(gateway_selector),
+            "externalTrafficPolicy": "Local",
             "ports": [port],
         },
     }
@@ -129,8 +135,10 @@ def service_patch(existing: Obj, desired: Obj) -> Obj | None:
     """
     patch: Obj = {}
     spec, want = existing.get("spec", {}), desired["spec"]
-    if spec.get("type") != want["type"] or spec.get("selector") != want["selector"]:
-        patch["spec"] = {"type": want["type"], "selector": want["selector"]}
+    policy = want["externalTrafficPolicy"]
+    if spec.get("type") != want["type"] or spec.get("selector") or spec.get("externalTrafficPolicy") != policy:
+        # selector None: a Service from an older kvpn selected every gateway pod, healthy or not.
+        patch["spec"] = {"type": want["type"], "selector": None, "externalTrafficPolicy": policy}
     have_ports = [{k: p.get(k) for k in ("name", "protocol", "port", "targetPort")} for p in spec.get("ports", [])]
     want_ports = [{k: p.get(k) for k in ("name", "protocol", "port", "targetPort")} for p in want["ports"]]
     fixed_port = want["ports"][0].get("nodePort")
@@ -156,7 +164,7 @@ def binding_secret(server: Obj, binding: PeerBinding) -> Obj:
         "metadata": {
             "name": binding.secret_name(name),
             "namespace": server["metadata"]["namespace"],
-            "labels": {**_labels(name, ROLE_PEER), LABEL_PEER_UID: binding.peer_uid},
+            "labels": {**labels(name, ROLE_PEER), LABEL_PEER_UID: binding.peer_uid},
             "annotations": {ANNOTATION_PEER: f"{binding.peer_namespace}/{binding.peer_name}"},
             "ownerReferences": [owner_reference(server)],
         },
@@ -174,7 +182,7 @@ def peer_config_secret(peer: Obj, server_name: str, string_data: Mapping[str, st
         "metadata": {
             "name": peer_config_secret_name(meta["name"]),
             "namespace": meta["namespace"],
-            "labels": _labels(server_name, ROLE_PEER_CONFIG),
+            "labels": labels(server_name, ROLE_PEER_CONFIG),
             "ownerReferences": [owner_reference(peer)],
         },
         "data": encode_data(dict(string_data)),

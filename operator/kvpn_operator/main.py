@@ -55,21 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS domain")
     parser.add_argument(
-        "--gateway-selector",
-        default="app.kubernetes.io/name=kvpn,app.kubernetes.io/component=wireguard-go",
-        help="labels of the pods that hold each gateway node's WireGuard ports: the UDP Service's selector (k=v,k=v)",
-    )
-    parser.add_argument(
         "--dns-service", default="kube-system/kube-dns", help="namespace/name of the cluster DNS Service"
     )
     return parser.parse_args(argv)
-
-
-def _selector(text: str) -> dict[str, str]:
-    pairs = [p.split("=", 1) for p in text.split(",") if p]
-    if any(len(p) != 2 for p in pairs):
-        raise SystemExit(f"kvpn-operator: --gateway-selector wants k=v,k=v; got {text!r}")
-    return dict(pairs)
 
 
 def _load_config() -> None:
@@ -172,7 +160,6 @@ def main(argv: list[str] | None = None) -> None:
         storage=KubeStorage(Kube(_api_client())),
         facts=ClusterFacts(
             cluster_domain=args.cluster_domain,
-            gateway_selector=_selector(args.gateway_selector),
             dns_service=(dns_ns, dns_name),
         ),
     )

@@ -10,17 +10,27 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from kvpn_core import keys
 from kvpn_core.api import ExposeType, Kind, PeerCounts, VpnServerSpec, VpnServerStatus
-from kvpn_core.conditions import CLUSTER_DNS, POD_NETWORK, READY, SERVER_CONDITIONS, Outcome, Reason, set_condition
+from kvpn_core.conditions import (
+    CLUSTER_DNS,
+    GATEWAYS,
+    POD_NETWORK,
+    READY,
+    SERVER_CONDITIONS,
+    Outcome,
+    Reason,
+    find,
+    set_condition,
+)
 from kvpn_core.contract import SERVER_KEY_DATA, server_key_secret_name
 from kvpn_core.kube import KubeError, Retry
-from kvpn_operator import builders, discovery
+from kvpn_operator import builders, discovery, gateways
 from kvpn_operator.ipam import Pool
 from kvpn_operator.memory import ANNOTATION_NUDGE, PeerEntry
 from kvpn_operator.reporting import Report, describe_validation_error
@@ -34,11 +44,6 @@ class ClusterFacts:
     """Cluster facts the operator is told rather than discovers."""
 
     cluster_domain: str = "cluster.local"
-    gateway_selector: Mapping[str, str] = field(
-        default_factory=lambda: {"app.kubernetes.io/name": "kvpn", "app.kubernetes.io/component": "wireguard-go"}
-    )
-    """The pods that hold each gateway node's WireGuard ports, which the UDP Service selects: pods that
-    outlive the agent's restarts, so that a restart never moves a laptop's flow to another gateway."""
     dns_service: tuple[str, str] = ("kube-system", "kube-dns")
 
 
@@ -110,7 +115,7 @@ def ensure_server_key(storage: Storage, server: ServerObject) -> str:
     return base64.b64decode(encoded).decode()
 
 
-def ensure_service(storage: Storage, server: ServerObject, spec: VpnServerSpec, facts: ClusterFacts) -> Obj | None:
+def ensure_service(storage: Storage, server: ServerObject, spec: VpnServerSpec) -> Obj | None:
     """Creates or updates the UDP Service (none for HostPort, where agents listen on the node itself)."""
     namespace, name = server.namespace, builders.service_name(server.name)
     existing = storage.get_service(namespace, name)
@@ -118,7 +123,7 @@ def ensure_service(storage: Storage, server: ServerObject, spec: VpnServerSpec, 
         if existing and builders.owned_by(existing, server.uid):
             storage.delete_service(namespace, name, uid=existing["metadata"]["uid"])
         return None
-    desired = builders.service(server.body, spec, facts.gateway_selector)
+    desired = builders.service(server.body, spec)
     if existing is None:
         created = storage.create_service(namespace, desired)
         if created is None:
@@ -127,6 +132,33 @@ def ensure_service(storage: Storage, server: ServerObject, spec: VpnServerSpec, 
     if patch := builders.service_patch(existing, desired):
         return storage.patch_service(namespace, name, patch)
     return existing
+
+
+def ensure_endpoints(
+    storage: Storage, server: ServerObject, spec: VpnServerSpec, found: list[gateways.Gateway]
+) -> None:
+    """The Service's Endpoints: the healthy gateways; written only when they differ (kube-proxy acts on each write)."""
+    name = builders.service_name(server.name)
+    desired = gateways.endpoints_object(
+        server.body, name, found, spec.listen_port, builders.labels(server.name, "server")
+    )
+    existing = storage.get_endpoints(server.namespace, name)
+    if existing is None:
+        if storage.create_endpoints(server.namespace, desired) is None:
+            raise Retry(f"Endpoints {server.namespace}/{name} appeared meanwhile")
+        return
+    meta = existing.get("metadata") or {}
+    ours = builders.owned_by(existing, server.uid) and (meta.get("labels") or {}) == desired["metadata"]["labels"]
+    if (existing.get("subsets") or []) != desired["subsets"] or not ours:
+        # Whole: a merge patch replaces lists, and takes over an Endpoints an older kvpn's selector left.
+        storage.patch_endpoints(
+            server.namespace,
+            name,
+            {
+                "metadata": {k: desired["metadata"][k] for k in ("labels", "ownerReferences")},
+                "subsets": desired["subsets"],
+            },
+        )
 
 
 def _pool_overlap(spec: VpnServerSpec) -> str | None:
@@ -166,8 +198,12 @@ def reconcile_server(
         return _finish(storage, server, status, spec, now)
 
     private_key = ensure_server_key(storage, server)
-    service = ensure_service(storage, server, spec, facts)
+    service = ensure_service(storage, server, spec)
     nodes = storage.list_nodes()
+    found = gateways.read_gateways(storage.list_gateway_leases(server.namespace, server.name), nodes, now)
+    if service is not None:
+        ensure_endpoints(storage, server, spec, found)
+    choice = gateways.choose(spec, service, nodes, found, status.endpoint)
 
     pod_networks = discovery.pod_cidrs(nodes)
     routes = list(spec.routes) or [*service_networks.get(storage, server.namespace), *pod_networks]
@@ -176,13 +212,19 @@ def reconcile_server(
         dns_service = storage.get_service(*facts.dns_service)
     nameserver, dns = discovery.cluster_dns(spec, dns_service, facts.dns_service)
     search = (list(spec.dns.search) or discovery.default_search(facts.cluster_domain)) if spec.dns.enabled else []
-    gaps = {POD_NETWORK: discovery.pod_network(spec, pod_networks), CLUSTER_DNS: dns}
+    gaps = {
+        POD_NETWORK: discovery.pod_network(spec, pod_networks),
+        CLUSTER_DNS: dns,
+        GATEWAYS: gateways.outcome(found, spec.node_selector),
+    }
     peer_list = list(peers())
     total = sum(p.has_address for p in peer_list)
     observed = status.model_copy(
         update={
             "public_key": keys.public_key_of(private_key),
-            "endpoint": discovery.endpoint(spec, service, nodes),
+            "endpoint": choice.endpoint,
+            "endpoints": choice.endpoints,
+            "gateways": choice.gateways,
             "addresses": Pool(spec.address_pool).server_addresses(),
             "routes": routes,
             "dns_nameserver": nameserver,
@@ -199,6 +241,10 @@ def reconcile_server(
     # index by now (kopf indexes an object before handling it), and learns of the new revision here.
     current = observed.revision or ""
     nudge(storage, [p for p in peers() if current not in (p.server_revision, p.nudge)], current)
+    was = find(status.conditions, READY)
+    if was is not None and was.status != "True" and outcome.status == "True":
+        # Ready again (a gateway came back): peers that waited for it are not waiting on a new revision.
+        nudge(storage, [p for p in peers() if not p.ready], f"ready-{now:%Y%m%dT%H%M%S}")
     return report
 
 
@@ -216,6 +262,8 @@ def serving_outcome(
     its message names what `gaps` (the discovery conditions) say peers lack."""
     if endpoint is None:
         return Outcome.waiting(Reason.ENDPOINT_PENDING, _endpoint_hint(spec))
+    if (serving := gaps.get(GATEWAYS)) is not None and serving.status != "True":
+        return Outcome.waiting(Reason.NO_HEALTHY_GATEWAY, serving.finding.message)
     if not routes:
         return Outcome.rejected(
             Reason.NO_ROUTES,

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvpn_core.api import API_VERSION, PLURALS, Kind, VpnPeerStatus, VpnServerStatus
 from kvpn_core.conditions import READY
+from kvpn_core.contract import gateway_selector
 from kvpn_core.kube import ConflictError, InvalidError, Kube, KubeError, NotFoundError, core_path, kvpn_path
 
 Obj = dict[str, Any]
@@ -151,6 +152,18 @@ class Storage(Protocol):
         """Every Node, from the watch cache."""
         ...
 
+    def list_gateway_leases(self, namespace: str, server: str) -> list[Obj]:
+        """The gateway leases the agents hold for a server (kvpn_core.contract), read past the watch cache."""
+        ...
+
+    def get_endpoints(self, namespace: str, name: str) -> Obj | None: ...
+
+    def create_endpoints(self, namespace: str, endpoints: Obj) -> Obj | None:
+        """The created Endpoints; None when one of that name exists already (409)."""
+        ...
+
+    def patch_endpoints(self, namespace: str, name: str, patch: Obj) -> Obj: ...
+
     def list_service_cidrs(self, version: str) -> list[Obj] | None:
         """The ServiceCIDR objects of networking.k8s.io/`version`; None when the API server serves none."""
         ...
@@ -232,6 +245,23 @@ class KubeStorage:
 
     def list_nodes(self) -> list[Obj]:
         return self._kube.list(core_path("nodes"), cached=True)
+
+    def list_gateway_leases(self, namespace: str, server: str) -> list[Obj]:
+        # Not from the watch cache: a lease renewed a moment ago must count as renewed.
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        return self._kube.list(path, label_selector=gateway_selector(server))
+
+    def get_endpoints(self, namespace: str, name: str) -> Obj | None:
+        return self._kube.get(core_path("endpoints", namespace, name))
+
+    def create_endpoints(self, namespace: str, endpoints: Obj) -> Obj | None:
+        try:
+            return self._kube.create(core_path("endpoints", namespace), endpoints)
+        except ConflictError:
+            return None
+
+    def patch_endpoints(self, namespace: str, name: str, patch: Obj) -> Obj:
+        return self._kube.merge_patch(core_path("endpoints", namespace, name), patch)
 
     def list_service_cidrs(self, version: str) -> list[Obj] | None:
         try:

@@ -295,28 +295,6 @@ def test_agent_runs_with_net_admin_only_on_the_host_network(helm: Helm) -> None:
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
 
 
-def gateway_selector(docs: list[Doc]) -> dict[str, str]:
-    """The operator's --gateway-selector: what each VpnServer's UDP Service selects."""
-    flag = "--gateway-selector="
-    selector = next(a for a in container(one(docs, "Deployment"))["args"] if a.startswith(flag))
-    return dict(p.split("=", 1) for p in selector.removeprefix(flag).split(","))
-
-
-@pytest.mark.parametrize(
-    ("backend", "gateways"), [("auto", WIREGUARD_GO), ("userspace", WIREGUARD_GO), ("kernel", AGENT)]
-)
-def test_the_udp_services_select_the_pods_that_outlive_agent_restarts(helm: Helm, backend: str, gateways: str) -> None:
-    """The wireguard-go pods where the chart runs them: an agent restart then changes no Service endpoint
-    (which would have kube-proxy move a laptop's flow to another gateway); the agents with backend=kernel."""
-    docs = helm.template(f"agent.backend={backend}")
-    selector = gateway_selector(docs)
-    assert {"app.kubernetes.io/name", "app.kubernetes.io/component"} <= set(selector)
-    for daemonset in find(docs, "DaemonSet"):
-        labels = daemonset["spec"]["template"]["metadata"]["labels"]
-        selected = selector.items() <= labels.items()
-        assert selected == (daemonset["metadata"]["name"] == gateways), daemonset["metadata"]["name"]
-
-
 def test_agent_declares_a_host_port_only_for_the_host_port_expose_type(helm: Helm) -> None:
     def wireguard_port(*sets: str) -> Doc:
         ports = container(one(helm.template(*sets), "DaemonSet", AGENT))["ports"]

@@ -383,8 +383,8 @@ def test_a_condition_of_another_type_survives_a_reconcile(kvpn: Kvpn, namespace:
         return found if status.get("observedGeneration") == found["metadata"]["generation"] else None
 
     server = wait_for("the server's reconcile", reconciled)
-    # The server's discovery conditions (PodNetwork, ClusterDNS) are the operator's too.
-    expected = {PEERS: {"Ready", "Dataplane"}, SERVERS: {"Ready", "PodNetwork", "ClusterDNS", "Dataplane"}}
+    # The server's discovery and Gateways conditions are the operator's too.
+    expected = {PEERS: {"Ready", "Dataplane"}, SERVERS: {"Ready", "PodNetwork", "ClusterDNS", "Gateways", "Dataplane"}}
     for plural, obj in ((PEERS, peer), (SERVERS, server)):
         by_type = {c["type"]: c for c in obj["status"]["conditions"]}
         assert set(by_type) == expected[plural], obj["status"]

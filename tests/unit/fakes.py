@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import datetime as dt
 import itertools
 import os
 import re
@@ -13,6 +14,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kvpn_core.api import API_VERSION, PLURALS, Kind
+from kvpn_core.contract import (
+    ANNOTATION_GATEWAY,
+    GATEWAY_LEASE_SECONDS,
+    LABEL_MANAGED_BY,
+    LABEL_ROLE,
+    LABEL_SERVER,
+    MANAGED_BY,
+    ROLE_GATEWAY,
+    GatewayReport,
+    gateway_lease_name,
+    gateway_selector,
+)
 from kvpn_core.kube import ConflictError, KubeError, NotFoundError
 
 Obj = dict[str, Any]
@@ -23,6 +36,8 @@ KINDS = {
     "secrets": ("v1", "Secret"),
     "services": ("v1", "Service"),
     "nodes": ("v1", "Node"),
+    "endpoints": ("v1", "Endpoints"),
+    "leases": ("coordination.k8s.io/v1", "Lease"),
     **{PLURALS[k]: (API_VERSION, k.value) for k in Kind},
 }
 
@@ -218,26 +233,45 @@ class FakeStorage:
     def list_nodes(self) -> list[Obj]:
         return [copy.deepcopy(o) for (r, _, _), o in sorted(self.objects.items()) if r == "nodes"]
 
+    def list_gateway_leases(self, namespace: str, server: str) -> list[Obj]:
+        return [
+            copy.deepcopy(o)
+            for (r, ns, _), o in sorted(self.objects.items())
+            if r == "leases" and ns == namespace and _matches(o, gateway_selector(server))
+        ]
+
+    def get_endpoints(self, namespace: str, name: str) -> Obj | None:
+        return self.read("endpoints", namespace, name)
+
+    def create_endpoints(self, namespace: str, endpoints: Obj) -> Obj | None:
+        return self._create("endpoints", namespace, endpoints)
+
+    def patch_endpoints(self, namespace: str, name: str, patch: Obj) -> Obj:
+        return self._patch("endpoints", namespace, name, patch)
+
     def list_service_cidrs(self, version: str) -> list[Obj] | None:
         return None  # as on clusters before 1.33: the probe's refusal names the range
 
 
 class FakeKube:
-    """kvpn_core.kube.Kube's get, list and merge_patch, answered as the API server would, in memory.
+    """kvpn_core.kube.Kube's get, list, create, merge_patch and delete, answered as the API server would, in memory.
 
     Objects are kept by REST path (``kvpn_path`` or ``core_path`` of the object). Every write gets a
     new, higher resourceVersion (a patch that changes nothing writes nothing, as on the API server);
     a merge patch carrying a stale metadata.resourceVersion is refused with 409; a patch of a missing
-    object is a 404; a patch of ``<path>/status`` changes only the status, one of ``<path>`` anything
-    but the status (the status subresource). Reads return copies.
+    object is a 404; a create (POST to the collection) of a name that exists is a 409; a delete of a
+    missing object answers False, as Kube.delete does on 404; a patch of ``<path>/status`` changes
+    only the status, one of ``<path>`` anything but the status (the status subresource). Reads
+    return copies.
 
     What the tests steer: ``conflicts``, the next N patches refused with 409 whatever they carry (as
     if another writer had just changed the object, or deleted it); ``down``, every request fails as
     when the API server cannot be reached; ``errors(path)``, an exception a request of that path
     raises instead of an answer (None: answered); ``meanwhile(path)``, another writer acting after a
     get is answered, before the caller can act on what it read.
-    What the tests read back: ``gets`` (paths), ``lists`` (path and keyword arguments) and ``patches``
-    (path and patch), every request the client made, whatever its answer.
+    What the tests read back: ``gets`` (paths), ``lists`` (path and keyword arguments), ``patches``
+    (path and patch), ``creates`` (collection path and object) and ``deletes`` (paths), every request
+    the client made, whatever its answer.
     """
 
     def __init__(self, *, conflicts: int = 0, errors: Callable[[str], Exception | None] | None = None) -> None:
@@ -245,6 +279,8 @@ class FakeKube:
         self.gets: list[str] = []
         self.lists: list[tuple[str, dict[str, Any]]] = []
         self.patches: list[tuple[str, Obj]] = []
+        self.creates: list[tuple[str, Obj]] = []
+        self.deletes: list[str] = []
         self.conflicts = conflicts
         self.down = False
         self.errors = errors
@@ -315,6 +351,25 @@ class FakeKube:
             raise ConflictError(409, "the object has been modified; please apply your changes to the latest version")
         return self._apply(path, patch)
 
+    def create(self, path: str, body: Obj, *, dry_run: bool = False) -> Obj:
+        self.creates.append((path, copy.deepcopy(body)))
+        self._refuse(path)
+        object_path = f"{path}/{body['metadata']['name']}"
+        if object_path in self.objects:
+            raise ConflictError(409, f'"{body["metadata"]["name"]}" already exists')
+        if dry_run:
+            return copy.deepcopy(body)
+        return self.put(object_path, body)
+
+    def delete(self, path: str, *, uid: str | None = None) -> bool:
+        self.deletes.append(path)
+        self._refuse(path)
+        current = self.objects.get(path)
+        if current is None or (uid is not None and current["metadata"]["uid"] != uid):
+            return False
+        del self.objects[path]
+        return True
+
     # --- the API server's behaviour ------------------------------------------------------------------
 
     def _refuse(self, path: str) -> None:
@@ -352,3 +407,35 @@ def _collections(path: str) -> tuple[str, str]:
     """The collection paths an object's path is listed under: its namespace's, and all namespaces'."""
     collection = path.rsplit("/", 1)[0]
     return collection, re.sub(r"/namespaces/[^/]+/", "/", collection)
+
+
+def a_gateway(
+    storage: FakeStorage,
+    namespace: str,
+    server: str,
+    node: str = "node-a",
+    *,
+    renewed: dt.datetime,
+    ready: bool = True,
+    message: str = "",
+    address: str = "192.0.2.10",
+    duration: int = GATEWAY_LEASE_SECONDS,
+) -> Obj:
+    """A gateway node for a server, as an agent reports it: the Node (made when missing) and the lease."""
+    if storage.read("nodes", "", node) is None:
+        status = {"addresses": [{"type": "InternalIP", "address": address}]}
+        storage.put("nodes", {"metadata": {"name": node}, "status": status})
+    lease = {
+        "metadata": {
+            "name": gateway_lease_name(server, node),
+            "namespace": namespace,
+            "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_SERVER: server, LABEL_ROLE: ROLE_GATEWAY},
+            "annotations": {ANNOTATION_GATEWAY: GatewayReport(ready=ready, message=message).model_dump_json()},
+        },
+        "spec": {
+            "holderIdentity": node,
+            "leaseDurationSeconds": duration,
+            "renewTime": renewed.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        },
+    }
+    return storage.put("leases", lease)

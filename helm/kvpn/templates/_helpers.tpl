@@ -72,23 +72,6 @@ annotations:
 {{- end -}}
 {{- end -}}
 
-{{/*
-The operator's --gateway-selector: the labels of the pods that hold each gateway node's WireGuard
-ports, which the UDP Service the operator creates for a VpnServer selects. The wireguard-go pods
-where the chart runs them (they outlive the agent's restarts and updates: a Service endpoint that
-went away would have kube-proxy move a laptop's flow to another gateway, which has no session with
-it), else (backend=kernel) the agent pods.
-*/}}
-{{- define "kvpn.gatewaySelector" -}}
-{{- $component := eq .Values.agent.backend "kernel" | ternary "agent" "wireguard-go" -}}
-{{- $labels := fromYaml (include "kvpn.componentSelectorLabels" (dict "root" . "component" $component)) -}}
-{{- $pairs := list -}}
-{{- range $key := keys $labels | sortAlpha -}}
-{{- $pairs = append $pairs (printf "%s=%s" $key (get $labels $key)) -}}
-{{- end -}}
-{{- join "," $pairs -}}
-{{- end -}}
-
 {{- define "kvpn.operatorServiceAccountName" -}}
 {{- if .Values.operator.serviceAccount.create -}}
 {{- default (printf "%s-operator" (include "kvpn.fullname" .)) .Values.operator.serviceAccount.name -}}

@@ -23,6 +23,7 @@ from harness.agent_process import SupervisorProcess, fake_wireguard_go
 from harness.factories import binding_secret
 from kvpn_agent.dataplane import Dataplane, KernelFirstLink, KernelFirstWireGuard
 from kvpn_agent.desired import DesiredServer, build_desired, interface_name, legacy_interface_name
+from kvpn_agent.gateway_lease import GatewayLeases, lease_path
 from kvpn_agent.metrics import Metrics
 from kvpn_agent.observed import ObservedDevice, ObservedLink, ObservedPeer
 from kvpn_agent.processes import WireGuardGoProcesses
@@ -36,8 +37,20 @@ from kvpn_agent.uapi import UapiError
 from kvpn_agent.watch import Obj, Store, key_of
 from kvpn_agent.wire import DeviceConfig, PeerConfig, sort_networks
 from kvpn_core.conditions import Reason
-from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, ROLE_SERVER_KEY, PeerBinding, encode_data
+from kvpn_core.contract import (
+    ANNOTATION_GATEWAY,
+    GATEWAY_HANDOVER_SECONDS,
+    LABEL_ROLE,
+    LABEL_SERVER,
+    ROLE_PEER,
+    ROLE_SERVER_KEY,
+    GatewayReport,
+    PeerBinding,
+    encode_data,
+    gateway_lease_name,
+)
 from kvpn_core.keys import public_key_of
+from tests.unit.fakes import FakeKube
 
 NS, NAME = "team", "office"
 IFACE = interface_name(NS, NAME)
@@ -223,12 +236,14 @@ def start(
     wggo: WireGuardGoProcesses | None = None,
     ready_file: Path | None = None,
     dataplane: Dataplane | None = None,
+    leases: GatewayLeases | None = None,
 ) -> Iterator[Running]:
     node = node or FakeNode()
     dataplane = dataplane or Dataplane("userspace", node, node, node, node, node, lambda families: [], wggo)  # type: ignore[arg-type]
     settings = Settings(resync_seconds=3600, report_seconds=3600, start_timeout=0.2, ready_file=ready_file)
     state = StateFile(tmp_path / "state")
     agent = Agent(settings, dataplane, state, api=None, metrics=Metrics())
+    agent.leases = leases
     servers, secrets = FilledWatch(Store()), FilledWatch(Store(secret_index))
     if synced:
         servers.synced.set()
@@ -662,3 +677,73 @@ def test_a_kernel_fallback_is_a_dataplane_condition_naming_it(tmp_path: Path) ->
     assert target[1:] == (NS, NAME)
     assert reason == Reason.KERNEL_WIREGUARD_FAILED
     assert "served by the userspace backend (wireguard-go) instead" in message
+
+
+# --- gateway leases --------------------------------------------------------------------------------
+
+GATEWAY = "gw-1"
+LEASE = lease_path(NS, gateway_lease_name(NAME, GATEWAY))
+
+
+def served_server(version: str = "1", **spec: Any) -> Obj:
+    """The VpnServer as the API server returns it: with the uid its gateway leases are owned by."""
+    obj = server_obj(version, **spec)
+    obj["metadata"]["uid"] = "uid-office"
+    return obj
+
+
+def lease_report(kube: FakeKube) -> GatewayReport | None:
+    lease = kube.read(LEASE)
+    return (
+        None
+        if lease is None
+        else GatewayReport.model_validate_json(lease["metadata"]["annotations"][ANNOTATION_GATEWAY])
+    )
+
+
+def test_a_programmed_server_gets_a_ready_lease_and_a_failing_one_a_lease_that_says_why(tmp_path: Path) -> None:
+    kube, node = FakeKube(), FakeNode()
+    leases = GatewayLeases(kube, GATEWAY)  # type: ignore[arg-type]
+    with start(tmp_path, node=node, objs=[served_server(), key_secret(), binding(0)], leases=leases) as running:
+        wait(lambda: lease_report(kube) is not None, "the lease", timeout=1)  # the first pass, not the 2 s tick
+        # The test's dataplane has no wireguard-go processes, so its interfaces count as the kernel's.
+        assert lease_report(kube) == GatewayReport(ready=True, message="", backend="kernel")
+
+        node.refuse = EADDRINUSE  # the new port is taken
+        running.change(served_server(version="2", listenPort=51821))
+        wait(lambda: not lease_report(kube).ready, "the failure in the lease", timeout=1)  # type: ignore[union-attr]
+        report = lease_report(kube)
+        assert report is not None
+        assert report.message.startswith("UDP port 51821 is taken by another process on the node")
+    # Stopped: the kernel's interface stays, and the lease says so for a minute.
+    lease = kube.read(LEASE)
+    assert lease is not None
+    assert lease["spec"]["leaseDurationSeconds"] == GATEWAY_HANDOVER_SECONDS
+    assert lease_report(kube) == GatewayReport(
+        ready=False, message="agent stopping; the dataplane stays", backend="kernel"
+    )
+
+
+def test_a_server_this_agent_never_programmed_gets_no_lease(tmp_path: Path) -> None:
+    kube, node = FakeKube(), FakeNode()
+    node.refuse = EADDRINUSE
+    leases = GatewayLeases(kube, GATEWAY)  # type: ignore[arg-type]
+    with start(tmp_path, node=node, objs=[served_server(), key_secret(), binding(0)], leases=leases) as running:
+        wait(running.agent.synced.is_set, "the first pass")
+        threading.Event().wait(0.5)
+        assert not running.agent.readiness()[0]
+        assert kube.creates == []
+
+
+def test_a_server_left_running_by_the_previous_agent_is_claimed_after_the_first_pass(tmp_path: Path) -> None:
+    kube, node = FakeKube(), FakeNode()
+    node.links[IFACE] = ObservedLink(mtu=1420, up=True)  # the previous agent's, still serving
+    node.devices[IFACE] = ObservedDevice()
+    node.refuse = EADDRINUSE  # and this pass cannot program it
+    leases = GatewayLeases(kube, GATEWAY)  # type: ignore[arg-type]
+    with start(tmp_path, node=node, objs=[served_server(), key_secret(), binding(0)], leases=leases):
+        wait(lambda: lease_report(kube) is not None, "the lease", timeout=1)
+        report = lease_report(kube)
+        assert report is not None
+        assert not report.ready
+        assert "UDP port 51820 is taken" in report.message

@@ -1,4 +1,4 @@
-"""Peer status reports: only on change, at most once per 15 s per peer, the freshest gateway wins."""
+"""Peer status reports: only on change, at most once per 15 s per peer, the freshest gateway wins and names itself."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ def stats(peer: str = "alice", handshake: float | None = T, rx: int = 100, tx: i
     return PeerStats("vpn", "office", "team", peer, f"key-{peer}", handshake, rx, tx, "192.0.2.7:4000")
 
 
-def test_a_patch_holds_only_the_agents_four_fields() -> None:
+def test_a_patch_holds_only_the_agents_five_fields() -> None:
     current = {"address": "10.8.0.2", "conditions": [{"type": "Ready"}]}
-    assert status_patch(current, stats()) == {
+    assert status_patch(current, stats(), "gw-a") == {
         "lastHandshake": "2023-11-14T22:13:20Z",
+        "gateway": "gw-a",
         "rxBytes": 100,
         "txBytes": 200,
         "endpoint": "192.0.2.7:4000",
@@ -29,16 +30,34 @@ def test_a_patch_holds_only_the_agents_four_fields() -> None:
 
 
 def test_nothing_to_say_without_a_handshake_or_without_a_change() -> None:
-    assert status_patch({}, stats(handshake=None)) is None
-    same = {"lastHandshake": rfc3339(T), "rxBytes": 100, "txBytes": 200, "endpoint": "192.0.2.7:4000"}
-    assert status_patch(same, stats()) is None
+    assert status_patch({}, stats(handshake=None), "gw-a") is None
+    same = {
+        "lastHandshake": rfc3339(T),
+        "gateway": "gw-a",
+        "rxBytes": 100,
+        "txBytes": 200,
+        "endpoint": "192.0.2.7:4000",
+    }
+    assert status_patch(same, stats(), "gw-a") is None
 
 
 def test_another_gateways_fresher_handshake_wins() -> None:
-    fresher = {"lastHandshake": rfc3339(T + 30), "rxBytes": 5, "txBytes": 5, "endpoint": "198.51.100.1:1"}
-    assert status_patch(fresher, stats()) is None
+    fresher = {
+        "lastHandshake": rfc3339(T + 30),
+        "gateway": "gw-b",
+        "rxBytes": 5,
+        "txBytes": 5,
+        "endpoint": "198.51.100.1:1",
+    }
+    assert status_patch(fresher, stats(), "gw-a") is None
     older = {**fresher, "lastHandshake": rfc3339(T - 30)}
-    assert status_patch(older, stats()) is not None
+    assert status_patch(older, stats(), "gw-a") == {
+        "lastHandshake": rfc3339(T),
+        "gateway": "gw-a",  # the peer moved here: takeover decisions go by this field
+        "rxBytes": 100,
+        "txBytes": 200,
+        "endpoint": "192.0.2.7:4000",
+    }
 
 
 def peer_path(name: str) -> str:
@@ -58,7 +77,7 @@ def kube() -> FakeKube:
 
 def test_writes_are_conditional_rate_limited_and_only_on_change(kube: FakeKube) -> None:
     clock = Clock()
-    reporter = StatusReporter(kube, clock=clock)  # type: ignore[arg-type]
+    reporter = StatusReporter(kube, node="gw-a", clock=clock)  # type: ignore[arg-type]
     read = kube.read(peer_path("alice"))
     assert read is not None
     assert reporter.report([stats()]) == 1
@@ -66,6 +85,9 @@ def test_writes_are_conditional_rate_limited_and_only_on_change(kube: FakeKube) 
     assert path.endswith("/vpnpeers/alice/status")
     version = read["metadata"]["resourceVersion"]
     assert patch["metadata"] == {"resourceVersion": version}  # a concurrent writer makes this a 409, not a loss
+    written = kube.read(peer_path("alice"))
+    assert written is not None
+    assert written["status"]["gateway"] == "gw-a"
 
     assert reporter.report([stats()]) == 0  # nothing changed
     clock.now += 5
@@ -77,7 +99,7 @@ def test_writes_are_conditional_rate_limited_and_only_on_change(kube: FakeKube) 
 
 
 def test_a_conflict_is_retried_in_the_next_pass(kube: FakeKube) -> None:
-    reporter = StatusReporter(kube, clock=Clock())  # type: ignore[arg-type]
+    reporter = StatusReporter(kube, node="gw-a", clock=Clock())  # type: ignore[arg-type]
     kube.conflicts = 1
     assert reporter.report([stats()]) == 0
     assert reporter.report([stats()]) == 1
@@ -86,13 +108,13 @@ def test_a_conflict_is_retried_in_the_next_pass(kube: FakeKube) -> None:
 def test_many_peers_of_a_namespace_are_read_with_one_list(kube: FakeKube) -> None:
     for i in range(30):
         add(kube, f"p{i}")
-    reporter = StatusReporter(kube, clock=Clock())  # type: ignore[arg-type]
+    reporter = StatusReporter(kube, node="gw-a", clock=Clock())  # type: ignore[arg-type]
     assert reporter.report([stats(f"p{i}") for i in range(30)]) == 30
     assert len(kube.lists) == 1
 
 
 def test_an_unreachable_api_server_is_raised_and_nothing_is_marked(kube: FakeKube) -> None:
-    reporter = StatusReporter(kube, clock=Clock())  # type: ignore[arg-type]
+    reporter = StatusReporter(kube, node="gw-a", clock=Clock())  # type: ignore[arg-type]
     kube.down = True
     with pytest.raises(KubeError):
         reporter.report([stats()])

@@ -9,6 +9,7 @@ import pytest
 from kvpn_core.api import Condition
 from kvpn_core.conditions import (
     CLUSTER_DNS,
+    GATEWAYS,
     POD_NETWORK,
     READY,
     SERVER_CONDITIONS,
@@ -188,8 +189,8 @@ def test_missing_outcomes_are_warnings() -> None:
     assert (outcome.status, outcome.warning) == ("False", True)
 
 
-def test_the_server_owns_its_discovery_conditions() -> None:
-    assert SERVER_CONDITIONS == (READY, POD_NETWORK, CLUSTER_DNS)
+def test_the_server_owns_its_discovery_and_gateways_conditions() -> None:
+    assert SERVER_CONDITIONS == (READY, POD_NETWORK, CLUSTER_DNS, GATEWAYS)
 
 
 # --- reading conditions: current only when written for the object's generation ---------------------

@@ -30,7 +30,6 @@ PEER: Obj = {
     "kind": "VpnPeer",
     "metadata": {"name": "alice", "namespace": "dev", "uid": "7d1c2a44-5e0f-4b8e-a0c2-6a9f4e3b2d10"},
 }
-GATEWAY_SELECTOR = {"app.kubernetes.io/name": "kvpn", "app.kubernetes.io/component": "wireguard-go"}
 # RFC 7748 section 6.1: Bob's private key serves as the server's, Alice's public key as the peer's.
 SERVER_PRIVATE = "XasIfmJKikt54X+Lg4AO5m87sSkmGLb9HC+LJ/+I4Os="
 PEER_PUBLIC = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
@@ -63,7 +62,7 @@ def server_spec(**fields: Any) -> VpnServerSpec:
 
 CASES: dict[str, Callable[[], Obj]] = {
     "builders_server_key_secret": lambda: builders.server_key_secret(SERVER, SERVER_PRIVATE),
-    "builders_service_nodeport": lambda: builders.service(SERVER, server_spec(), GATEWAY_SELECTOR),
+    "builders_service_nodeport": lambda: builders.service(SERVER, server_spec()),
     "builders_service_loadbalancer": lambda: builders.service(
         SERVER,
         server_spec(
@@ -74,7 +73,6 @@ CASES: dict[str, Callable[[], Obj]] = {
                 "annotations": {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"},
             },
         ),
-        GATEWAY_SELECTOR,
     ),
     "builders_binding": lambda: builders.binding_secret(SERVER, BINDING),
     "builders_peer_config_secret": lambda: builders.peer_config_secret(PEER, "office", PEER_CONFIG),
@@ -143,9 +141,9 @@ def filled_in_by_the_api_server(service: Obj) -> Obj:
         ipFamilies=["IPv4"],
         ipFamilyPolicy="SingleStack",
         sessionAffinity="None",
-        externalTrafficPolicy="Cluster",
         internalTrafficPolicy="Cluster",
     )
+    spec.setdefault("externalTrafficPolicy", "Cluster")
     for port in spec["ports"]:
         port.setdefault("nodePort", 30417)
     live["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}
@@ -161,53 +159,58 @@ SPECS = {
 
 @pytest.mark.parametrize("name", SPECS)
 def test_service_patch_none_when_only_server_filled_fields_differ(name: str) -> None:
-    desired = builders.service(SERVER, SPECS[name], GATEWAY_SELECTOR)
+    desired = builders.service(SERVER, SPECS[name])
     assert builders.service_patch(filled_in_by_the_api_server(desired), desired) is None
 
 
 def test_service_patch_on_type_change() -> None:
-    live = filled_in_by_the_api_server(builders.service(SERVER, SPECS["nodeport"], GATEWAY_SELECTOR))
-    desired = builders.service(SERVER, server_spec(expose={"type": "LoadBalancer"}), GATEWAY_SELECTOR)
+    live = filled_in_by_the_api_server(builders.service(SERVER, SPECS["nodeport"]))
+    desired = builders.service(SERVER, server_spec(expose={"type": "LoadBalancer"}))
     assert builders.service_patch(live, desired) == {
-        "spec": {"type": "LoadBalancer", "selector": GATEWAY_SELECTOR},
+        "spec": {"type": "LoadBalancer", "selector": None, "externalTrafficPolicy": "Local"},
     }
 
 
-def test_service_patch_on_selector_change() -> None:
-    live = filled_in_by_the_api_server(builders.service(SERVER, SPECS["nodeport"], GATEWAY_SELECTOR))
-    desired = builders.service(SERVER, SPECS["nodeport"], {"app": "kvpn-agent"})
-    assert builders.service_patch(live, desired) == {"spec": {"type": "NodePort", "selector": {"app": "kvpn-agent"}}}
+def test_a_service_that_selects_pods_loses_its_selector() -> None:
+    """An older kvpn's Service selected every gateway pod, on every node, healthy or not: the selector goes,
+    and the Endpoints the operator writes (the healthy gateways of this server) are all it sends to."""
+    live = filled_in_by_the_api_server(builders.service(SERVER, SPECS["nodeport"]))
+    live["spec"]["selector"] = {"app.kubernetes.io/name": "kvpn", "app.kubernetes.io/component": "wireguard-go"}
+    live["spec"]["externalTrafficPolicy"] = "Cluster"
+    assert builders.service_patch(live, builders.service(SERVER, SPECS["nodeport"])) == {
+        "spec": {"type": "NodePort", "selector": None, "externalTrafficPolicy": "Local"}
+    }
+    assert "selector" not in builders.service(SERVER, SPECS["nodeport"])["spec"]
 
 
 def test_service_patch_on_port_change() -> None:
-    live = filled_in_by_the_api_server(builders.service(SERVER, SPECS["nodeport"], GATEWAY_SELECTOR))
-    desired = builders.service(SERVER, server_spec(listenPort=443), GATEWAY_SELECTOR)
+    live = filled_in_by_the_api_server(builders.service(SERVER, SPECS["nodeport"]))
+    desired = builders.service(SERVER, server_spec(listenPort=443))
     patch = builders.service_patch(live, desired)
     assert patch == {"spec": {"ports": desired["spec"]["ports"]}}
     assert patch["spec"]["ports"][0]["port"] == 443
 
 
 def test_service_patch_when_fixed_node_port_differs() -> None:
-    live = filled_in_by_the_api_server(builders.service(SERVER, SPECS["nodeport"], GATEWAY_SELECTOR))
+    live = filled_in_by_the_api_server(builders.service(SERVER, SPECS["nodeport"]))
     assert live["spec"]["ports"][0]["nodePort"] == 30417
-    desired = builders.service(SERVER, SPECS["fixed-nodeport"], GATEWAY_SELECTOR)
+    desired = builders.service(SERVER, SPECS["fixed-nodeport"])
     patch = builders.service_patch(live, desired)
     assert patch == {"spec": {"ports": desired["spec"]["ports"]}}
     assert patch["spec"]["ports"][0]["nodePort"] == 31820
 
 
 def test_service_patch_on_annotation_change() -> None:
-    live = filled_in_by_the_api_server(builders.service(SERVER, SPECS["loadbalancer"], GATEWAY_SELECTOR))
+    live = filled_in_by_the_api_server(builders.service(SERVER, SPECS["loadbalancer"]))
     desired = builders.service(
         SERVER,
         server_spec(expose={"type": "LoadBalancer", "annotations": {"lb.example.com/internal": "false"}}),
-        GATEWAY_SELECTOR,
     )
     assert builders.service_patch(live, desired) == {"metadata": {"annotations": {"lb.example.com/internal": "false"}}}
 
 
 def test_service_patch_when_existing_service_has_no_annotations() -> None:
-    desired = builders.service(SERVER, SPECS["loadbalancer"], GATEWAY_SELECTOR)
+    desired = builders.service(SERVER, SPECS["loadbalancer"])
     live = filled_in_by_the_api_server(desired)
     del live["metadata"]["annotations"]
     assert builders.service_patch(live, desired) == {"metadata": {"annotations": {"lb.example.com/internal": "true"}}}

@@ -23,7 +23,7 @@ from kvpn_operator.peer import index_entry, reconcile_peer, release_peer, waitin
 from kvpn_operator.reporting import Report
 from kvpn_operator.server import ClusterFacts, ServiceNetworks, reconcile_server
 from kvpn_operator.storage import PeerObject, ServerObject
-from tests.unit.fakes import FakeStorage
+from tests.unit.fakes import FakeStorage, a_gateway
 
 Obj = dict[str, Any]
 T0 = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -35,6 +35,7 @@ def with_server(pool: str = "10.8.0.0/24", **spec: object) -> FakeStorage:
     storage = FakeStorage()
     body = {"addressPool": [pool], "routes": ["10.96.0.0/12"], "expose": {"endpoint": "vpn.example.com:51820"}}
     server = storage.put("vpnservers", {"metadata": {"name": "office", "namespace": NS}, "spec": {**body, **spec}})
+    a_gateway(storage, NS, "office", renewed=T0)
     reconcile_server(
         storage,
         ServerObject.model_validate(server),

@@ -22,7 +22,7 @@ from kvpn_operator.server import (
     serving_outcome,
 )
 from kvpn_operator.storage import ServerObject
-from tests.unit.fakes import FakeStorage
+from tests.unit.fakes import FakeStorage, a_gateway
 
 Obj = dict[str, Any]
 
@@ -79,6 +79,7 @@ NS = "vpn"
 
 def a_server(storage: FakeStorage, **spec: object) -> Obj:
     body = {"addressPool": ["10.8.0.0/24"], "expose": {"endpoint": "vpn.example.com:51820"}, **spec}
+    a_gateway(storage, NS, "office", renewed=T0)
     return storage.put("vpnservers", {"metadata": {"name": "office", "namespace": NS}, "spec": body})
 
 
@@ -132,8 +133,10 @@ def test_a_second_reconcile_writes_nothing() -> None:
     storage = FakeStorage()
     a_server(storage, routes=["10.96.0.0/12"])
     reconcile(storage)
+    later = T0 + dt.timedelta(minutes=5)
+    a_gateway(storage, NS, "office", renewed=later)  # the agent kept renewing its lease
     writes = list(storage.writes)
-    report = reconcile(storage, now=T0 + dt.timedelta(minutes=5))
+    report = reconcile(storage, now=later)
     assert storage.writes == writes
     assert not report.transition
 
@@ -203,7 +206,7 @@ def test_a_condition_another_writer_added_after_our_read_is_kept() -> None:
         now=T0,
     )
     types = [c["type"] for c in status(storage)["conditions"]]
-    assert sorted(types) == sorted([READY, "PodNetwork", "ClusterDNS", "Dataplane"])
+    assert sorted(types) == sorted([READY, "PodNetwork", "ClusterDNS", "Gateways", "Dataplane"])
 
 
 def test_peers_with_an_old_revision_are_nudged_and_a_deleted_one_is_skipped() -> None:
