@@ -19,7 +19,7 @@ from kubernetes import client
 from kvpn_agent.gateway_lease import GatewayLeases
 from kvpn_core.api import API_VERSION
 from kvpn_core.contract import GatewayReport
-from kvpn_core.kube import Kube, KubeError, core_path
+from kvpn_core.kube import Kube, KubeError, NotFoundError, core_path
 
 NODE = "kvpn-gateway-stand-in"
 ADDRESS = "192.0.2.1"  # TEST-NET-1: nothing is ever sent there
@@ -65,7 +65,11 @@ class GatewayStandIn:
                 log.warning("gateway stand-in: leases not renewed: %s", exc)
 
     def renew(self) -> None:
-        servers: list[dict[str, Any]] = self.kube.list(f"/apis/{API_VERSION}/vpnservers")
+        try:
+            servers: list[dict[str, Any]] = self.kube.list(f"/apis/{API_VERSION}/vpnservers")
+        except NotFoundError:
+            return  # no CRD yet
+
         nodes: list[dict[str, Any]] = self.kube.list(core_path("nodes"))
         for node in nodes:
             name = node["metadata"]["name"]

@@ -80,16 +80,24 @@ def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator
 
 
 @pytest.fixture(scope="session")
+def gateway_stand_in(control_plane: ControlPlane, crds: list[str]) -> Iterator[GatewayStandIn]:
+    """No agents run beside the operator in these tiers: a stand-in renews the gateway leases they would."""
+    with control_plane.api_client() as api_client, GatewayStandIn(api_client) as stand_in:
+        yield stand_in
+
+
+@pytest.fixture(scope="session")
 def operator(
-    control_plane: ControlPlane, crds: list[str], tmp_path_factory: pytest.TempPathFactory
+    control_plane: ControlPlane,
+    crds: list[str],
+    gateway_stand_in: GatewayStandIn,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    """The real operator, watching all namespaces; its log must hold no traceback at the end. No agents run
-    beside it: a stand-in renews the gateway leases they would (harness/gateway_standin.py)."""
+    """The real operator, watching all namespaces; its log must hold no traceback at the end."""
     process = OperatorProcess(control_plane, log_path=tmp_path_factory.mktemp("operator") / "operator.log")
     process.start()
     try:
-        with control_plane.api_client() as api_client, GatewayStandIn(api_client):
-            yield process
+        yield process
     finally:
         process.stop()
     tail = log_tail(process.log_path, 80)

@@ -300,9 +300,10 @@ def test_pod_lifecycle_breaks_no_connection(world: World, alice: Laptop, event: 
 
 
 def test_an_agent_that_cannot_program_a_server_is_not_ready(world: World) -> None:
-    """Another program holds a server's UDP port on one node: that node's agent is not Ready, its gateway
-    leaves the UDP Services' endpoints, and the VpnServer's Dataplane condition names the node; once the
-    port is free the agent recovers by itself and the gateway is back."""
+    """Another program holds a server's UDP port on one node: that node's agent is not Ready, the VpnServer's
+    Dataplane condition names the node, and that server (only that one) stops sending laptops there: its
+    status lists the node as not serving, with the agent's reason. The node's other servers are unaffected:
+    it stays in the NodePort server's Service. Once the port is free the agent recovers by itself."""
     node, port = world.nodes[-1], 51899
     gateways = EndpointsWatch(world, CHART_NAMESPACE, f"kvpn-{NODEPORT_SERVER}")
     assert node.address in gateways.addresses()
@@ -333,15 +334,25 @@ def test_an_agent_that_cannot_program_a_server_is_not_ready(world: World) -> Non
         assert node.name in dataplane["message"], dataplane
         other = world.nodes[0]
         assert pod_ready(world.pod_on("agent", other)), "the other node's agent stays Ready"
-        wait_for(
-            f"{node.role} out of the NodePort Service", lambda: node.address not in gateways.addresses(), timeout=20
-        )
-        assert other.address in gateways.addresses()
+
+        def not_serving() -> dict[str, Any] | None:
+            status = world.server("squatted")["status"]
+            found = next((g for g in status.get("gateways", []) if g["node"] == node.name), None)
+            return status if found and not found["ready"] and found["reason"] == "NotProgrammed" else None
+
+        status = wait_for(f"{node.role} not serving the squatted server", not_serving, timeout=20)
+        assert not any(e.startswith(f"{node.address}:") for e in status["endpoints"]), status
+        assert str(port) in next(g["message"] for g in status["gateways"] if g["node"] == node.name)
+        assert gateways.addresses() == {node.address, other.address}  # per server: the NodePort one is fine
     finally:
         squatter.kill()
         squatter.wait()
     wait_for(f"the agent on {node.role} Ready again", lambda: pod_ready(world.pod_on("agent", node)), timeout=90)
-    wait_for(f"{node.role} back in the NodePort Service", lambda: node.address in gateways.addresses(), timeout=20)
+    wait_for(
+        f"{node.role} serving the squatted server again",
+        lambda: all(g["ready"] for g in world.server("squatted")["status"]["gateways"]),
+        timeout=20,
+    )
     wait_for(
         "the Dataplane condition gone",
         lambda: (c := condition(world.server("squatted"), "Dataplane")) is None or c["status"] == "True",
@@ -414,3 +425,113 @@ def test_deleting_a_peer_cuts_it_off_within_two_seconds(world: World) -> None:
     cut = seconds_until(lambda: carol.curl(url, max_time=0.5) is None, CUT_WITHIN, "carol cut off after delete")
     print(f"deleted -> no answer after {cut:.2f} s")
     curl_ok(world.laptops["alice"])  # the other peers are untouched
+
+
+# --- gateways fail over by themselves ---------------------------------------------------------------
+
+FAILOVER_WITHIN = 15.0  # WireGuard's own recovery bound: the laptop never waits longer than it would
+
+
+def endpoint_addresses(world: World, service: str) -> set[str]:
+    endpoints = world.core.read_namespaced_endpoints(service, CHART_NAMESPACE)
+    return {a.ip for subset in endpoints.subsets or [] for a in subset.addresses or []}
+
+
+def test_a_servers_service_sends_only_to_the_gateways_of_that_server(world: World) -> None:
+    """A server on node-b only (its nodeSelector): its Service's endpoints are node-b's. Before the gateway
+    leases its selector took every wireguard-go pod, so kube-proxy sent laptops to node-a too, which has no
+    interface for that server."""
+    node_a, node_b = world.nodes
+    world.kubectl("label", "node", node_b.name, "kvpn-e2e-gateway=only-b")
+    try:
+        world.apply(
+            [
+                {
+                    "apiVersion": "kvpn.dev/v1alpha1",
+                    "kind": "VpnServer",
+                    "metadata": {"name": "only-b", "namespace": CHART_NAMESPACE},
+                    "spec": {
+                        "addressPool": ["10.11.0.0/24"],
+                        "listenPort": 51829,
+                        "expose": {"type": "NodePort"},
+                        "nodeSelector": {"kvpn-e2e-gateway": "only-b"},
+                    },
+                }
+            ]
+        )
+        server = world.kvpn.wait_ready("vpnservers", CHART_NAMESPACE, "only-b", timeout=60)
+        assert [g["node"] for g in server["status"]["gateways"]] == [node_b.name], server["status"]
+        assert endpoint_addresses(world, "kvpn-only-b") == {node_b.address}
+        assert server["status"]["endpoint"].startswith(f"{node_b.address}:")
+        assert node_a.address not in json.dumps(server["status"]["endpoints"])
+    finally:
+        world.kvpn.delete("vpnservers", CHART_NAMESPACE, "only-b")
+        world.kubectl("label", "node", node_b.name, "kvpn-e2e-gateway-")
+
+
+def wait_all_gateways_serve(world: World, timeout: float = 60) -> None:
+    for name in LISTEN_PORTS:
+        wait_for(
+            f"every gateway serving {name}",
+            lambda n=name: (
+                all(g["ready"] for g in world.server(n)["status"].get("gateways", []))  # type: ignore[misc]
+                and len(world.server(n)["status"]["gateways"]) == len(world.nodes)
+            ),
+            timeout=timeout,
+            interval=0.5,
+        )
+    wait_for(
+        "the NodePort Service sending to every gateway",
+        lambda: endpoint_addresses(world, f"kvpn-{NODEPORT_SERVER}") == {n.address for n in world.nodes},
+        timeout=timeout,
+    )
+
+
+def test_a_gateway_whose_network_is_cut_loses_no_laptop(world: World, alice: Laptop) -> None:
+    """The node alice (HostPort) and bob (NodePort) talk to loses its network, as a node that dies does:
+    once its leases run out the operator moves both servers' endpoint and Service endpoints to the other
+    node, whose agent starts the handshake to each laptop's last address. Nobody touches a laptop. The
+    requests go to hello's pod on the surviving node (the lost node's pods are lost with it)."""
+    laptops = [alice, world.laptops["bob"]]
+    wait_all_gateways_serve(world)
+    gateway = world.node_of_endpoint(alice)
+    assert world.node_of_endpoint(laptops[1]) == gateway  # both on the first gateway by name
+    survivor = next(n for n in world.nodes if n is not gateway)
+    pod = next(p for p in world.hello_pods() if p["spec"]["nodeName"] == survivor.name)
+    url = f"http://{pod['status']['podIP']}:{HELLO_PORT}/"
+    for laptop in laptops:
+        curl_ok(laptop, url)
+    with contextlib.ExitStack() as stack:
+        loops = [stack.enter_context(TrafficLoop(laptop, url, max_time=0.5, pause=0.05)) for laptop in laptops]
+        time.sleep(1)
+        started = time.monotonic()
+        with world.network_cut(gateway):
+            for laptop in laptops:
+                seconds_until(
+                    lambda lap=laptop: world.node_of_endpoint(lap) is survivor,  # type: ignore[misc]
+                    30,
+                    f"{laptop.name}'s tunnel on {survivor.role}",
+                )
+            moved = time.monotonic() - started
+            time.sleep(3)  # and working on the survivor for a while
+    summary: dict[str, Any] = {"event": "network-cut", "node": gateway.role, "moved_s": round(moved, 2)}
+    for laptop, loop in zip(laptops, loops, strict=True):
+        summary[f"{laptop.name} ({laptop.server})"] = {
+            "attempts": loop.outage.attempts,
+            "failed": loop.failures,
+            "longest_gap_s": loop.outage.longest_s,
+        }
+    print(json.dumps(summary))
+    with (world.run_dir / "failover.jsonl").open("a") as out:
+        out.write(json.dumps(summary) + "\n")
+    for name in LISTEN_PORTS:
+        status = world.server(name)["status"]
+        assert status["endpoint"].startswith(f"{survivor.address}:"), status  # and peers' configs with it
+    for laptop, loop in zip(laptops, loops, strict=True):
+        assert loop.outage.longest_s <= FAILOVER_WITHIN, (laptop.name, summary)
+        assert curl_ok(laptop, url)
+    # The node back: it serves again. Configs stay with the survivor (a move rewrites every config); a laptop
+    # may roam back to the node it had a session with, which serves it as well.
+    wait_all_gateways_serve(world)
+    for laptop in laptops:
+        curl_ok(laptop, url)

@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from harness import chart
 from harness.controlplane import ControlPlane, free_port, log_tail
+from harness.gateway_standin import GatewayStandIn
 from harness.kvpn import Kvpn, wait_for
 from harness.operator_process import OperatorProcess
 from kvpn_core.contract import binding_selector
@@ -479,7 +480,11 @@ def adopt_existing_crds(api: client.ApiClient, release: str, namespace: str) -> 
 
 @pytest.fixture(scope="module")
 def release(
-    control_plane: ControlPlane, api: client.ApiClient, helm: Helm, tmp_path_factory: pytest.TempPathFactory
+    control_plane: ControlPlane,
+    api: client.ApiClient,
+    helm: Helm,
+    tmp_path_factory: pytest.TempPathFactory,
+    gateway_stand_in: GatewayStandIn,
 ) -> Iterator[Release]:
     """The chart installed (CRDs, operator, agent, RBAC, a VpnServer from values) into fresh namespaces,
     and the real operator running with the chart's Deployment arguments as the chart's ServiceAccount.

@@ -431,7 +431,7 @@ def test_a_server_says_what_discovery_did_not_find(kvpn: Kvpn, namespace: str, a
     once the cluster has them (at the next resync), and the peers' configs gain the routes and DNS."""
     core = client.CoreV1Api(api)
     # This cluster's controller manager allocates no node CIDRs; other tests' Nodes are gone by now.
-    assert not [n.metadata.name for n in core.list_node().items if n.spec.pod_cidr or n.spec.pod_cid_rs]
+    assert not [n.metadata.name for n in core.list_node().items if n.spec.pod_cidr or n.spec.pod_cidrs]
     assert not [s for s in core.list_namespaced_service("kube-system").items if s.metadata.name == "kube-dns"]
 
     kvpn.server(namespace, "dev", routes=[])  # routes and DNS left to discovery

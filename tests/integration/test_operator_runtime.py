@@ -21,6 +21,7 @@ from kubernetes import client
 
 from harness import chart
 from harness.controlplane import ControlPlane, ControlPlaneError, apply_crd_files, free_port
+from harness.gateway_standin import GatewayStandIn
 from harness.kvpn import Kvpn, wait_for
 from harness.operator_process import OperatorProcess
 from kvpn_operator.readiness import STALL_SECONDS
@@ -42,7 +43,9 @@ def plane(tmp_path: Path) -> Iterator[ControlPlane]:
     except ControlPlaneError as error:
         pytest.fail(str(error), pytrace=False)
     try:
-        yield cp
+        # No agents here: a stand-in renews the gateway leases they would, once the CRDs exist.
+        with cp.api_client() as api_client, GatewayStandIn(api_client):
+            yield cp
     finally:
         cp.stop()
 
