@@ -40,6 +40,7 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from harness.controlplane import ControlPlane, apply_crd_files
+from harness.gateway_standin import GatewayStandIn
 from harness.operator_process import OperatorProcess
 from kvpn_core.api import GROUP, VERSION
 from kvpn_core.contract import binding_selector
@@ -646,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
             api = stack.enter_context(plane.api_client())
             watch_api = stack.enter_context(plane.api_client())
             apply_crd_files(api, sorted(CRD_DIR.glob("*.yaml")))
+            # No agents: the VpnServer is Ready once a gateway reports it; a stand-in does, as the tests' tiers.
+            stack.enter_context(GatewayStandIn(stack.enter_context(plane.api_client())))
             operator = stack.enter_context(OperatorProcess(plane, log_path=work / "operator.log"))
             for n in args.peers:
                 print(f"bench: N={n}", file=sys.stderr, flush=True)

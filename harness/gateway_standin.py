@@ -2,9 +2,9 @@
 
 A VpnServer is Ready only while some gateway node reports it programmed (kvpn_core.contract). The
 integration tier and the operator's benchmarks run the real operator against a control plane with no
-nodes and no agents: this stand-in renews, for every VpnServer, a ready lease per Node its
-nodeSelector matches, with the agent's own lease writer (kvpn_agent.gateway_lease), and adds a Node
-of its own so that a server without a nodeSelector has one. It programs nothing: tiers that test the
+nodes and no agents: this stand-in renews, for every VpnServer, a ready lease for a Node of its own
+and for each Node a test labels ``kvpn.dev/gateway-stand-in=true`` that the server's nodeSelector
+matches, with the agent's own lease writer (kvpn_agent.gateway_lease). It programs nothing: tiers that test the
 dataplane run real agents.
 """
 
@@ -22,6 +22,8 @@ from kvpn_core.contract import GatewayReport
 from kvpn_core.kube import Kube, KubeError, NotFoundError, core_path
 
 NODE = "kvpn-gateway-stand-in"
+LABEL = "kvpn.dev/gateway-stand-in"
+"""A test's Node labelled so (value "true") is spoken for too; no other: a real agent's lease is its own."""
 ADDRESS = "192.0.2.1"  # TEST-NET-1: nothing is ever sent there
 REPORT = GatewayReport(ready=True, message="gateway stand-in: nothing programmed", backend="stand-in")
 
@@ -74,6 +76,8 @@ class GatewayStandIn:
         for node in nodes:
             name = node["metadata"]["name"]
             labels = node["metadata"].get("labels") or {}
+            if name != NODE and labels.get(LABEL) != "true":
+                continue
             reports = {
                 (s["metadata"]["namespace"], s["metadata"]["name"]): (s["metadata"]["uid"], REPORT)
                 for s in servers

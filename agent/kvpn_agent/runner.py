@@ -31,6 +31,7 @@ from kvpn_agent.watch import Informer, Key, Obj, Store, key_of
 from kvpn_core.api import API_VERSION
 from kvpn_core.contract import (
     GATEWAY_HANDOVER_SECONDS,
+    GATEWAY_LEASE_SECONDS,
     GATEWAY_RENEW_SECONDS,
     LABEL_ROLE,
     ROLE_PEER,
@@ -141,6 +142,8 @@ class Agent:
         """Servers a sync pass of this process has programmed (and still served): only they get a lease."""
         self._adopted: frozenset[Key] | None = None
         """Servers whose interface was up before this process's first full pass (a previous agent's)."""
+        self._renewed_at: float | None = None
+        """When the lease thread last renewed (monotonic): a gap longer than a lease is a return."""
 
     def _watch(self, api: ApiClient) -> None:
         """One watch of VpnServers and one of their Secrets per namespace served (or one for all)."""
@@ -572,8 +575,9 @@ class Agent:
     # --- gateway leases --------------------------------------------------------------------------
 
     def gateway_reports(self) -> dict[Key, tuple[str, GatewayReport]]:
-        """Each server this node claims, with its uid and verdict: the servers a pass of this process
-        programmed, and those a previous agent left running once this process's first pass ran.
+        """Each server this node speaks for, with its uid and verdict: the servers a pass of this process
+        programmed, those a previous agent left running once this process's first pass ran, and those
+        it fails to program (not ready, and why: the server's status names this node and the reason).
 
         The verdict is readiness() narrowed to the server: its own failure, the pass's error, and the
         supervisor only for a server on wireguard-go.
@@ -582,7 +586,7 @@ class Agent:
             return {}
         failures, supervisor, error = self._failures, self._supervisor_down, self._pass_error
         with self._lock:
-            claimed = self._programmed | (self._adopted or frozenset())
+            claimed = self._programmed | (self._adopted or frozenset()) | failures.keys()
             served = {inputs.key: inputs.server for inputs in self.served.inputs()}
             desired = [d for d in self.served.desired() if (d.namespace, d.name) in claimed]
         reports = {}
@@ -620,6 +624,17 @@ class Agent:
         with self._lock:
             self._leased = {key: report for key, (_, report) in reports.items()}
         self.leases.renew(reports)
+        now, last = time.monotonic(), self._renewed_at
+        self._renewed_at = now
+        if last is not None and now - last > GATEWAY_LEASE_SECONDS and self.takeover is not None:
+            # Our leases ran out meanwhile: the other gateways took our laptops over.
+            log.warning("gateway leases renewed after they ran out", extra={"silent_s": round(now - last, 1)})
+            with self._lock:
+                servers = [
+                    (i.key, tuple((i.server.get("spec") or {}).get("peerNamespaces") or ()))
+                    for i in self.served.inputs()
+                ]
+            self.takeover.returned(servers)
 
     def _check_verdicts(self) -> None:
         """Wakes the lease thread when a verdict changed since it last wrote (the sync loop, each turn)."""

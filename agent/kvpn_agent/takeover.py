@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kvpn_agent.desired import interface_name
-from kvpn_agent.observed import ObservedDevice
+from kvpn_agent.observed import ObservedDevice, ObservedPeer
 from kvpn_agent.plan import SERVER_KEEPALIVE
 from kvpn_agent.sync import SERVER_ERRORS, WireGuardBackend
 from kvpn_agent.watch import Key, Obj, key_of
@@ -117,6 +117,22 @@ def peers_to_initiate(
     return sorted(found)
 
 
+def peers_moved_away(
+    peers: Iterable[Mapping[str, Any]], server_key: Key, me: str, device: ObservedDevice | None, *, now: float
+) -> list[tuple[str, str]]:
+    """(public key, endpoint) of the VpnPeers of ``server_key`` whose latest handshake, since this node's,
+    was with another gateway: the ones taken over while this node was lost. Its sessions with them are
+    stale, and one stale packet (a pod's TCP retransmission reaching this node once its network is
+    back) would make the laptop roam back here, where its current session is unknown."""
+    if device is None:
+        return []
+    # Only where this node still holds a session that may be valid: that is what a laptop roams back to.
+    held = {k for k, p in device.peers.items() if p.last_handshake and 0 <= now - p.last_handshake <= SESSION_LIFETIME}
+    mine = [p for p in peers if (p.get("status") or {}).get("publicKey") in held]
+    others = {str(g) for p in mine if (g := (p.get("status") or {}).get("gateway")) and g != me}
+    return peers_to_initiate(mine, server_key, others, me, device, now=now)
+
+
 def _unix_time(value: object) -> float | None:
     if not isinstance(value, str):
         return None
@@ -164,6 +180,9 @@ class _Job:
     lost: frozenset[str]
     peer_namespaces: tuple[str, ...]
     """spec.peerNamespaces; "*" for all."""
+
+    reclaim: bool = False
+    """This node is back from being lost: its stale sessions are replaced by new handshakes from here."""
 
 
 class Takeover:
@@ -225,6 +244,19 @@ class Takeover:
             self._running.add(key)
         threading.Thread(target=self._work, args=(job,), name=f"takeover {key[0]}/{key[1]}", daemon=True).start()
 
+    def returned(self, servers: Iterable[tuple[Key, tuple[str, ...]]]) -> None:
+        """This node is back after its leases ran out (its network was cut, say): for each server (key and
+        spec.peerNamespaces), the peers taken over meanwhile get a new session started from here, so that
+        none is left roaming back to a session this node no longer shares with it."""
+        for key, namespaces in servers:
+            job = _Job(key, frozenset(), namespaces, reclaim=True)
+            with self._lock:
+                if key in self._running:
+                    self._queued[key] = job
+                    continue
+                self._running.add(key)
+            threading.Thread(target=self._work, args=(job,), name=f"reclaim {key[0]}/{key[1]}", daemon=True).start()
+
     def wait_idle(self, timeout: float) -> bool:
         """Whether every run has ended within ``timeout`` seconds (for tests and shutdown)."""
         with self._idle:
@@ -262,18 +294,25 @@ class Takeover:
             if device is None:
                 log.warning("takeover: no device on this node", extra={**where, "interface": interface})
                 return
-            targets = peers_to_initiate(peers, job.key, job.lost, self.node, device, now=self.clock())
+            if job.reclaim:
+                targets = peers_moved_away(peers, job.key, self.node, device, now=self.clock())
+            else:
+                targets = peers_to_initiate(peers, job.key, job.lost, self.node, device, now=self.clock())
             failed = 0
             for public_key, endpoint in targets:
                 try:
-                    self._initiate(interface, public_key, endpoint, device.peers[public_key].persistent_keepalive)
+                    if job.reclaim:
+                        self._reclaim(interface, device.peers[public_key], endpoint)
+                    else:
+                        self._initiate(interface, public_key, endpoint, device.peers[public_key].persistent_keepalive)
                 except SERVER_ERRORS as exc:
                     failed += 1
                     log.warning(
                         "takeover: handshake not initiated",
                         extra={**where, "public_key": public_key, "endpoint": endpoint, "error": str(exc)},
                     )
-        log.info("took over", extra={**where, "node": self.node, "peers": len(targets) - failed, "failed": failed})
+        what = "reclaimed peers taken over while this node was lost" if job.reclaim else "took over"
+        log.info(what, extra={**where, "node": self.node, "peers": len(targets) - failed, "failed": failed})
 
     def _initiate(self, interface: str, public_key: str, endpoint: str, keepalive: int) -> None:
         if keepalive:  # only a switch from 0 sends: a peer with an interval (a restored endpoint's) goes by 0
@@ -282,6 +321,22 @@ class Takeover:
         self.wireguard.set(interface, None, [first])
         # Without the endpoint: the laptop's answer may already have roamed it to where the laptop is now.
         back = PeerConfig(public_key, update_only=True, persistent_keepalive=SERVER_KEEPALIVE)
+        self.wireguard.set(interface, None, [back])
+
+    def _reclaim(self, interface: str, peer: ObservedPeer, endpoint: str) -> None:
+        """The peer removed (its stale keypairs and queued packets with it) and added back as it was, with
+        the keepalive switched on for a moment: a handshake initiation from here, at once."""
+        self.wireguard.set(interface, None, [PeerConfig(peer.public_key, remove=True)])
+        again = PeerConfig(
+            peer.public_key,
+            preshared_key=peer.preshared_key,
+            endpoint=endpoint,
+            persistent_keepalive=INITIATE_KEEPALIVE,
+            replace_allowed_ips=True,
+            allowed_ips=peer.allowed_ips,
+        )
+        self.wireguard.set(interface, None, [again])
+        back = PeerConfig(peer.public_key, update_only=True, persistent_keepalive=SERVER_KEEPALIVE)
         self.wireguard.set(interface, None, [back])
 
     def _list_peers(self, namespace: str, peer_namespaces: tuple[str, ...]) -> list[Obj]:

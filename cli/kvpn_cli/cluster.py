@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 import kubernetes.config
 from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
 from kubernetes.config.kube_config import list_kube_config_contexts
+from urllib3.exceptions import HTTPError
 
 from kvpn_core.api import API_VERSION, GROUP, PLURALS, Kind
 from kvpn_core.kube import ForbiddenError, Kube, KubeError, core_path, kvpn_path
@@ -77,3 +81,43 @@ class Cluster(Kube):
         path = core_path("secrets", namespace, name)
         result: Obj | None = self.call("get", "secrets", namespace, lambda: self.get(path))
         return result
+
+    def watch_kvpn(self, kind: Kind, namespace: str, name: str, version: str, seconds: int) -> Iterator[Obj]:
+        """The watch events ({type, object}) of one object from `version` on, until the API server ends the
+        watch after `seconds`. Raises KubeError (status 410 when `version` is too old to watch from)."""
+        query = {
+            "watch": "1",
+            "fieldSelector": f"metadata.name={name}",
+            "resourceVersion": version,
+            "timeoutSeconds": str(seconds),
+        }
+        url = f"{self.host}{kvpn_path(kind, namespace)}?{urlencode(query)}"
+        headers = {"Accept": "application/json", **self._auth_headers()}
+        try:
+            # The read timeout outlasts the server's own end of the watch: a silent connection is a dead one.
+            response = self._client.call_api("GET", url, header_params=headers, _request_timeout=(10, seconds + 30))
+        except ApiException as exc:
+            raise KubeError(int(exc.status or 0), str(exc.reason)) from None
+        except HTTPError as exc:
+            raise KubeError(0, f"API server unreachable: {exc}") from None
+        raw = response.response
+        try:
+            if response.status != 200:
+                raise KubeError(response.status, f"watch {PLURALS[kind]}: HTTP {response.status}")
+            buffer = b""
+            for chunk in raw.stream(amt=None, decode_content=False):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event: Obj = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        status = event.get("object") or {}
+                        raise KubeError(int(status.get("code") or 0), str(status.get("message") or status))
+                    yield event
+        except HTTPError as exc:
+            raise KubeError(0, f"API server unreachable: {exc}") from None
+        finally:
+            raw.close()
+            raw.release_conn()

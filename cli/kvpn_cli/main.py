@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvpn_cli import join, peers, tunnel, wgquick
+from kvpn_cli import follow, join, peers, tunnel, wgquick
 from kvpn_cli.cluster import CliError, connect
 from kvpn_core import wgquick as wgfile
 
@@ -55,10 +55,30 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument("target", nargs="?", metavar="SERVER|FILE", help="a config file, or the server it was joined to")
         if name == "up":
             route_options(t, "bring it up")
+            t.add_argument(
+                "--follow",
+                action="store_true",
+                help="stay in the foreground and keep the tunnel on a healthy gateway of its server (Ctrl-C stops, "
+                "the tunnel stays up)",
+            )
+            t.add_argument(
+                "--server",
+                metavar="[NAMESPACE/]NAME",
+                help="with --follow: the VpnServer, for a file that does not name its VpnPeer",
+            )
     return top
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.command == "up" and args.follow:
+        tunnel.require_linux("up --follow")
+        force, routes_from = args.force, args.routes_from
+        follow.up_and_follow(
+            args.context, args.target, args.server, lambda path: tunnel.wg_quick("up", str(path), force, routes_from)
+        )
+        return
+    if getattr(args, "server", None):
+        raise CliError("--server goes with --follow")
     if args.command in ("up", "down"):
         tunnel.wg_quick(args.command, args.target, getattr(args, "force", False), getattr(args, "routes_from", None))
         return

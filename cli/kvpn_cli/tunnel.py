@@ -28,9 +28,13 @@ def resolve_file(target: str | None) -> Path:
     return files[0]
 
 
-def wg_quick(action: str, target: str | None, force: bool = False, routes_file: Path | None = None) -> None:
+def require_linux(action: str) -> None:
     if not sys.platform.startswith("linux"):
         raise CliError(f"`kubectl vpn {action}` drives wg-quick, on Linux only: use the WireGuard app here")
+
+
+def wg_quick(action: str, target: str | None, force: bool = False, routes_file: Path | None = None) -> None:
+    require_linux(action)
     path = resolve_file(target)
     config = path.read_text()
     if action == "up":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,18 +12,16 @@ from typing import Any
 
 import kopf
 
-from kvpn_core.api import GROUP, VERSION, Kind
-from kvpn_core.contract import LABEL_MANAGED_BY, LABEL_ROLE, LABEL_SERVER, MANAGED_BY, ROLE_GATEWAY
+from kvpn_core.api import GROUP, VERSION
+from kvpn_core.contract import LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
 from kvpn_core.kube import ForbiddenError, KubeError, Retry
-from kvpn_operator import gateways, peer, server
-from kvpn_operator.memory import ANNOTATION_NUDGE, AddressBooks, PeerEntry
+from kvpn_operator import peer, server
+from kvpn_operator.memory import AddressBooks, PeerEntry
 from kvpn_operator.reporting import Report
 from kvpn_operator.storage import PeerObject, ServerObject, Storage
 
 PEERS = (GROUP, VERSION, "vpnpeers")
 SERVERS = (GROUP, VERSION, "vpnservers")
-LEASES = ("coordination.k8s.io", "v1", "leases")
-GATEWAY_CHECK_SECONDS = 0.5
 SERVER_RESYNC_SECONDS = 15.0
 WORKER_THREADS = 16
 WATCH_SERVER_SECONDS = 50
@@ -101,12 +98,6 @@ async def servers_by_name(body: kopf.Body, **_: Any) -> dict[tuple[str, str], di
     return {(body.metadata.namespace or "", body.metadata.name or ""): plain(body)}
 
 
-@kopf.index(*LEASES, labels={LABEL_ROLE: ROLE_GATEWAY, LABEL_MANAGED_BY: MANAGED_BY})
-async def gateway_leases(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    """The agents' gateway leases by server, for the daemon below to see one run out as it happens."""
-    return {(body.metadata.namespace or "", body.metadata.labels.get(LABEL_SERVER, "")): plain(body)}
-
-
 @kopf.index(*PEERS)
 async def peers_by_server(body: kopf.Body, **_: Any) -> dict[tuple[str, str], PeerEntry]:
     key, entry = peer.index_entry(plain(body))
@@ -134,29 +125,6 @@ def reconcile_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
             now=now(),
         )
     post(body, report)
-
-
-@kopf.daemon(*SERVERS, cancellation_timeout=2.0)
-async def watch_gateways(body: kopf.Body, memo: Services, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
-    """Looks at the server's gateway leases every GATEWAY_CHECK_SECONDS: when one runs out (its node went
-    silent) or an agent's verdict flips, the server is reconciled at once (a nudge), not at the next resync,
-    so laptops are sent elsewhere within a second of the lease's end."""
-    key = (body.metadata.namespace or "", body.metadata.name or "")
-    index: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["gateway_leases"]
-    seen = gateways.lease_fingerprint(index.get(key, []), now())
-    while not stopped:
-        await stopped.wait(GATEWAY_CHECK_SECONDS)
-        current = gateways.lease_fingerprint(index.get(key, []), now())
-        if current == seen:
-            continue
-        log.info("gateways changed for %s/%s: %s", *key, ", ".join(f"{n} {s}" for n, s in current) or "none")
-        token = f"gateways-{time.time_ns()}"
-        try:
-            await asyncio.to_thread(memo.storage.annotate, Kind.VPN_SERVER, *key, {ANNOTATION_NUDGE: token})
-        except KubeError as exc:
-            log.warning("server %s/%s not nudged (retried): %s", *key, exc)
-            continue
-        seen = current
 
 
 @kopf.on.event("v1", "services", labels={LABEL_ROLE: "server", LABEL_MANAGED_BY: MANAGED_BY})

@@ -21,6 +21,7 @@ from kopf._core.engines.peering import Identity
 
 from kvpn_core.kube import Kube
 from kvpn_operator import handlers, readiness
+from kvpn_operator.gateway_watch import GatewayWatch, scope
 from kvpn_operator.server import ClusterFacts
 from kvpn_operator.storage import KubeStorage
 
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     probe = _readiness(insights, started, clusterwide)
     stalled: list[str] = []
     threading.Thread(target=_watch_for_a_stall, args=(probe, done, stalled), name="stall watch", daemon=True).start()
+    gateway_watch = GatewayWatch(memo.storage, scope(args.namespace)).start()
     endpoint = None
     if args.readiness_port:
         try:
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     finally:
         done.set()
+        gateway_watch.stop()
         if endpoint is not None:
             endpoint.shutdown()
     if stalled:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvpn_core.api import API_VERSION, PLURALS, Kind, VpnPeerStatus, VpnServerStatus
 from kvpn_core.conditions import READY
-from kvpn_core.contract import gateway_selector
+from kvpn_core.contract import LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY, ROLE_GATEWAY, gateway_selector
 from kvpn_core.kube import ConflictError, InvalidError, Kube, KubeError, NotFoundError, core_path, kvpn_path
 
 Obj = dict[str, Any]
@@ -156,6 +156,10 @@ class Storage(Protocol):
         """The gateway leases the agents hold for a server (kvpn_core.contract), read past the watch cache."""
         ...
 
+    def list_all_gateway_leases(self) -> list[Obj]:
+        """Every gateway lease in the cluster, from the watch cache (a moment old at most)."""
+        ...
+
     def get_endpoints(self, namespace: str, name: str) -> Obj | None: ...
 
     def create_endpoints(self, namespace: str, endpoints: Obj) -> Obj | None:
@@ -250,6 +254,10 @@ class KubeStorage:
         # Not from the watch cache: a lease renewed a moment ago must count as renewed.
         path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
         return self._kube.list(path, label_selector=gateway_selector(server))
+
+    def list_all_gateway_leases(self) -> list[Obj]:
+        selector = f"{LABEL_ROLE}={ROLE_GATEWAY},{LABEL_MANAGED_BY}={MANAGED_BY}"
+        return self._kube.list("/apis/coordination.k8s.io/v1/leases", label_selector=selector, cached=True)
 
     def get_endpoints(self, namespace: str, name: str) -> Obj | None:
         return self._kube.get(core_path("endpoints", namespace, name))

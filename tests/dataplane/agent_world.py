@@ -202,6 +202,8 @@ def agent_world(
     node_name = f"kvt-{lab.token}"
     core = client.CoreV1Api(api)
     core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=node_name, labels={GATEWAY_LABEL: lab.token})))
+    # The node's address, as a kubelet reports it: the operator sends laptops to gateways it can name.
+    core.patch_node_status(node_name, {"status": {"addresses": [{"type": "InternalIP", "address": UNDERLAY_NODE}]}})
     kvpn.server(
         namespace,
         SERVER,
@@ -212,7 +214,6 @@ def agent_world(
         dns={"nameserver": SERVICE},
         nodeSelector={GATEWAY_LABEL: lab.token},
     )
-    kvpn.wait_ready("vpnservers", namespace, SERVER)
     proxy = Proxy(_address(control_plane.server))
     kubeconfig = tmp_path / "agent-kubeconfig"
     config = yaml.safe_load(control_plane.kubeconfig.read_text())
@@ -243,6 +244,8 @@ def agent_world(
             supervisor.start()
         if start:
             agent.start()
+            # Ready once the agent's gateway lease says the server is programmed on its node.
+            kvpn.wait_ready("vpnservers", namespace, SERVER, timeout=30)
         yield made
     finally:
         agent.stop(signal.SIGKILL)

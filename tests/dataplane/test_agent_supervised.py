@@ -23,6 +23,7 @@ from harness.controlplane import ControlPlane
 from harness.kvpn import Kvpn
 from harness.netlab import wait_for
 from harness.traffic import TcpProbe, curl, echo_server
+from kvpn_core.conditions import condition_of
 from tests.dataplane.agent_world import (
     RESYNC,
     SERVER,
@@ -215,8 +216,18 @@ def test_a_taken_listen_port_is_not_ready_with_a_reason_and_a_condition_until_fr
     assert condition["reason"] == "SyncFailed"
     assert f"UDP port {LISTEN_PORT} is taken" in condition["message"]
     assert f"(gateway node {world.node_name})" in condition["message"], condition
-    server = world.kvpn.get("vpnservers", world.namespace, SERVER) or {}
-    assert next(c for c in server["status"]["conditions"] if c["type"] == "Ready")["status"] == "True"  # the operator's
+    # Its only gateway cannot serve it: not Ready, naming the node and the agent's reason.
+    ready = wait_for_value(
+        lambda: (
+            (c := condition_of(world.kvpn.get("vpnservers", world.namespace, SERVER) or {}, "Ready"))
+            and c["reason"] == "NoHealthyGateway"
+            and c
+        ),
+        15,
+        "the server's Ready naming its gateway",
+    )
+    assert ready["status"] == "False"
+    assert f"{world.node_name}: UDP port {LISTEN_PORT} is taken" in ready["message"], ready
 
     holder.terminate()
     holder.wait(timeout=5)

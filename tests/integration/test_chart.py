@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from harness import chart
 from harness.controlplane import ControlPlane, free_port, log_tail
+from harness.gateway_standin import ADDRESS as STAND_IN_ADDRESS
 from harness.gateway_standin import GatewayStandIn
 from harness.kvpn import Kvpn, wait_for
 from harness.operator_process import OperatorProcess
@@ -736,11 +737,12 @@ def test_the_real_operator_works_with_the_charts_permissions(release: Release, a
     service = client.CoreV1Api(api).read_namespaced_service("kvpn-default", release.namespace)
     assert service.spec.type == "NodePort"
     assert service.spec.ports[0].node_port == NODE_PORT
-    # ... and the UDP Service selects the chart's wireguard-go pods (the gateways' WireGuard ports).
-    assert (
-        service.spec.selector
-        == one(release.docs, "DaemonSet", f"{release.name}-wireguard-go")["spec"]["selector"]["matchLabels"]
-    )
+    # ... with no selector: its Endpoints are the server's healthy gateways (here the gateway stand-in's
+    # node), which the operator writes with the chart's permissions.
+    assert service.spec.selector is None
+    assert service.spec.external_traffic_policy == "Local"
+    endpoints = client.CoreV1Api(api).read_namespaced_endpoints("kvpn-default", release.namespace)
+    assert [a.ip for s in endpoints.subsets or [] for a in s.addresses or []] == [STAND_IN_ADDRESS]
     secret = kvpn.secret(release.peers, peer["status"]["configSecretName"])
     assert secret is not None
     assert "wg0.conf" in (secret.data or {})

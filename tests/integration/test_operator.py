@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from harness.gateway_standin import LABEL as GATEWAY_STAND_IN
 from harness.kvpn import Kvpn, decode, ready, wait_for
 from harness.operator_process import OperatorProcess
 from kvpn_core import keys
@@ -205,7 +206,7 @@ def test_each_expose_type(kvpn: Kvpn, namespace: str, api: client.ApiClient) -> 
         {
             "apiVersion": "v1",
             "kind": "Node",
-            "metadata": {"name": node, "labels": {"kvpn-test-gateway": namespace}},
+            "metadata": {"name": node, "labels": {"kvpn-test-gateway": namespace, GATEWAY_STAND_IN: "true"}},
             "spec": {"podCIDR": "10.244.7.0/24", "podCIDRs": ["10.244.7.0/24"]},
         }
     )
@@ -439,7 +440,8 @@ def test_a_server_says_what_discovery_did_not_find(kvpn: Kvpn, namespace: str, a
 
     def gaps() -> dict[str, Any] | None:
         server = kvpn.get(SERVERS, namespace, "dev")
-        wanted = {"PodNetwork": "PodNetworkNotFound", "ClusterDNS": "DNSServiceNotFound"}
+        # Ready too: the gateway stand-in's lease for a new server comes within a second.
+        wanted = {"PodNetwork": "PodNetworkNotFound", "ClusterDNS": "DNSServiceNotFound", "Ready": "Ready"}
         return server if all(condition_of(server, t).get("reason") == r for t, r in wanted.items()) else None
 
     server = wait_for("PodNetwork and ClusterDNS False", gaps, timeout=30)

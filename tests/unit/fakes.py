@@ -240,6 +240,9 @@ class FakeStorage:
             if r == "leases" and ns == namespace and _matches(o, gateway_selector(server))
         ]
 
+    def list_all_gateway_leases(self) -> list[Obj]:
+        return [copy.deepcopy(o) for (r, _, _), o in sorted(self.objects.items()) if r == "leases"]
+
     def get_endpoints(self, namespace: str, name: str) -> Obj | None:
         return self.read("endpoints", namespace, name)
 
