@@ -26,7 +26,7 @@ from kvpn_agent.state import StateFile
 from kvpn_agent.status_report import StatusReporter
 from kvpn_agent.supervisor_api import SupervisorError, SupervisorUnreachableError
 from kvpn_agent.sync import SERVER_ERRORS, NodeState, sync
-from kvpn_agent.takeover import Takeover
+from kvpn_agent.takeover import Takeover, lease_verdicts
 from kvpn_agent.watch import Informer, Key, Obj, Store, key_of
 from kvpn_core.api import API_VERSION
 from kvpn_core.contract import (
@@ -34,6 +34,7 @@ from kvpn_core.contract import (
     GATEWAY_LEASE_SECONDS,
     GATEWAY_RENEW_SECONDS,
     LABEL_ROLE,
+    ROLE_GATEWAY,
     ROLE_PEER,
     ROLE_SERVER_KEY,
     GatewayReport,
@@ -624,6 +625,7 @@ class Agent:
         with self._lock:
             self._leased = {key: report for key, (_, report) in reports.items()}
         self.leases.renew(reports)
+        self._watch_gateways(reports.keys())
         now, last = time.monotonic(), self._renewed_at
         self._renewed_at = now
         if last is not None and now - last > GATEWAY_LEASE_SECONDS and self.takeover is not None:
@@ -635,6 +637,24 @@ class Agent:
                     for i in self.served.inputs()
                 ]
             self.takeover.returned(servers)
+
+    def _watch_gateways(self, servers: Iterable[Key]) -> None:
+        """Every gateway's lease of the servers this node speaks for, read each round: a gateway lost is
+        taken over from here at once (takeover.on_leases), whether or not the operator is there to say so."""
+        if self.takeover is None or self.kube is None:
+            return
+        keys = set(servers)
+        leases = []
+        for namespace in sorted({ns for ns, _ in keys}):
+            path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+            try:
+                leases.extend(self.kube.list(path, label_selector=f"{LABEL_ROLE}={ROLE_GATEWAY}", cached=True))
+            except KubeError as exc:  # the operator's status still says it, a moment later
+                log.debug("gateway leases not read", extra={"namespace": namespace, "error": str(exc)})
+                return
+        for key, verdicts in lease_verdicts(leases, time.time()).items():
+            if key in keys:
+                self.takeover.on_leases(key, verdicts)
 
     def _check_verdicts(self) -> None:
         """Wakes the lease thread when a verdict changed since it last wrote (the sync loop, each turn)."""

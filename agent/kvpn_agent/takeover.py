@@ -35,7 +35,8 @@ from kvpn_agent.plan import SERVER_KEEPALIVE
 from kvpn_agent.sync import SERVER_ERRORS, WireGuardBackend
 from kvpn_agent.watch import Key, Obj, key_of
 from kvpn_agent.wire import PeerConfig
-from kvpn_core.api import API_VERSION, PLURALS, Kind, VpnServerStatus
+from kvpn_core.api import API_VERSION, PLURALS, GatewayStatus, Kind, VpnServerStatus
+from kvpn_core.contract import ANNOTATION_GATEWAY, LABEL_SERVER, GatewayReport
 from kvpn_core.kube import Kube, KubeError, kvpn_path
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,27 @@ def peers_moved_away(
     return peers_to_initiate(mine, server_key, others, me, device, now=now)
 
 
+def lease_verdicts(leases: Iterable[Mapping[str, Any]], now: float) -> dict[Key, dict[str, bool]]:
+    """Per server (namespace, name), each gateway node's standing as its lease says at ``now`` (Unix
+    time): True when the lease is current and its report says ready."""
+    found: dict[Key, dict[str, bool]] = {}
+    for lease in leases:
+        meta, spec = lease.get("metadata") or {}, lease.get("spec") or {}
+        server, node = (meta.get("labels") or {}).get(LABEL_SERVER), spec.get("holderIdentity")
+        renewed, duration = _unix_time(spec.get("renewTime")), spec.get("leaseDurationSeconds")
+        if not server or not node:
+            continue
+        current = renewed is not None and isinstance(duration, int) and now < renewed + duration
+        try:
+            ready = GatewayReport.model_validate_json(
+                (meta.get("annotations") or {}).get(ANNOTATION_GATEWAY) or "{}"
+            ).ready
+        except ValidationError:
+            ready = False
+        found.setdefault((str(meta.get("namespace") or ""), str(server)), {})[str(node)] = current and ready
+    return found
+
+
 def _unix_time(value: object) -> float | None:
     if not isinstance(value, str):
         return None
@@ -212,6 +234,10 @@ class Takeover:
         self._idle = threading.Condition(self._lock)
         self._previous: dict[Key, VpnServerStatus] = {}
         """The status last seen per server: a loss is a change from it."""
+        self._previous_leases: dict[Key, VpnServerStatus] = {}
+        """The same, as this agent's read of the gateway leases says (on_leases)."""
+        self._servers: dict[Key, Obj] = {}
+        """Each server as last seen."""
         self._unclaimed: dict[Key, frozenset[str]] = {}
         """Gateways lost while no gateway was ready: the first to become ready takes over for them."""
         self._running: set[Key] = set()
@@ -223,8 +249,29 @@ class Takeover:
         if status is None:
             return  # unreadable: judged against the last readable one when the next arrives
         with self._lock:
-            before = self._previous.get(key)
-            self._previous[key] = status
+            self._servers[key] = obj
+        self._evaluate(key, status, obj, self._previous)
+
+    def on_leases(self, key: Key, verdicts: Mapping[str, bool]) -> None:
+        """What the server's gateway leases say now (node: current and ready), as this agent read them: a
+        gateway lost is taken over at once, without waiting for the operator's status, which does not come
+        when the operator ran on the lost node. The server's last status seen gives each node's endpoint."""
+        with self._lock:
+            obj = self._servers.get(key)
+        status = _status(obj) if obj is not None else None
+        if obj is None or status is None:
+            return
+        endpoints = {g.node: g.endpoint for g in status.gateways}
+        gateways = [
+            GatewayStatus(node=n, ready=ready, reason="Serving" if ready else "LeaseExpired", endpoint=endpoints.get(n))
+            for n, ready in sorted(verdicts.items())
+        ]
+        self._evaluate(key, status.model_copy(update={"gateways": gateways}), obj, self._previous_leases)
+
+    def _evaluate(self, key: Key, status: VpnServerStatus, obj: Obj, previous: dict[Key, VpnServerStatus]) -> None:
+        with self._lock:
+            before = previous.get(key)
+            previous[key] = status
             ready = ready_gateways(status)
             lost = lost_gateways(before, status) | (self._unclaimed.pop(key, frozenset()) - ready)
             if not lost:

@@ -63,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
             )
             t.add_argument(
                 "--server",
+                dest="follow_server",
                 metavar="[NAMESPACE/]NAME",
                 help="with --follow: the VpnServer, for a file that does not name its VpnPeer",
             )
@@ -74,10 +75,13 @@ def run(args: argparse.Namespace) -> None:
         tunnel.require_linux("up --follow")
         force, routes_from = args.force, args.routes_from
         follow.up_and_follow(
-            args.context, args.target, args.server, lambda path: tunnel.wg_quick("up", str(path), force, routes_from)
+            args.context,
+            args.target,
+            args.follow_server,
+            lambda path: tunnel.wg_quick("up", str(path), force, routes_from),
         )
         return
-    if getattr(args, "server", None):
+    if getattr(args, "follow_server", None):
         raise CliError("--server goes with --follow")
     if args.command in ("up", "down"):
         tunnel.wg_quick(args.command, args.target, getattr(args, "force", False), getattr(args, "routes_from", None))

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -578,13 +579,22 @@ def test_a_gateway_whose_network_is_cut_loses_no_laptop(world: World, alice: Lap
         curl_ok(laptop, url)
 
 
+def answers_ok(host: str, port: int, timeout: float = 0.4) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=timeout) as answer:
+            return bool(answer.status == 200)
+    except (OSError, ValueError):
+        return False
+
+
 def test_behind_a_load_balancer_a_cut_gateways_laptop_comes_back_by_its_own_timers(world: World) -> None:
     """A LoadBalancer server behind the harness's load-balancer stand-in (harness/lb.py: a full-NAT UDP load
-    balancer, as many clouds' are), which sends to the NodePorts of the Service's Endpoints, as a cloud's
-    health check of the NodePort would. The laptop's endpoint is the load balancer's address, which stays.
-    When the gateway it was sent to is cut, the load balancer stops sending there once the lease runs out;
-    the new gateway cannot start the handshake (it sees the load balancer's address, whose mapping was for
-    the old gateway), so the laptop's own WireGuard timers bring it back: no action on the laptop."""
+    balancer, as many clouds' are), which sends to the NodePort of the nodes that pass its health check of
+    the Service's healthCheckNodePort (kube-proxy answers 200 where the Endpoints hold a local gateway).
+    The laptop's endpoint is the load balancer's address, which stays. When the gateway it was sent to is
+    cut, the load balancer stops sending there; the new gateway cannot start the handshake (it sees the
+    load balancer's address, whose mapping was for the old gateway), so the laptop's own WireGuard timers
+    bring it back: no action on the laptop."""
     name, port = "behind-lb", 51823
     world.apply(
         [
@@ -608,8 +618,17 @@ def test_behind_a_load_balancer_a_cut_gateways_laptop_comes_back_by_its_own_time
             "the LoadBalancer Service's NodePort",
             lambda: world.core.read_namespaced_service(service, CHART_NAMESPACE).spec.ports[0].node_port,
         )
+        health_port = world.core.read_namespaced_service(service, CHART_NAMESPACE).spec.health_check_node_port
+        assert health_port, "externalTrafficPolicy Local gives a LoadBalancer Service a health check port"
+
+        def healthy() -> list[str]:
+            """The nodes whose kube-proxy says they hold a ready endpoint (a healthy gateway of this server),
+            as a cloud load balancer's health check of healthCheckNodePort finds: a node that does not
+            answer is out, whether or not the operator is alive to update the Endpoints."""
+            return [f"{n.address}:{node_port}" for n in world.nodes if answers_ok(n.address, health_port)]
+
         balancer.forward(port, [])
-        balancer.follow(lambda: [f"{ip}:{node_port}" for ip in sorted(endpoint_addresses(world, service))], port=port)
+        balancer.follow(healthy, period=0.5, port=port)
         # What a cloud's load-balancer controller does once it has an address:
         world.core.patch_namespaced_service_status(
             service, CHART_NAMESPACE, {"status": {"loadBalancer": {"ingress": [{"ip": balancer.vip}]}}}

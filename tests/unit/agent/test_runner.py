@@ -724,15 +724,19 @@ def test_a_programmed_server_gets_a_ready_lease_and_a_failing_one_a_lease_that_s
     )
 
 
-def test_a_server_this_agent_never_programmed_gets_no_lease(tmp_path: Path) -> None:
+def test_a_server_this_agent_cannot_program_gets_a_not_ready_lease_saying_why(tmp_path: Path) -> None:
+    """Never programmed, never claimed ready: but the operator learns that this node fails, and why, so the
+    server's status names the node."""
     kube, node = FakeKube(), FakeNode()
     node.refuse = EADDRINUSE
     leases = GatewayLeases(kube, GATEWAY)  # type: ignore[arg-type]
     with start(tmp_path, node=node, objs=[served_server(), key_secret(), binding(0)], leases=leases) as running:
-        wait(running.agent.synced.is_set, "the first pass")
-        threading.Event().wait(0.5)
+        wait(lambda: lease_report(kube) is not None, "the lease", timeout=1)
         assert not running.agent.readiness()[0]
-        assert kube.creates == []
+        report = lease_report(kube)
+        assert report is not None
+        assert not report.ready
+        assert "UDP port 51820 is taken" in report.message
 
 
 def test_a_server_left_running_by_the_previous_agent_is_claimed_after_the_first_pass(tmp_path: Path) -> None:

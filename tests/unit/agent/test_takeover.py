@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -12,7 +13,14 @@ import pytest
 from kvpn_agent.desired import interface_name
 from kvpn_agent.observed import ObservedDevice, ObservedPeer
 from kvpn_agent.status_report import rfc3339
-from kvpn_agent.takeover import SESSION_LIFETIME, Takeover, lost_gateways, peers_to_initiate, takeover_node
+from kvpn_agent.takeover import (
+    SESSION_LIFETIME,
+    Takeover,
+    lease_verdicts,
+    lost_gateways,
+    peers_to_initiate,
+    takeover_node,
+)
 from kvpn_agent.wire import DeviceConfig, PeerConfig
 from kvpn_core.api import Kind, VpnServerStatus
 from kvpn_core.kube import KubeError, kvpn_path
@@ -439,3 +447,35 @@ def test_a_returning_gateway_reclaims_the_peers_it_still_holds_a_session_with() 
         ),
         (INTERFACE, [PeerConfig(ALICE, update_only=True, persistent_keepalive=0)]),
     ]
+
+
+# --- a lost gateway seen in the leases, operator or not ---------------------------------------------
+
+
+def lease(node: str, *, renewed: float, ready: bool = True, duration: int = 10) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "namespace": "vpn",
+            "labels": {"kvpn.dev/server": "office"},
+            "annotations": {"kvpn.dev/gateway": json.dumps({"ready": ready})},
+        },
+        "spec": {"holderIdentity": node, "renewTime": rfc3339(renewed), "leaseDurationSeconds": duration},
+    }
+
+
+def test_lease_verdicts_say_current_and_ready_per_node() -> None:
+    leases = [lease("a", renewed=T - 11), lease("b", renewed=T - 1), lease("c", renewed=T - 1, ready=False)]
+    assert lease_verdicts(leases, T) == {SERVER: {"a": False, "b": True, "c": False}}
+
+
+def test_a_gateway_whose_lease_ran_out_is_taken_over_without_the_operators_status(kube: FakeKube) -> None:
+    """The operator ran on the lost node: the server's status still says both are ready. The leases say
+    otherwise, and the first ready gateway by name (b, the endpoint's being lost) takes over."""
+    wg = RecordingWireGuard()
+    t = takeover(kube, wg, device(ALICE))
+    t.on_server(server_obj(HEALTHY))
+    t.on_leases(SERVER, {"a": True, "b": True})
+    assert wg.calls == []
+    t.on_leases(SERVER, {"a": False, "b": True})
+    assert t.wait_idle(5)
+    assert wg.calls == initiated(ALICE, "192.0.2.7:4000")

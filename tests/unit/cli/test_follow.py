@@ -15,6 +15,7 @@ import pytest
 from kubernetes.client import ApiClient, Configuration
 
 from kvpn_cli import follow
+from kvpn_cli import main as cli
 from kvpn_cli.cluster import CliError, Cluster
 from kvpn_cli.follow import (
     STALE_AFTER_SECONDS,
@@ -468,3 +469,19 @@ def test_the_watch_streams_events_and_turns_an_error_event_into_a_kube_error() -
         "/apis/kvpn.dev/v1alpha1/namespaces/kvpn/vpnservers"
         "?watch=1&fieldSelector=metadata.name%3Ddev&resourceVersion=5&timeoutSeconds=60"
     ]
+
+
+def test_join_takes_its_server_without_the_follow_options_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`join SERVER` names a server positionally; only `up --server` is the option that needs --follow."""
+
+    class ConnectedError(Exception):
+        pass
+
+    def connect(context: str | None) -> None:
+        raise ConnectedError
+
+    monkeypatch.setattr(cli, "connect", connect)
+    with pytest.raises(ConnectedError):
+        cli.run(cli.parser().parse_args(["join", "kvpn/dev"]))
+    with pytest.raises(CliError, match="--server goes with --follow"):
+        cli.run(cli.parser().parse_args(["up", "kvpn-dev", "--server", "kvpn/dev"]))
