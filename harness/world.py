@@ -662,6 +662,11 @@ class World:
     def component_pods(self, component: str) -> list[dict[str, Any]]:
         return self.pods(selector=f"app.kubernetes.io/component={component}")
 
+    def pod_on_node(self, component: str) -> str:
+        """The node name of the component's (only) pod."""
+        (pod,) = self.component_pods(component)
+        return str(pod["spec"].get("nodeName") or "")
+
     def pod_on(self, component: str, node: Node) -> dict[str, Any]:
         return next(p for p in self.component_pods(component) if p["spec"].get("nodeName") == node.name)
 

@@ -144,7 +144,11 @@ class Agent:
         self._adopted: frozenset[Key] | None = None
         """Servers whose interface was up before this process's first full pass (a previous agent's)."""
         self._renewed_at: float | None = None
-        """When the lease thread last renewed (monotonic): a gap longer than a lease is a return."""
+        """When the lease thread last renewed (monotonic)."""
+        self._heard: dict[tuple[str, str], tuple[int, float]] = {}
+        """Per (interface, peer key): bytes received as last seen, and since when (monotonic) unchanged."""
+        self._sessions_dropped = False
+        """Whether the silent sessions were ended in this outage of the leases (drop_silent_sessions)."""
 
     def _watch(self, api: ApiClient) -> None:
         """One watch of VpnServers and one of their Secrets per namespace served (or one for all)."""
@@ -539,6 +543,7 @@ class Agent:
                         )
                     )
         self.metrics.peers.update(stats)
+        self._note_heard(stats)
         with self._lock:
             fresh = {
                 s.public_key: s.endpoint
@@ -628,15 +633,9 @@ class Agent:
         self._watch_gateways(reports.keys())
         now, last = time.monotonic(), self._renewed_at
         self._renewed_at = now
-        if last is not None and now - last > GATEWAY_LEASE_SECONDS and self.takeover is not None:
-            # Our leases ran out meanwhile: the other gateways took our laptops over.
+        if last is not None and now - last > GATEWAY_LEASE_SECONDS:
             log.warning("gateway leases renewed after they ran out", extra={"silent_s": round(now - last, 1)})
-            with self._lock:
-                servers = [
-                    (i.key, tuple((i.server.get("spec") or {}).get("peerNamespaces") or ()))
-                    for i in self.served.inputs()
-                ]
-            self.takeover.returned(servers)
+        self._sessions_dropped = False
 
     def _watch_gateways(self, servers: Iterable[Key]) -> None:
         """Every gateway's lease of the servers this node speaks for, read each round: a gateway lost is
@@ -679,14 +678,49 @@ class Agent:
                 if failing is None:
                     log.warning("gateway leases not renewed", extra={"error": str(exc)})
                 failing = str(exc)
-                continue
             except Exception:
                 # Like reporting, best effort: the dataplane does not depend on it, so it must not stop.
                 log.exception("gateway leases not renewed")
+            else:
+                if failing is not None:
+                    log.info("gateway leases renewed again")
+                    failing = None
+            try:
+                self.drop_silent_sessions()
+            except Exception:
+                log.exception("silent sessions not ended")
+
+    def drop_silent_sessions(self) -> int:
+        """Once this node's leases have run out (it cannot reach the API server: its network cut, say), the
+        other gateways take over its laptops. Its sessions with the laptops it has not heard from since
+        would pull each one back on a stale packet once the network is back, to a session the laptop no
+        longer uses: they are ended, once per outage. A laptop still talking to this node (only the API
+        server is away) is heard, and keeps its session. Returns how many were ended."""
+        last = self._renewed_at
+        if self._sessions_dropped or self.takeover is None or last is None:
+            return 0
+        now = time.monotonic()
+        if now - last <= GATEWAY_LEASE_SECONDS:
+            return 0
+        self._sessions_dropped = True
+        with self._lock:
+            interfaces = [s.interface for s in self.served.desired()]
+            heard = dict(self._heard)
+        ended = 0
+        for interface in interfaces:
+            try:
+                device = self.takeover.read(interface)
+            except SERVER_ERRORS as exc:
+                log.warning("device not read", extra={"interface": interface, "error": str(exc)})
                 continue
-            if failing is not None:
-                log.info("gateway leases renewed again")
-                failing = None
+            silent = [
+                peer
+                for key, peer in (device.peers if device else {}).items()
+                if peer.last_handshake and now - heard.get((interface, key), (0, now))[1] > GATEWAY_LEASE_SECONDS
+            ]
+            ended += self.takeover.drop_sessions(interface, silent)
+        log.warning("gateway leases ran out: sessions with silent peers ended", extra={"peers": ended})
+        return ended
 
     def _hand_over(self) -> None:
         """On a graceful stop: the leases of the servers whose dataplane outlives this process are
@@ -712,6 +746,19 @@ class Agent:
             log.warning("gateway leases not handed over in time", extra={"seconds": HANDOVER_TIMEOUT})
         else:
             log.info("gateway leases handed over", extra={"servers": len(staying), "seconds": GATEWAY_HANDOVER_SECONDS})
+
+    def _note_heard(self, stats: Iterable[PeerStats]) -> None:
+        """When each peer was last heard from: its received bytes grew (drop_silent_sessions)."""
+        now = time.monotonic()
+        with self._lock:
+            interfaces = {(s.namespace, s.name): s.interface for s in self.served.desired()}
+        heard = {}
+        for stat in stats:
+            key = (interfaces.get((stat.server_namespace, stat.server), ""), stat.public_key)
+            before = self._heard.get(key)
+            heard[key] = before if before is not None and before[0] == stat.rx_bytes else (stat.rx_bytes, now)
+        with self._lock:
+            self._heard = heard
 
     def healthy(self) -> bool:
         return time.monotonic() - self.heartbeat < max(120.0, 4 * self.settings.resync_seconds)

@@ -118,22 +118,6 @@ def peers_to_initiate(
     return sorted(found)
 
 
-def peers_moved_away(
-    peers: Iterable[Mapping[str, Any]], server_key: Key, me: str, device: ObservedDevice | None, *, now: float
-) -> list[tuple[str, str]]:
-    """(public key, endpoint) of the VpnPeers of ``server_key`` whose latest handshake, since this node's,
-    was with another gateway: the ones taken over while this node was lost. Its sessions with them are
-    stale, and one stale packet (a pod's TCP retransmission reaching this node once its network is
-    back) would make the laptop roam back here, where its current session is unknown."""
-    if device is None:
-        return []
-    # Only where this node still holds a session that may be valid: that is what a laptop roams back to.
-    held = {k for k, p in device.peers.items() if p.last_handshake and 0 <= now - p.last_handshake <= SESSION_LIFETIME}
-    mine = [p for p in peers if (p.get("status") or {}).get("publicKey") in held]
-    others = {str(g) for p in mine if (g := (p.get("status") or {}).get("gateway")) and g != me}
-    return peers_to_initiate(mine, server_key, others, me, device, now=now)
-
-
 def lease_verdicts(leases: Iterable[Mapping[str, Any]], now: float) -> dict[Key, dict[str, bool]]:
     """Per server (namespace, name), each gateway node's standing as its lease says at ``now`` (Unix
     time): True when the lease is current and its report says ready."""
@@ -202,9 +186,6 @@ class _Job:
     lost: frozenset[str]
     peer_namespaces: tuple[str, ...]
     """spec.peerNamespaces; "*" for all."""
-
-    reclaim: bool = False
-    """This node is back from being lost: its stale sessions are replaced by new handshakes from here."""
 
 
 class Takeover:
@@ -291,18 +272,38 @@ class Takeover:
             self._running.add(key)
         threading.Thread(target=self._work, args=(job,), name=f"takeover {key[0]}/{key[1]}", daemon=True).start()
 
-    def returned(self, servers: Iterable[tuple[Key, tuple[str, ...]]]) -> None:
-        """This node is back after its leases ran out (its network was cut, say): for each server (key and
-        spec.peerNamespaces), the peers taken over meanwhile get a new session started from here, so that
-        none is left roaming back to a session this node no longer shares with it."""
-        for key, namespaces in servers:
-            job = _Job(key, frozenset(), namespaces, reclaim=True)
-            with self._lock:
-                if key in self._running:
-                    self._queued[key] = job
+    def read(self, interface: str) -> ObservedDevice | None:
+        """The device, through this object's own client (serialized with its other calls)."""
+        with self._backend:
+            return self.device(interface)
+
+    def drop_sessions(self, interface: str, peers: Iterable[ObservedPeer]) -> int:
+        """Ends this node's sessions with ``peers`` (removed and added back as they were, keys and queued
+        packets gone): for a node cut off long enough that the others took its laptops over. A session
+        kept would pull its laptop back on one stale packet (a pod's TCP retransmission reaching this node
+        once its network is back), to a session the laptop no longer uses: 15 s of silence. Returns how
+        many were ended; a peer the backend refuses is logged and left."""
+        ended = 0
+        with self._backend:
+            for peer in peers:
+                again = PeerConfig(
+                    peer.public_key,
+                    preshared_key=peer.preshared_key,
+                    endpoint=peer.endpoint,
+                    replace_allowed_ips=True,
+                    allowed_ips=peer.allowed_ips,
+                )
+                try:
+                    self.wireguard.set(interface, None, [PeerConfig(peer.public_key, remove=True)])
+                    self.wireguard.set(interface, None, [again])
+                except SERVER_ERRORS as exc:
+                    log.warning(
+                        "session not ended",
+                        extra={"interface": interface, "public_key": peer.public_key, "error": str(exc)},
+                    )
                     continue
-                self._running.add(key)
-            threading.Thread(target=self._work, args=(job,), name=f"reclaim {key[0]}/{key[1]}", daemon=True).start()
+                ended += 1
+        return ended
 
     def wait_idle(self, timeout: float) -> bool:
         """Whether every run has ended within ``timeout`` seconds (for tests and shutdown)."""
@@ -341,25 +342,18 @@ class Takeover:
             if device is None:
                 log.warning("takeover: no device on this node", extra={**where, "interface": interface})
                 return
-            if job.reclaim:
-                targets = peers_moved_away(peers, job.key, self.node, device, now=self.clock())
-            else:
-                targets = peers_to_initiate(peers, job.key, job.lost, self.node, device, now=self.clock())
+            targets = peers_to_initiate(peers, job.key, job.lost, self.node, device, now=self.clock())
             failed = 0
             for public_key, endpoint in targets:
                 try:
-                    if job.reclaim:
-                        self._reclaim(interface, device.peers[public_key], endpoint)
-                    else:
-                        self._initiate(interface, public_key, endpoint, device.peers[public_key].persistent_keepalive)
+                    self._initiate(interface, public_key, endpoint, device.peers[public_key].persistent_keepalive)
                 except SERVER_ERRORS as exc:
                     failed += 1
                     log.warning(
                         "takeover: handshake not initiated",
                         extra={**where, "public_key": public_key, "endpoint": endpoint, "error": str(exc)},
                     )
-        what = "reclaimed peers taken over while this node was lost" if job.reclaim else "took over"
-        log.info(what, extra={**where, "node": self.node, "peers": len(targets) - failed, "failed": failed})
+        log.info("took over", extra={**where, "node": self.node, "peers": len(targets) - failed, "failed": failed})
 
     def _initiate(self, interface: str, public_key: str, endpoint: str, keepalive: int) -> None:
         if keepalive:  # only a switch from 0 sends: a peer with an interval (a restored endpoint's) goes by 0
@@ -368,22 +362,6 @@ class Takeover:
         self.wireguard.set(interface, None, [first])
         # Without the endpoint: the laptop's answer may already have roamed it to where the laptop is now.
         back = PeerConfig(public_key, update_only=True, persistent_keepalive=SERVER_KEEPALIVE)
-        self.wireguard.set(interface, None, [back])
-
-    def _reclaim(self, interface: str, peer: ObservedPeer, endpoint: str) -> None:
-        """The peer removed (its stale keypairs and queued packets with it) and added back as it was, with
-        the keepalive switched on for a moment: a handshake initiation from here, at once."""
-        self.wireguard.set(interface, None, [PeerConfig(peer.public_key, remove=True)])
-        again = PeerConfig(
-            peer.public_key,
-            preshared_key=peer.preshared_key,
-            endpoint=endpoint,
-            persistent_keepalive=INITIATE_KEEPALIVE,
-            replace_allowed_ips=True,
-            allowed_ips=peer.allowed_ips,
-        )
-        self.wireguard.set(interface, None, [again])
-        back = PeerConfig(peer.public_key, update_only=True, persistent_keepalive=SERVER_KEEPALIVE)
         self.wireguard.set(interface, None, [back])
 
     def _list_peers(self, namespace: str, peer_namespaces: tuple[str, ...]) -> list[Obj]:

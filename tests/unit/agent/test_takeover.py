@@ -405,31 +405,20 @@ def test_kube_errors_other_than_unreachable_are_swallowed_too() -> None:
     assert wg.calls == []
 
 
-# --- a lost gateway that comes back -----------------------------------------------------------------
+# --- a gateway cut off ends its silent sessions ------------------------------------------------------
 
 
-def test_a_returning_gateway_reclaims_the_peers_it_still_holds_a_session_with() -> None:
-    """Node a was lost; b took alice over (her status names b, with a newer handshake). Back, a still holds
-    a session alice would roam back to on one stale packet: a starts a new one instead. Bob, whom a holds
-    no recent session with, and carol, still a's, are left alone."""
+def test_ended_sessions_are_the_same_peers_without_their_keys() -> None:
+    """Removed and added back as they were (key, preshared key, allowed IPs, endpoint), no keepalive: no
+    session left to pull a laptop back, and nothing started from here."""
     kube = FakeKube()
-    add_peer(kube, peer("alice", ALICE, gateway="b", handshake=T - 20))
-    add_peer(kube, peer("bob", BOB, gateway="b", handshake=T - 20))
-    carol = "C" * 43 + "="
-    add_peer(kube, peer("carol", carol, gateway="a", handshake=T - 20))
-    mine = ObservedDevice(
-        peers={
-            ALICE: ObservedPeer(
-                ALICE, preshared_key="P" * 43 + "=", allowed_ips=("10.8.0.2/32",), last_handshake=T - 60
-            ),
-            BOB: ObservedPeer(BOB, last_handshake=T - 900),
-            carol: ObservedPeer(carol, last_handshake=T - 20),
-        }
+    alice = ObservedPeer(
+        ALICE, preshared_key="P" * 43 + "=", endpoint="192.0.2.7:4000", allowed_ips=("10.8.0.2/32",), last_handshake=T
     )
     wg = RecordingWireGuard()
-    t = takeover(kube, wg, mine, node="a")
-    t.returned([(SERVER, ())])
-    assert t.wait_idle(5)
+    wg.refuse = {BOB}
+    t = takeover(kube, wg, ObservedDevice(peers={ALICE: alice}))
+    assert t.drop_sessions(INTERFACE, [alice, ObservedPeer(BOB, last_handshake=T)]) == 1
     assert wg.calls == [
         (INTERFACE, [PeerConfig(ALICE, remove=True)]),
         (
@@ -439,13 +428,11 @@ def test_a_returning_gateway_reclaims_the_peers_it_still_holds_a_session_with() 
                     ALICE,
                     preshared_key="P" * 43 + "=",
                     endpoint="192.0.2.7:4000",
-                    persistent_keepalive=1,
                     replace_allowed_ips=True,
                     allowed_ips=("10.8.0.2/32",),
                 )
             ],
         ),
-        (INTERFACE, [PeerConfig(ALICE, update_only=True, persistent_keepalive=0)]),
     ]
 
 
