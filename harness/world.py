@@ -628,6 +628,17 @@ class World:
         self.apply(docs)
         for name in LISTEN_PORTS:
             self.kvpn.wait_ready("vpnservers", CHART_NAMESPACE, name, timeout=60)
+            # Every gateway serving, before any laptop: the endpoint is then the first node's.
+            wait_for(
+                f"every gateway serving {name}",
+                lambda s=name: (
+                    [  # type: ignore[misc]
+                        g["node"] for g in (self.server(s).get("status") or {}).get("gateways", []) if g["ready"]
+                    ]
+                    == [n.name for n in self.nodes]
+                ),
+                timeout=30,
+            )
             for node in self.nodes:
                 wait_for(
                     f"{self.interfaces[name]} on {node.role}",

@@ -162,11 +162,15 @@ def choose(
     nodes: Iterable[Obj],
     gateways: list[Gateway],
     current: str | None,
+    *,
+    sticky: bool = True,
 ) -> Choice:
     """Where laptops dial. A load balancer's address (or spec.expose.endpoint) stays whatever happens behind
     it. With NodePort and HostPort each node has its own: the current one is kept while its gateway is healthy
-    (a change rewrites every peer's config), else the first healthy one by node name. With none healthy the
-    current one stays, or, before any gateway has reported, the first gateway node's (discovery.endpoint)."""
+    (a change rewrites every peer's config), else the first healthy one by node name; with no peer yet
+    (``sticky`` False) the first healthy one, so that the choice does not depend on which gateway reported
+    first. With none healthy the current one stays, or, before any gateway has reported, the first gateway
+    node's (discovery.endpoint)."""
     own = {g.node: gateway_endpoint(g, spec, service) for g in gateways}
     statuses = [g.status(own[g.node]) for g in gateways]
     if spec.expose.endpoint or spec.expose.type is ExposeType.LOAD_BALANCER:
@@ -174,7 +178,7 @@ def choose(
         return Choice(stable, [stable] if stable and any(g.ready for g in gateways) else [], statuses)
     healthy = [e for g in gateways if g.ready and (e := own[g.node]) is not None]
     endpoint: str | None
-    if current in healthy:
+    if current in healthy and sticky:
         endpoint = current
     elif healthy:
         endpoint = healthy[0]

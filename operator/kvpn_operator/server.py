@@ -203,7 +203,8 @@ def reconcile_server(
     found = gateways.read_gateways(storage.list_gateway_leases(server.namespace, server.name), nodes, now)
     if service is not None:
         ensure_endpoints(storage, server, spec, found)
-    choice = gateways.choose(spec, service, nodes, found, status.endpoint)
+    peer_list = list(peers())
+    choice = gateways.choose(spec, service, nodes, found, status.endpoint, sticky=bool(peer_list))
 
     pod_networks = discovery.pod_cidrs(nodes)
     routes = list(spec.routes) or [*service_networks.get(storage, server.namespace), *pod_networks]
@@ -217,7 +218,6 @@ def reconcile_server(
         CLUSTER_DNS: dns,
         GATEWAYS: gateways.outcome(found, spec.node_selector),
     }
-    peer_list = list(peers())
     total = sum(p.has_address for p in peer_list)
     observed = status.model_copy(
         update={

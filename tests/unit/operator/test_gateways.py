@@ -7,6 +7,7 @@ from typing import Any
 
 from kvpn_core.conditions import GATEWAYS, READY, Reason
 from kvpn_operator import gateways
+from kvpn_operator.memory import PeerEntry
 from kvpn_operator.server import ClusterFacts, ServiceNetworks, reconcile_server
 from kvpn_operator.storage import ServerObject
 from tests.unit.fakes import FakeStorage, a_gateway
@@ -21,7 +22,10 @@ def a_server(storage: FakeStorage, expose: str = "HostPort", **spec: object) -> 
     storage.put("vpnservers", {"metadata": {"name": "office", "namespace": NS}, "spec": body})
 
 
-def reconcile(storage: FakeStorage, now: dt.datetime = T0) -> Obj:
+LAPTOP = PeerEntry(NS, "laptop", ready=True, reason="Ready", has_address=True, server_revision=None, nudge=None)
+
+
+def reconcile(storage: FakeStorage, now: dt.datetime = T0, peers: tuple[PeerEntry, ...] = ()) -> Obj:
     obj = storage.read("vpnservers", NS, "office")
     assert obj is not None
     reconcile_server(
@@ -29,7 +33,7 @@ def reconcile(storage: FakeStorage, now: dt.datetime = T0) -> Obj:
         ServerObject.model_validate(obj),
         facts=ClusterFacts(),
         service_networks=ServiceNetworks(),
-        peers=list,
+        peers=lambda: list(peers),
         now=now,
     )
     found = storage.read("vpnservers", NS, "office")
@@ -93,9 +97,11 @@ def test_a_gateway_that_went_silent_is_left_and_the_endpoint_moves_and_stays() -
     assert (gateway_a["node"], gateway_a["ready"], gateway_a["reason"]) == ("node-a", False, Reason.LEASE_EXPIRED)
     assert "node-a" in condition(status, GATEWAYS)["message"]
     assert condition(status, READY)["status"] == "True"
-    # node-a comes back: configs stay with node-b (a move rewrites every peer's config).
+    # node-a comes back: configs stay with node-b (a move rewrites every peer's config)...
     a_gateway(storage, NS, "office", "node-a", renewed=later)
-    assert reconcile(storage, later)["endpoint"] == "192.0.2.12:51820"
+    assert reconcile(storage, later, peers=(LAPTOP,))["endpoint"] == "192.0.2.12:51820"
+    # ... unless there is no peer yet, whose config it would rewrite: the first healthy node by name.
+    assert reconcile(storage, later)["endpoint"] == "192.0.2.11:51820"
 
 
 def test_no_healthy_gateway_is_not_ready_naming_each_node_and_why() -> None:
