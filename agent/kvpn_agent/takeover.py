@@ -36,7 +36,7 @@ from kvpn_agent.sync import SERVER_ERRORS, WireGuardBackend
 from kvpn_agent.watch import Key, Obj, key_of
 from kvpn_agent.wire import PeerConfig
 from kvpn_core.api import API_VERSION, PLURALS, GatewayStatus, Kind, VpnServerStatus
-from kvpn_core.contract import ANNOTATION_GATEWAY, LABEL_SERVER, GatewayReport
+from kvpn_core.contract import read_gateway_lease
 from kvpn_core.kube import Kube, KubeError, kvpn_path
 
 log = logging.getLogger(__name__)
@@ -121,21 +121,15 @@ def peers_to_initiate(
 def lease_verdicts(leases: Iterable[Mapping[str, Any]], now: float) -> dict[Key, dict[str, bool]]:
     """Per server (namespace, name), each gateway node's standing as its lease says at ``now`` (Unix
     time): True when the lease is current and its report says ready."""
+    at = dt.datetime.fromtimestamp(now, dt.UTC)
     found: dict[Key, dict[str, bool]] = {}
     for lease in leases:
-        meta, spec = lease.get("metadata") or {}, lease.get("spec") or {}
-        server, node = (meta.get("labels") or {}).get(LABEL_SERVER), spec.get("holderIdentity")
-        renewed, duration = _unix_time(spec.get("renewTime")), spec.get("leaseDurationSeconds")
-        if not server or not node:
+        read = read_gateway_lease(lease)
+        if read is None:
             continue
-        current = renewed is not None and isinstance(duration, int) and now < renewed + duration
-        try:
-            ready = GatewayReport.model_validate_json(
-                (meta.get("annotations") or {}).get(ANNOTATION_GATEWAY) or "{}"
-            ).ready
-        except ValidationError:
-            ready = False
-        found.setdefault((str(meta.get("namespace") or ""), str(server)), {})[str(node)] = current and ready
+        namespace = str((lease.get("metadata") or {}).get("namespace") or "")
+        ready = read.current(at) and read.report is not None and read.report.ready
+        found.setdefault((namespace, read.server), {})[read.node] = ready
     return found
 
 

@@ -35,12 +35,15 @@ Why this shape:
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import ipaddress
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, ValidationError
 
 from kvpn_core.api import AllowedDestination, Model
 
@@ -124,6 +127,51 @@ class GatewayReport(Model):
 
     backend: str = ""
     """The WireGuard backend serving it (kernel, userspace)."""
+
+
+@dataclass(frozen=True)
+class GatewayLease:
+    """A gateway lease as read back: who holds it, until when, and what it says."""
+
+    server: str
+    node: str
+    renewed: dt.datetime | None
+    expires: dt.datetime | None
+    report: GatewayReport | None
+    """None when the annotation is missing or unreadable."""
+
+    def current(self, now: dt.datetime) -> bool:
+        return self.expires is not None and now < self.expires
+
+
+def read_gateway_lease(lease: Mapping[str, Any]) -> GatewayLease | None:
+    """The lease's content, or None when it names no server or node: what the operator and the agents
+    (who takes over a lost gateway) both judge a gateway by."""
+    meta, spec = lease.get("metadata") or {}, lease.get("spec") or {}
+    server, node = (meta.get("labels") or {}).get(LABEL_SERVER), spec.get("holderIdentity")
+    if not server or not node:
+        return None
+    renewed = _micro_time(spec.get("renewTime"))
+    duration = spec.get("leaseDurationSeconds")
+    expires = renewed + dt.timedelta(seconds=duration) if renewed and isinstance(duration, int) else None
+    try:
+        report: GatewayReport | None = GatewayReport.model_validate_json(
+            (meta.get("annotations") or {}).get(ANNOTATION_GATEWAY) or ""
+        )
+    except ValidationError:
+        report = None
+    return GatewayLease(str(server), str(node), renewed, expires, report)
+
+
+def _micro_time(value: Any) -> dt.datetime | None:
+    """A Kubernetes Time or MicroTime ("2026-12-01T16:40:00.123456Z"), None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def binding_selector(server: str) -> str:

@@ -8,11 +8,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
 from kvpn_core.api import ExposeType, GatewayStatus, VpnServerSpec
 from kvpn_core.conditions import Finding, Outcome, Reason
-from kvpn_core.contract import ANNOTATION_GATEWAY, GatewayReport
+from kvpn_core.contract import ANNOTATION_GATEWAY, GatewayLease, read_gateway_lease
 from kvpn_operator import discovery
 from kvpn_operator.builders import owner_reference
 
@@ -42,17 +40,6 @@ class Gateway:
         )
 
 
-def parse_time(value: Any) -> dt.datetime | None:
-    """A Kubernetes Time or MicroTime ("2026-12-01T16:40:00.123456Z"), None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
-
-
 def _addresses(node: Obj) -> dict[str, str]:
     found: dict[str, str] = {}
     for address in (node.get("status") or {}).get("addresses") or []:
@@ -63,38 +50,25 @@ def _addresses(node: Obj) -> dict[str, str]:
 
 def read_gateway(lease: Obj, nodes: Mapping[str, Obj], now: dt.datetime) -> Gateway | None:
     """The gateway a lease speaks for, or None when the lease names no node."""
-    spec = lease.get("spec") or {}
-    node_name = str(spec.get("holderIdentity") or "")
-    if not node_name:
+    read = read_gateway_lease(lease)
+    if read is None:
         return None
-    renewed = parse_time(spec.get("renewTime"))
-    duration = spec.get("leaseDurationSeconds")
-    expires = renewed + dt.timedelta(seconds=int(duration)) if renewed and isinstance(duration, int) else None
-    node = nodes.get(node_name)
+    node = nodes.get(read.node)
     addresses = _addresses(node) if node is not None else {}
     address = addresses.get("ExternalIP") or addresses.get("InternalIP")
-    ready, (reason, message) = _standing(lease, node, address, renewed=renewed, expires=expires, now=now)
-    return Gateway(node_name, ready, reason, message, address, addresses.get("InternalIP") or address, expires)
+    ready, (reason, message) = _standing(read, node, address, now)
+    return Gateway(read.node, ready, reason, message, address, addresses.get("InternalIP") or address, read.expires)
 
 
-def _standing(
-    lease: Obj,
-    node: Obj | None,
-    address: str | None,
-    *,
-    renewed: dt.datetime | None,
-    expires: dt.datetime | None,
-    now: dt.datetime,
-) -> tuple[bool, Finding]:
-    if expires is None or expires <= now:
+def _standing(lease: GatewayLease, node: Obj | None, address: str | None, now: dt.datetime) -> tuple[bool, Finding]:
+    if not lease.current(now):
         # A time, not an age: the message stays the same from one reconcile to the next.
+        renewed = lease.renewed
         last = f"last renewed {renewed.strftime('%Y-%m-%dT%H:%M:%SZ')}" if renewed else "never renewed"
         why = f"its agent stopped reporting ({last}): the node, its network or the agent is down"
         return False, Finding(Reason.LEASE_EXPIRED, why)
-    raw = ((lease.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_GATEWAY) or "{}"
-    try:
-        report = GatewayReport.model_validate_json(raw)
-    except ValidationError:
+    report = lease.report
+    if report is None:
         return False, Finding(Reason.NOT_PROGRAMMED, f"its lease holds no readable {ANNOTATION_GATEWAY} annotation")
     if not report.ready:
         return False, Finding(Reason.NOT_PROGRAMMED, report.message or "its agent says the server is not programmed")
@@ -123,13 +97,11 @@ def read_gateways(leases: Iterable[Obj], nodes: Iterable[Obj], now: dt.datetime)
 def lease_fingerprint(leases: Iterable[Obj], now: dt.datetime) -> tuple[tuple[str, str], ...]:
     """What a server's leases say now, by node: "serving", "not ready" or "expired". A change of it is
     worth a reconcile; the Nodes' part (addresses) is looked at by the reconcile itself."""
-    found = read_gateways(leases, (), now)
-    return tuple((g.node, "expired" if g.reason is Reason.LEASE_EXPIRED else _said(g)) for g in found)
-
-
-def _said(gateway: Gateway) -> str:
-    # Without the Nodes, a current lease reads NodeNotFound: what the agent said is in its report.
-    return "not ready" if gateway.reason is Reason.NOT_PROGRAMMED else "serving"
+    said: dict[str, str] = {}
+    for read in filter(None, map(read_gateway_lease, leases)):
+        verdict = "serving" if read.report is not None and read.report.ready else "not ready"
+        said[read.node] = verdict if read.current(now) else "expired"
+    return tuple(sorted(said.items()))
 
 
 def gateway_endpoint(gateway: Gateway, spec: VpnServerSpec, service: Obj | None) -> str | None:
