@@ -147,8 +147,8 @@ class Agent:
         """When the lease thread last renewed (monotonic)."""
         self._heard: dict[tuple[str, str], tuple[int, float]] = {}
         """Per (interface, peer key): bytes received as last seen, and since when (monotonic) unchanged."""
-        self._sessions_dropped = False
-        """Whether the silent sessions were ended in this outage of the leases (drop_silent_sessions)."""
+        self._dropped: set[tuple[str, str]] = set()
+        """(interface, peer key) of the sessions ended in this outage of the leases (drop_silent_sessions)."""
 
     def _watch(self, api: ApiClient) -> None:
         """One watch of VpnServers and one of their Secrets per namespace served (or one for all)."""
@@ -635,7 +635,7 @@ class Agent:
         self._renewed_at = now
         if last is not None and now - last > GATEWAY_LEASE_SECONDS:
             log.warning("gateway leases renewed after they ran out", extra={"silent_s": round(now - last, 1)})
-        self._sessions_dropped = False
+        self._dropped = set()
 
     def _watch_gateways(self, servers: Iterable[Key]) -> None:
         """Every gateway's lease of the servers this node speaks for, read each round: a gateway lost is
@@ -692,17 +692,17 @@ class Agent:
 
     def drop_silent_sessions(self) -> int:
         """Once this node's leases have run out (it cannot reach the API server: its network cut, say), the
-        other gateways take over its laptops. Its sessions with the laptops it has not heard from since
-        would pull each one back on a stale packet once the network is back, to a session the laptop no
-        longer uses: they are ended, once per outage. A laptop still talking to this node (only the API
-        server is away) is heard, and keeps its session. Returns how many were ended."""
+        other gateways take over its laptops. Its sessions with the laptops it has not heard from for a
+        lease's time would pull each one back on a stale packet once the network is back, to a session the
+        laptop no longer uses: they are ended, each once per outage, in every round of it. A laptop still
+        talking to this node (only the API server is away) is heard, and keeps its session. Returns how
+        many were ended in this round."""
         last = self._renewed_at
-        if self._sessions_dropped or self.takeover is None or last is None:
+        if self.takeover is None or last is None:
             return 0
         now = time.monotonic()
         if now - last <= GATEWAY_LEASE_SECONDS:
             return 0
-        self._sessions_dropped = True
         with self._lock:
             interfaces = [s.interface for s in self.served.desired()]
             heard = dict(self._heard)
@@ -716,10 +716,14 @@ class Agent:
             silent = [
                 peer
                 for key, peer in (device.peers if device else {}).items()
-                if peer.last_handshake and now - heard.get((interface, key), (0, now))[1] > GATEWAY_LEASE_SECONDS
+                if peer.last_handshake
+                and (interface, key) not in self._dropped
+                and now - heard.get((interface, key), (0, now))[1] > GATEWAY_LEASE_SECONDS
             ]
             ended += self.takeover.drop_sessions(interface, silent)
-        log.warning("gateway leases ran out: sessions with silent peers ended", extra={"peers": ended})
+            self._dropped |= {(interface, peer.public_key) for peer in silent}
+        if ended:
+            log.warning("gateway leases ran out: sessions with silent peers ended", extra={"peers": ended})
         return ended
 
     def _hand_over(self) -> None:
