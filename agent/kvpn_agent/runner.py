@@ -683,7 +683,9 @@ class Agent:
                 log.exception("gateway leases not renewed")
             else:
                 if failing is not None:
-                    log.info("gateway leases renewed again")
+                    log.info("gateway leases renewed again; watches reconnected")
+                    for watch in self._watches():  # what they missed meanwhile, now, not after TCP's backoff
+                        watch.reconnect()
                     failing = None
             try:
                 self.drop_silent_sessions()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -132,6 +134,10 @@ class Informer:
         self.connected = False
         self._failing = False
         self._stop = threading.Event()
+        self._response: Any = None
+        """The open watch response, for reconnect (from another thread)."""
+        self._ending = threading.Event()
+        """Set by reconnect: the broken stream that follows is the one it ended, not a failure."""
         self._thread = threading.Thread(target=self._run, name=f"watch {path}", daemon=True)
 
     def start(self) -> None:
@@ -139,6 +145,18 @@ class Informer:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def reconnect(self) -> None:
+        """Ends the open watch now; the next resumes from its last resourceVersion on a new connection.
+        For after an outage of the node's own network: the API server's events sent meanwhile wait behind
+        TCP's retransmission backoff (as long as the outage was), or the connection is dead and only the
+        read timeout, minutes away, would say so."""
+        connection = getattr(self._response, "connection", None)
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            self._ending.set()
+            with contextlib.suppress(OSError):  # closed meanwhile: nothing to end
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _run(self) -> None:
         delay = BACKOFF_FIRST
@@ -200,22 +218,28 @@ class Informer:
         self.api.update_params_for_auth(headers, None, ["BearerToken"], None, None, None)
         # The read timeout outlasts the server's own end of the watch: a silent connection is a dead one.
         response = self.api.call_api("GET", url, header_params=headers, _request_timeout=(5, WATCH_SECONDS + 30))
-        raw = response.response
+        raw = self._response = response.response
         try:
             if response.status == 410:
                 raise Expired
             if response.status != 200:
                 raise KubeError(response.status, f"watch {self.path}: HTTP {response.status}")
             buffer = b""
-            for chunk in raw.stream(amt=None, decode_content=False):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        yield json.loads(line)
-                if self._stop.is_set():
-                    return
+            try:
+                for chunk in raw.stream(amt=None, decode_content=False):
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield json.loads(line)
+                    if self._stop.is_set():
+                        return
+            except (HTTPError, OSError):
+                if not self._ending.is_set():
+                    raise
         finally:
+            self._ending.clear()
+            self._response = None
             raw.close()
             raw.release_conn()
 
