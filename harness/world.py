@@ -17,6 +17,7 @@ the cluster's namespaces.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -47,7 +48,7 @@ from harness.cluster import (
 from harness.controlplane import log_tail
 from harness.kvpn import Kvpn, decode, wait_for
 from kvpn_agent.desired import interface_name
-from kvpn_agent.uapi import UapiClient
+from kvpn_agent.uapi import UapiClient, UapiError
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SCRIPT = REPO / "hack" / "image.sh"
@@ -62,6 +63,7 @@ CHART_NAMESPACE = "kvpn-system"  # the release, the VpnServers
 PEER_NAMESPACE = "dev"  # the developers' VpnPeers
 SERVER = "cluster"  # HostPort
 NODEPORT_SERVER = "nodeport"
+RELAY_NAMESPACE = "kvpn-relay"  # the chart's relay.namespace, when a world enables the relay
 LISTEN_PORTS = {SERVER: 51820, NODEPORT_SERVER: 51821}
 POOLS = {SERVER: "10.8.0.0/24", NODEPORT_SERVER: "10.9.0.0/24"}
 
@@ -133,6 +135,17 @@ class Laptop:
         """wg-quick on a wg0.conf. Its DNS line would make wg-quick call resolvconf, which this machine
         lacks: the line is stripped and the harness writes the namespace's resolv.conf from it instead
         (what resolvconf would do)."""
+        self.write_config(config)
+        with (self.world.run_dir / "wg-quick.log").open("a") as log:
+            in_ns(
+                self.netns, "wg-quick", "up", str(self.config_path),
+                env={**os.environ, "WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"},
+                stdout=log, stderr=log,
+            )  # fmt: skip
+
+    def write_config(self, config: str) -> None:
+        """The file at config_path without its DNS line, whose resolvers go into the namespace's
+        resolv.conf (what wg-quick's call of resolvconf would do)."""
         self.config = config
         match = re.search(r"^DNS = (.*)$", config, re.M)
         if match is None:
@@ -146,12 +159,6 @@ class Laptop:
         (folder / "resolv.conf").write_text("\n".join([*lines, "options timeout:1 attempts:2"]) + "\n")
         self.config_path.write_text(re.sub(r"^DNS = .*\n", "", config, flags=re.M))
         self.config_path.chmod(0o600)
-        with (self.world.run_dir / "wg-quick.log").open("a") as log:
-            in_ns(
-                self.netns, "wg-quick", "up", str(self.config_path),
-                env={**os.environ, "WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"},
-                stdout=log, stderr=log,
-            )  # fmt: skip
 
     def plugin(self, action: str) -> None:
         """`kubectl vpn up|down` inside the laptop's namespace, as the developer runs it."""
@@ -169,7 +176,10 @@ class Laptop:
         return in_ns(self.netns, "wg", "show", self.interface, "peers").stdout.split()[0]
 
     def endpoint(self) -> str:
-        return in_ns(self.netns, "wg", "show", self.interface, "endpoints").stdout.split()[1]
+        """The gateway address the tunnel sends to; "" while it has no peer (`kubectl vpn up --follow`
+        re-adds it when it moves the tunnel) or no endpoint yet."""
+        fields = in_ns(self.netns, "wg", "show", self.interface, "endpoints").stdout.split()
+        return fields[1] if len(fields) > 1 and fields[1] != "(none)" else ""
 
 
 @dataclass
@@ -652,6 +662,15 @@ class World:
         """The UAPI socket of a server's interface on a node (the node's /var/run/wireguard)."""
         return UapiClient(self.interfaces[server], socket_dir=node.dir / "run" / "wireguard")
 
+    def uapi_peers(self, node: Node, server: str = SERVER) -> set[str]:
+        """The peers on a server's interface on a node; none while the node's agent has not made it yet."""
+        try:
+            return set(self.uapi(node, server).get().peers)
+        except UapiError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):  # no socket (yet), or no device behind it
+                return set()
+            raise
+
     def server(self, name: str = SERVER) -> dict[str, Any]:
         found = self.kvpn.get("vpnservers", CHART_NAMESPACE, name)
         assert found is not None
@@ -686,7 +705,8 @@ class World:
         called before a pod is deleted and at the end, so the final check covers deleted pods too."""
         folder = self.run_dir / "pod-logs"
         folder.mkdir(exist_ok=True)
-        for pod in self.pods():
+        pods = [(namespace, pod) for namespace in (CHART_NAMESPACE, RELAY_NAMESPACE) for pod in self.pods(namespace)]
+        for namespace, pod in pods:
             name = pod["metadata"]["name"]
             for status in pod.get("status", {}).get("containerStatuses") or []:
                 for previous in (False, True):
@@ -694,7 +714,7 @@ class World:
                         continue
                     args = [
                         "-n",
-                        CHART_NAMESPACE,
+                        namespace,
                         "logs",
                         name,
                         "-c",
@@ -765,8 +785,15 @@ class World:
             self.cluster.restore_network(node)
 
     def node_of_endpoint(self, laptop: Laptop) -> Node:
+        node = self.endpoint_node(laptop)
+        if node is None:
+            raise WorldError(f"{laptop.name}'s tunnel sends to no node ({laptop.endpoint() or 'no endpoint'})")
+        return node
+
+    def endpoint_node(self, laptop: Laptop) -> Node | None:
+        """The node the laptop's tunnel sends to now, if any (None between a `--follow` move's two steps)."""
         host = laptop.endpoint().rsplit(":", 1)[0]
-        return next(n for n in self.nodes if n.address == host)
+        return next((n for n in self.nodes if n.address == host), None)
 
     def add_peer(self, name: str, server: str = SERVER, **spec: Any) -> tuple[dict[str, Any], str]:
         """A VpnPeer in the developers' namespace; (its object once Ready, its wg0.conf). Waits until every
@@ -785,7 +812,7 @@ class World:
         for node in self.nodes:
             wait_for(
                 f"the agent on {node.role} to add {public_key}",
-                lambda n=node: public_key in self.uapi(n, server).get().peers,  # type: ignore[misc]
+                lambda n=node: public_key in self.uapi_peers(n, server),  # type: ignore[misc]
                 timeout=timeout,
             )
 

@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+import contextlib
+import os
+import re
+import shutil
+from collections.abc import Generator, Iterator, Sequence
 
 import pytest
+
+from harness.world import World
+
+REQUIRED = (
+    "ip", "nft", "iptables", "wireguard-go", "wg", "wg-quick", "curl", "nsenter", "unshare",
+    "containerd", "containerd-shim-runc-v2", "runc", "ctr", "buildah", "gcc",
+)  # fmt: skip
+PERMISSION_PROBLEMS = re.compile(r"forbidden|\(403\)", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def started_world(helm_values: Sequence[str] = ()) -> Iterator[World]:
+    """A world for one test module (each module its own cluster); on a clean end, its pods' logs must show
+    no traceback and no permission trouble."""
+    if os.geteuid() != 0:
+        pytest.fail("end-to-end tests need root (network namespaces, cgroups, TUN, nftables)", pytrace=False)
+    if missing := [b for b in REQUIRED if shutil.which(b) is None]:
+        pytest.fail(f"missing {', '.join(missing)}: run `make setup`", pytrace=False)
+    made = World(helm_values=helm_values)
+    made.start()
+    print(f"world up in {made.timings['total']:.1f} s: {made.timings} {made.cluster.timings}")
+    try:
+        yield made
+        folder = made.save_pod_logs()
+        for log in sorted(folder.glob("*.log")):
+            text = log.read_text(errors="replace")
+            assert "Traceback" not in text, f"{log.name}:\n{text[-4000:]}"
+            assert not PERMISSION_PROBLEMS.search(text), f"permission trouble in {log.name}:\n{text[-4000:]}"
+    finally:
+        made.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)
