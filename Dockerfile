@@ -1,4 +1,4 @@
-# One image, all three programs: kvpn-operator (the default command), kvpn-agent and kubectl-vpn.
+# One image, every program: kvpn-operator (the default command), kvpn-agent, kvpn-relay and kubectl-vpn.
 # The Helm chart sets the command of each role. Build from the repository root, with BuildKit (Docker's
 # default builder since 23.0: RUN --mount) or buildah:
 #   docker build -t kvpn:0.1.0 .
@@ -60,6 +60,7 @@ COPY core/ core/
 COPY operator/ operator/
 COPY agent/ agent/
 COPY cli/ cli/
+COPY relay/ relay/
 # The project itself (no [dev] extra; its dependencies are above), compiled ahead: the root filesystem
 # is read-only at run time. Then every console script pyproject.toml declares must answer --help, so
 # an entry point whose package was left out fails the build, not a pod; and `pip check` that the
