@@ -53,20 +53,21 @@ class ExposeType(StrEnum):
     LOAD_BALANCER = "LoadBalancer"
     NODE_PORT = "NodePort"
     HOST_PORT = "HostPort"
+    API_SERVER = "ApiServer"
 
 
 class Expose(Model):
     type: ExposeType = ExposeType.NODE_PORT
-    """How laptops reach the gateways: a LoadBalancer or NodePort UDP Service, or the node's port directly (HostPort)."""
+    """How laptops reach the gateways: a LoadBalancer or NodePort UDP Service, the node's port directly (HostPort), or only through the API server (ApiServer: `kubectl vpn up --via api` carries WireGuard over a port-forward to the chart's relay, for laptops that cannot send UDP). ApiServer has no Service and no endpoint: peers' configs carry no Endpoint line, and `kubectl vpn up` sets a local one."""
 
     node_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(default=None, alias="nodePort")
-    """Fixed node port for type NodePort (and LoadBalancer); chosen by Kubernetes when empty."""
+    """Fixed node port for type NodePort (and LoadBalancer); chosen by Kubernetes when empty. Ignored with HostPort and ApiServer, which have no Service (with ApiServer, Ready's message says so)."""
 
     annotations: dict[str, str] = Field(default_factory=dict)
-    """Annotations for the UDP Service, for example a cloud load balancer's settings."""
+    """Annotations for the UDP Service, for example a cloud load balancer's settings. Ignored with HostPort and ApiServer, which have no Service (with ApiServer, Ready's message says so)."""
 
     endpoint: Annotated[str, Field(pattern=ENDPOINT_PATTERN, max_length=261)] | None = None
-    """host:port that laptops dial, overriding discovery (for a DNS name or a port forward in front of the cluster)."""
+    """host:port that laptops dial, overriding discovery (for a DNS name or a port forward in front of the cluster). Ignored with ApiServer, where laptops dial no endpoint (Ready's message says so)."""
 
 
 class Dns(Model):
@@ -172,7 +173,10 @@ class GatewayStatus(Model):
     """The details."""
 
     endpoint: str | None = None
-    """host:port on this node (NodePort, HostPort); none behind a load balancer."""
+    """host:port on this node (NodePort, HostPort); none behind a load balancer, nor with ApiServer."""
+
+    address: str | None = None
+    """The node's own address on the cluster network (its InternalIP; its ExternalIP when it has none), where its WireGuard listens on spec.listenPort: where the in-cluster relay of `kubectl vpn up --via api` sends to."""
 
 
 class VpnServerStatus(Model):
@@ -181,10 +185,10 @@ class VpnServerStatus(Model):
 
     endpoint: str | None = None
     """host:port laptops dial: the one in peers' configs. With NodePort or HostPort a healthy gateway's, kept
-    while that gateway stays healthy."""
+    while that gateway stays healthy. Unset with ApiServer: laptops reach the gateways through the API server."""
 
     endpoints: list[str] = Field(default_factory=list)
-    """Every endpoint laptops may dial now: one per healthy gateway (NodePort, HostPort), else the one above."""
+    """Every endpoint laptops may dial now: one per healthy gateway (NodePort, HostPort), else the one above; none with ApiServer."""
 
     gateways: list[GatewayStatus] = Field(default_factory=list)
     """Every gateway node that reported for this server, healthy or not, by name."""

@@ -28,7 +28,10 @@ class ClientConfig(BaseModel):
     mtu: int | None
     server_public_key: str
     preshared_key: str | None
+
     endpoint: str
+    """host:port of the server; empty for a server reached through the API server (expose type ApiServer):
+    then the file has no Endpoint line, and `kubectl vpn up --via api` sets a local one."""
 
     allowed_ips: list[str]
     """The server's routes; the DNS servers are added when no route covers them."""
@@ -48,8 +51,15 @@ def render_client_config(cfg: ClientConfig) -> str:
         private_key = [f"# PrivateKey = <add the private key that matches public key {cfg.public_key}>"]
     else:
         private_key = _fields(("PrivateKey", cfg.private_key))
+    if cfg.endpoint:
+        header = f"# kvpn: WireGuard tunnel of VpnPeer {cfg.name} to {cfg.endpoint}"
+    else:
+        # wg-quick takes a file without an Endpoint, but such a tunnel never starts by itself (the server
+        # cannot speak first): say what brings it up. The peer's name stays followed by a space, as
+        # `kubectl vpn` reads it (kvpn_cli.follow.HEADER).
+        header = f"# kvpn: WireGuard tunnel of VpnPeer {cfg.name} through the API server (`kubectl vpn up --via api`)"
     lines = [
-        f"# kvpn: WireGuard tunnel of VpnPeer {cfg.name} to {cfg.endpoint}",
+        header,
         f"# Public key of this device: {cfg.public_key}",
         "",
         "[Interface]",

@@ -151,7 +151,9 @@ def service_patch(existing: Obj, desired: Obj) -> Obj | None:
 
 
 def exposes_service(spec: VpnServerSpec) -> bool:
-    return spec.expose.type is not ExposeType.HOST_PORT
+    """Whether the server has a UDP Service: not with HostPort (agents listen on the node itself), nor with
+    ApiServer (laptops come through the API server and the relay, which sends to the gateways' own addresses)."""
+    return spec.expose.type not in (ExposeType.HOST_PORT, ExposeType.API_SERVER)
 
 
 def binding_secret(server: Obj, binding: PeerBinding) -> Obj:

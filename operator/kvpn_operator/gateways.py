@@ -29,14 +29,19 @@ class Gateway:
     """Where laptops dial the node: its ExternalIP, else its InternalIP."""
 
     internal: str | None
-    """Its InternalIP: where a Service's traffic is sent inside the cluster."""
+    """Its InternalIP: where a Service's traffic is sent inside the cluster, and the relay's (its status's address)."""
 
     expires: dt.datetime | None
     """When its lease runs out, unless renewed."""
 
     def status(self, endpoint: str | None) -> GatewayStatus:
         return GatewayStatus(
-            node=self.node, ready=self.ready, reason=self.reason, message=self.message, endpoint=endpoint
+            node=self.node,
+            ready=self.ready,
+            reason=self.reason,
+            message=self.message,
+            endpoint=endpoint,
+            address=self.internal,
         )
 
 
@@ -105,7 +110,8 @@ def lease_fingerprint(leases: Iterable[Obj], now: dt.datetime) -> tuple[tuple[st
 
 
 def gateway_endpoint(gateway: Gateway, spec: VpnServerSpec, service: Obj | None) -> str | None:
-    """host:port laptops dial on this gateway: its listen port (HostPort) or the Service's NodePort."""
+    """host:port laptops dial on this gateway: its listen port (HostPort) or the Service's NodePort; None behind
+    a load balancer and with ApiServer, where laptops dial no gateway."""
     if gateway.address is None:
         return None
     if spec.expose.type is ExposeType.HOST_PORT:
@@ -142,9 +148,11 @@ def choose(
     (a change rewrites every peer's config), else the first healthy one by node name; with no peer yet
     (``sticky`` False) the first healthy one, so that the choice does not depend on which gateway reported
     first. With none healthy the current one stays, or, before any gateway has reported, the first gateway
-    node's (discovery.endpoint)."""
+    node's (discovery.endpoint). With ApiServer laptops dial nothing: no endpoint at all."""
     own = {g.node: gateway_endpoint(g, spec, service) for g in gateways}
     statuses = [g.status(own[g.node]) for g in gateways]
+    if spec.expose.type is ExposeType.API_SERVER:
+        return Choice(None, [], statuses)
     if spec.expose.endpoint or spec.expose.type is ExposeType.LOAD_BALANCER:
         stable = discovery.endpoint(spec, service, nodes)
         return Choice(stable, [stable] if stable and any(g.ready for g in gateways) else [], statuses)

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kvpn_core import keys
-from kvpn_core.api import Kind, VpnPeerSpec, VpnServerSpec, VpnServerStatus
+from kvpn_core.api import ExposeType, Kind, VpnPeerSpec, VpnServerSpec, VpnServerStatus
 from kvpn_core.conditions import READY, Finding, Outcome, Reason, find, find_current, is_ready, set_condition
 from kvpn_core.contract import (
     LABEL_PEER_UID,
@@ -228,7 +228,9 @@ def _peer_server(storage: Storage, peer: PeerObject, spec: VpnPeerSpec, cached: 
         # Ready was written for an older spec: the server's own reconcile is due and settles it; a verdict
         # taken now from the stale status would stand until something else wakes this peer.
         raise Retry(f"VpnServer {server_id}'s status is for an older generation than its spec")
-    complete = status.public_key and status.endpoint and status.addresses and status.routes
+    # With ApiServer there is no endpoint: the config has no Endpoint line, `kubectl vpn up --via api` sets one.
+    reachable = status.endpoint or peer_server.spec.expose.type is ExposeType.API_SERVER
+    complete = status.public_key and reachable and status.addresses and status.routes
     if not (complete and ready and ready.status == "True"):
         raise Verdict(
             Outcome.waiting(Reason.SERVER_NOT_READY, f"VpnServer {server_id} is not Ready yet; see its Ready condition")

@@ -259,8 +259,10 @@ def serving_outcome(
     spec: VpnServerSpec, endpoint: str | None, routes: list[str], gaps: Mapping[str, Outcome]
 ) -> Outcome:
     """The Ready verdict. A server with its Service network alone is Ready (peers reach ClusterIPs), but
-    its message names what `gaps` (the discovery conditions) say peers lack."""
-    if endpoint is None:
+    its message names what `gaps` (the discovery conditions) say peers lack. With ApiServer there is no
+    endpoint to wait for: laptops come through the API server and the relay."""
+    through_api = spec.expose.type is ExposeType.API_SERVER
+    if endpoint is None and not through_api:
         return Outcome.waiting(Reason.ENDPOINT_PENDING, _endpoint_hint(spec))
     if (serving := gaps.get(GATEWAYS)) is not None and serving.status != "True":
         return Outcome.waiting(Reason.NO_HEALTHY_GATEWAY, serving.finding.message)
@@ -270,7 +272,21 @@ def serving_outcome(
             "spec.routes is empty and the cluster's Service and pod networks could not be discovered: set spec.routes",
         )
     notes = [_GAP_NOTES[type_] for type_, gap in gaps.items() if gap.status != "True" and type_ in _GAP_NOTES]
-    return Outcome.ready(Reason.READY, "; ".join([f"serving at {endpoint}, routes {', '.join(routes)}", *notes]))
+    if through_api:
+        where = "through the API server and the chart's relay (`kubectl vpn up --via api`)"
+        if ignored := _ignored_with_api_server(spec):
+            notes.append(f"{', '.join(ignored)} ignored: ApiServer has no Service and no endpoint")
+    else:
+        where = f"at {endpoint}"
+    return Outcome.ready(Reason.READY, "; ".join([f"serving {where}, routes {', '.join(routes)}", *notes]))
+
+
+def _ignored_with_api_server(spec: VpnServerSpec) -> list[str]:
+    """The spec.expose fields set that mean nothing with ApiServer: said in Ready's message, not refused, so
+    that switching a server's type back and forth needs no other edit."""
+    expose = spec.expose
+    given = {"nodePort": expose.node_port, "annotations": expose.annotations, "endpoint": expose.endpoint}
+    return [f"spec.expose.{name}" for name, value in given.items() if value]
 
 
 def _endpoint_hint(spec: VpnServerSpec) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,25 @@ CASES = {
     ),
     "no_dns": config(dns_servers=[], dns_search=[], mtu=None),
     "keepalive_0": config(persistent_keepalive=0),
+    # A server of expose type ApiServer: `kubectl vpn up --via api` sets a local Endpoint.
+    "no_endpoint": config(endpoint=""),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_matches_golden_file(case: str) -> None:
     assert render_client_config(CASES[case]) == (GOLDEN / f"{case}.conf").read_text()
+
+
+def test_without_an_endpoint_there_is_no_endpoint_line_and_the_header_says_how_to_connect() -> None:
+    rendered = render_client_config(CASES["no_endpoint"])
+    assert "Endpoint" not in rendered
+    first = rendered.splitlines()[0]
+    assert first == "# kvpn: WireGuard tunnel of VpnPeer dev/alice through the API server (`kubectl vpn up --via api`)"
+    # `kubectl vpn` finds the VpnPeer in the header by its name and the space after it.
+    header = re.match(r"^# kvpn: WireGuard tunnel of VpnPeer (?P<namespace>[^/\s]+)/(?P<name>\S+) ", first)
+    assert header is not None
+    assert (header["namespace"], header["name"]) == ("dev", "alice")
 
 
 def test_bring_your_own_key_tells_the_user_which_private_key_to_add() -> None:
@@ -100,7 +114,9 @@ def test_wg_quick_strip_leaves_what_wg_reads(case: str, tmp_path: Path) -> None:
     stripped = subprocess.run(["wg-quick", "strip", str(path)], capture_output=True, text=True, check=True).stdout
 
     expected_interface = {"PrivateKey": cfg.private_key} if cfg.private_key else {}
-    expected_peer = {"PublicKey": SERVER_PUBLIC, "Endpoint": cfg.endpoint}
+    expected_peer = {"PublicKey": SERVER_PUBLIC}
+    if cfg.endpoint:
+        expected_peer["Endpoint"] = cfg.endpoint
     if cfg.preshared_key:
         expected_peer["PresharedKey"] = cfg.preshared_key
     if cfg.persistent_keepalive:

@@ -102,7 +102,9 @@ def test_children_are_owned_by_their_parent() -> None:
     assert not builders.owned_by({"metadata": {}}, uid)
 
 
-@pytest.mark.parametrize(("kind", "expected"), [("LoadBalancer", True), ("NodePort", True), ("HostPort", False)])
+@pytest.mark.parametrize(
+    ("kind", "expected"), [("LoadBalancer", True), ("NodePort", True), ("HostPort", False), ("ApiServer", False)]
+)
 def test_exposes_service(kind: str, expected: bool) -> None:
     assert builders.exposes_service(server_spec(expose={"type": kind})) is expected
 

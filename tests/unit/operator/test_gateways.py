@@ -137,6 +137,53 @@ def test_the_service_sends_only_to_healthy_gateways_of_this_server() -> None:
     assert endpoint_ips(storage) == ["192.0.2.12"]
 
 
+def test_every_gateway_says_its_address_on_the_cluster_network() -> None:
+    """The in-cluster relay sends to a gateway's InternalIP, even where laptops dial its ExternalIP."""
+    storage = FakeStorage()
+    a_server(storage)
+    a_gateway(storage, NS, "office", "node-a", address="10.0.0.11", renewed=T0)
+    a_gateway(storage, NS, "office", "node-b", address="10.0.0.12", renewed=T0, ready=False, message="EBUSY")
+    node_a = storage.read("nodes", "", "node-a")
+    assert node_a is not None
+    node_a["status"]["addresses"].insert(0, {"type": "ExternalIP", "address": "203.0.113.11"})
+    storage.put("nodes", node_a)
+    status = reconcile(storage)
+    assert [(g["node"], g["ready"], g.get("endpoint"), g["address"]) for g in status["gateways"]] == [
+        ("node-a", True, "203.0.113.11:51820", "10.0.0.11"),
+        ("node-b", False, "10.0.0.12:51820", "10.0.0.12"),
+    ]
+
+
+def test_through_the_api_server_gateways_have_addresses_and_no_endpoints() -> None:
+    storage = FakeStorage()
+    a_server(storage, expose="ApiServer")
+    a_gateway(storage, NS, "office", "node-b", address="10.0.0.12", renewed=T0)
+    a_gateway(storage, NS, "office", "node-a", address="10.0.0.11", renewed=T0)
+    status = reconcile(storage, peers=(LAPTOP,))
+    assert condition(status, READY)["status"] == "True"
+    assert (status.get("endpoint"), status["endpoints"]) == (None, [])
+    assert [(g["node"], g.get("endpoint"), g["address"]) for g in status["gateways"]] == [
+        ("node-a", None, "10.0.0.11"),
+        ("node-b", None, "10.0.0.12"),
+    ]
+    assert storage.read("endpoints", NS, "kvpn-office") is None
+    # A gateway lost: still Ready on the other, and still nothing for laptops to dial.
+    later = T0 + dt.timedelta(seconds=30)
+    a_gateway(storage, NS, "office", "node-b", renewed=later)
+    status = reconcile(storage, later, peers=(LAPTOP,))
+    assert condition(status, READY)["status"] == "True"
+    assert [(g["node"], g["ready"]) for g in status["gateways"]] == [("node-a", False), ("node-b", True)]
+    assert (status.get("endpoint"), status["endpoints"]) == (None, [])
+
+
+def test_through_the_api_server_no_healthy_gateway_is_not_ready() -> None:
+    storage = FakeStorage()
+    a_server(storage, expose="ApiServer")
+    a_gateway(storage, NS, "office", "node-a", renewed=T0 - dt.timedelta(minutes=1))
+    ready = condition(reconcile(storage), READY)
+    assert (ready["status"], ready["reason"]) == ("False", Reason.NO_HEALTHY_GATEWAY)
+
+
 def test_a_not_ready_report_names_the_agents_reason() -> None:
     [gateway] = gateways.read_gateways(
         [a_lease(ready=False, message="wireguard-go supervisor unreachable")], [a_node("node-a")], T0

@@ -89,6 +89,41 @@ def test_a_peer_gets_an_address_a_binding_a_config_and_ready() -> None:
     assert ready["observedGeneration"] == 1
 
 
+def test_a_peer_of_a_server_reached_through_the_api_server_gets_a_config_without_endpoint() -> None:
+    """A wg-quick file without Endpoint is valid; `kubectl vpn up --via api` sets a local one."""
+    storage = with_server(expose={"type": "ApiServer"})
+    a_peer(storage)
+    report = reconcile(storage, AddressBooks())
+    assert (report.outcome.status, report.outcome.finding.reason) == ("True", Reason.READY)
+    wg0 = config(storage)["wg0.conf"]
+    assert "Endpoint" not in wg0
+    assert "[Peer]\nPublicKey = " in wg0
+    assert "AllowedIPs = 10.96.0.0/12" in wg0
+    assert "through the API server" in wg0.splitlines()[0]
+
+
+def test_a_server_switched_to_the_api_server_rewrites_its_peers_configs() -> None:
+    storage = with_server()
+    a_peer(storage)
+    books = AddressBooks()
+    reconcile(storage, books)
+    assert "Endpoint = vpn.example.com:51820" in config(storage)["wg0.conf"]
+    storage.edit("vpnservers", NS, "office", {"spec": {"expose": {"type": "ApiServer", "endpoint": None}}})
+    server = storage.read("vpnservers", NS, "office")
+    assert server is not None
+    reconcile_server(
+        storage,
+        ServerObject.model_validate(server),
+        facts=ClusterFacts(),
+        service_networks=ServiceNetworks(),
+        peers=list,
+        now=T0,
+    )
+    reconcile(storage, books)
+    assert "Endpoint" not in config(storage)["wg0.conf"]
+    assert status(storage)["serverRevision"] == storage.read("vpnservers", NS, "office")["status"]["revision"]
+
+
 def test_a_second_reconcile_writes_nothing() -> None:
     storage = with_server()
     a_peer(storage)

@@ -8,7 +8,7 @@ from typing import Any
 
 from kvpn_core import keys
 from kvpn_core.api import Kind, VpnServerSpec
-from kvpn_core.conditions import CLUSTER_DNS, POD_NETWORK, READY, Outcome, Reason
+from kvpn_core.conditions import CLUSTER_DNS, GATEWAYS, POD_NETWORK, READY, Outcome, Reason
 from kvpn_core.contract import SERVER_KEY_DATA, server_key_secret_name
 from kvpn_operator import builders
 from kvpn_operator.memory import ANNOTATION_NUDGE, PeerEntry
@@ -69,6 +69,31 @@ def test_no_routes_at_all_is_not_ready() -> None:
 def test_no_endpoint_yet_comes_first() -> None:
     outcome = serving_outcome(SPEC, None, [], {})
     assert (outcome.status, outcome.finding.reason) == ("False", "EndpointPending")
+
+
+API_SERVER = VpnServerSpec.model_validate({"addressPool": ["10.8.0.0/24"], "expose": {"type": "ApiServer"}})
+
+
+def test_through_the_api_server_no_endpoint_is_ready_and_says_how_to_connect() -> None:
+    outcome = serving_outcome(API_SERVER, None, ["10.96.0.0/16"], FOUND)
+    assert (outcome.status, outcome.finding.reason) == ("True", "Ready")
+    assert outcome.finding.message == (
+        "serving through the API server and the chart's relay (`kubectl vpn up --via api`), routes 10.96.0.0/16"
+    )
+
+
+def test_through_the_api_server_the_expose_fields_it_ignores_are_named() -> None:
+    spec = VpnServerSpec.model_validate(
+        {
+            "addressPool": ["10.8.0.0/24"],
+            "expose": {"type": "ApiServer", "nodePort": 31820, "annotations": {"lb.example.com/x": "y"}},
+        }
+    )
+    outcome = serving_outcome(spec, None, ["10.96.0.0/16"], FOUND)
+    assert (outcome.status, outcome.warning) == ("True", False)
+    assert outcome.finding.message.endswith(
+        "; spec.expose.nodePort, spec.expose.annotations ignored: ApiServer has no Service and no endpoint"
+    )
 
 
 # --- reconcile_server against the fake Storage -----------------------------------------------------
@@ -181,6 +206,49 @@ def test_host_port_deletes_the_service_the_server_owned() -> None:
     reconcile(storage)
     assert storage.read("services", NS, "kvpn-office") is None
     assert ready(storage)["observedGeneration"] == 2
+
+
+def test_api_server_creates_no_service_and_is_ready_with_a_healthy_gateway_and_no_endpoint() -> None:
+    storage = FakeStorage()
+    a_server(storage, routes=["10.96.0.0/12"], expose={"type": "ApiServer"})
+    report = reconcile(storage)
+    assert (report.outcome.status, report.outcome.finding.reason) == ("True", Reason.READY)
+    assert "kubectl vpn up --via api" in ready(storage)["message"]
+    assert storage.count("services") == storage.count("endpoints") == 0
+    current = status(storage)
+    assert current.get("endpoint") is None
+    assert current["endpoints"] == []
+    [gateway] = current["gateways"]
+    assert (gateway["node"], gateway["ready"], gateway["address"]) == ("node-a", True, "192.0.2.10")
+    assert gateway.get("endpoint") is None
+    assert next(c for c in current["conditions"] if c["type"] == GATEWAYS)["status"] == "True"
+
+
+def test_switching_to_api_server_deletes_the_service_the_server_owned_and_drops_the_endpoint() -> None:
+    storage = FakeStorage()
+    a_server(storage, routes=["10.96.0.0/12"], expose={"type": "NodePort", "endpoint": "vpn.example.com:31820"})
+    reconcile(storage)
+    assert storage.read("services", NS, "kvpn-office") is not None
+    before = status(storage)
+    assert before["endpoint"] == "vpn.example.com:31820"
+    storage.edit("vpnservers", NS, "office", {"spec": {"expose": {"type": "ApiServer"}}})
+    report = reconcile(storage)
+    assert storage.read("services", NS, "kvpn-office") is None
+    after = status(storage)
+    assert after.get("endpoint") is None
+    assert after["endpoints"] == []
+    assert after["revision"] != before["revision"]  # peers re-render their configs, without an Endpoint
+    assert (report.outcome.status, ready(storage)["observedGeneration"]) == ("True", 2)
+    # spec.expose.endpoint is left as it was, and said to be ignored.
+    assert "spec.expose.endpoint ignored" in ready(storage)["message"]
+
+
+def test_api_server_leaves_a_service_it_does_not_own_alone() -> None:
+    storage = FakeStorage()
+    storage.put("services", {"metadata": {"name": "kvpn-office", "namespace": NS}, "spec": {"type": "ClusterIP"}})
+    a_server(storage, routes=["10.96.0.0/12"], expose={"type": "ApiServer"})
+    reconcile(storage)
+    assert storage.read("services", NS, "kvpn-office") is not None
 
 
 def test_a_condition_another_writer_added_after_our_read_is_kept() -> None:
