@@ -30,6 +30,7 @@ from harness.gateway_standin import GatewayStandIn
 from harness.kvpn import Kvpn, wait_for
 from harness.operator_process import OperatorProcess
 from kvpn_core.contract import binding_selector
+from kvpn_core.relaywire import RELAY_COMPONENT
 from tests.conftest import TEST_NAMESPACE_LABEL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,6 +147,17 @@ VALUE_SETS: dict[str, list[str]] = {
         "server.persistentKeepalive=0",
         "crds.keep=false",
     ],
+    "relay": [
+        "relay.enabled=true",
+        "relay.users[0].kind=User",
+        "relay.users[0].name=alice@example.com",
+        "relay.users[1].kind=ServiceAccount",
+        "relay.users[1].name=ci",
+        "relay.users[1].namespace=ci",
+        "relay.tolerations[0].operator=Exists",
+        "server.create=true",
+        "server.expose.type=ApiServer",
+    ],
 }
 
 
@@ -170,6 +182,9 @@ def test_lint_strict_passes(helm: Helm, values: str) -> None:
         ("operator.readinessPort=0", "operator/readinessPort"),
         ("agent.wireguardGo.capabilities=SYS_ADMIN", "additional properties 'capabilities' not allowed"),
         ("agent.wireguardGo.updateStrategy.type=Never", "agent/wireguardGo/updateStrategy/type"),
+        ("relay.hostNetwork=true", "additional properties 'hostNetwork' not allowed"),
+        ("relay.users[0].kind=Robot", "relay/users/0/kind"),
+        ("relay.users[0].kind=ServiceAccount,relay.users[0].name=ci", "missing property 'namespace'"),
     ],
 )
 def test_values_schema_refuses_what_it_does_not_know(helm: Helm, setting: str, complaint: str) -> None:
@@ -420,6 +435,147 @@ def test_vpnserver_from_values(helm: Helm) -> None:
     # A cluster that knows VpnServer: an ordinary release object, still kept by `helm uninstall`.
     known = one(helm.template(*sets, extra=["--api-versions", "kvpn.dev/v1alpha1/VpnServer"]), "VpnServer")
     assert known["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+
+# --- the relay of `kubectl vpn up --via api` --------------------------------------------------------
+
+RELAY, RELAY_NS = "kvpn-relay", "kvpn-relay"
+RELAY_USER = "kvpn-relay-user"
+
+
+def test_the_relay_is_not_rendered_unless_enabled(helm: Helm) -> None:
+    docs = helm.template()
+    assert [d for d in docs if "relay" in d["metadata"]["name"]] == []
+    assert {d["metadata"].get("namespace") for d in docs} <= {None, "kvpn"}
+
+
+def test_relay_pod_meets_restricted_pod_security_off_the_host_network(helm: Helm) -> None:
+    docs = helm.template("relay.enabled=true")
+    deployment = one(docs, "Deployment", RELAY)
+    assert deployment["metadata"]["namespace"] == RELAY_NS
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(host), host
+    assert "volumes" not in pod or all("hostPath" not in v for v in pod["volumes"])
+    assert pod["serviceAccountName"] == RELAY
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    main = container(deployment)
+    assert main["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert "hostPort" not in str(main["ports"])
+    # The same image as the operator's and the agent's, another program.
+    assert main["image"] == container(one(docs, "Deployment", "kvpn-operator"))["image"]
+    assert main["command"] == ["kvpn-relay"]
+    assert main["args"] == ["--port=51900", "--health-port=8080"]
+    assert {"name": "relay", "containerPort": 51900, "protocol": "TCP"} in main["ports"]
+    assert {"name": "healthz", "containerPort": 8080, "protocol": "TCP"} in main["ports"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert main[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}, probe
+    # Where `kubectl vpn up --via api` looks for it (kvpn_core.relaywire.RELAY_COMPONENT).
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == RELAY_COMPONENT
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    namespace = one(docs, "Namespace", RELAY_NS)
+    for mode in ("enforce", "audit", "warn"):
+        assert namespace["metadata"]["labels"][f"pod-security.kubernetes.io/{mode}"] == "restricted"
+
+    moved = container(
+        one(helm.template("relay.enabled=true", "relay.port=443", "relay.healthPort=9000"), "Deployment", RELAY)
+    )
+    assert moved["args"] == ["--port=443", "--health-port=9000"]
+    assert {"name": "relay", "containerPort": 443, "protocol": "TCP"} in moved["ports"]
+    existing = helm.template("relay.enabled=true", "relay.createNamespace=false", "relay.namespace=vpn-relay")
+    assert find(existing, "Namespace") == []
+    assert one(existing, "Deployment", RELAY)["metadata"]["namespace"] == "vpn-relay"
+
+
+def test_relay_pods_spread_over_nodes_and_a_drain_takes_one_at_a_time(helm: Helm) -> None:
+    docs = helm.template("relay.enabled=true")
+    pod = one(docs, "Deployment", RELAY)["spec"]["template"]["spec"]
+    [preferred] = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    term = preferred["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == RELAY_COMPONENT
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["podAntiAffinity"]
+    budget = one(docs, "PodDisruptionBudget", RELAY)
+    assert budget["metadata"]["namespace"] == RELAY_NS
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": one(docs, "Deployment", RELAY)["spec"]["selector"]}
+    assert find(helm.template("relay.enabled=true", "relay.replicas=1"), "PodDisruptionBudget") == []
+    # A user's nodeAffinity keeps the spread; a podAntiAffinity of their own replaces it.
+    node_affinity = (
+        "relay.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+        ".matchExpressions[0]"
+    )
+    both = helm.template("relay.enabled=true", f"{node_affinity}.key=zone", f"{node_affinity}.operator=Exists")
+    affinity = one(both, "Deployment", RELAY)["spec"]["template"]["spec"]["affinity"]
+    assert set(affinity) == {"nodeAffinity", "podAntiAffinity"}
+    own = "relay.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0]"
+    theirs = helm.template("relay.enabled=true", f"{own}.topologyKey=zone")
+    anti = one(theirs, "Deployment", RELAY)["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert anti == {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "zone"}]}
+
+
+def test_the_relay_may_read_vpnservers_and_nothing_else(helm: Helm) -> None:
+    docs = helm.template("relay.enabled=true")
+    role = one(docs, "ClusterRole", RELAY)
+    assert role["rules"] == [
+        {"apiGroups": ["kvpn.dev"], "resources": ["vpnservers"], "verbs": ["get", "list", "watch"]}
+    ]
+    binding = one(docs, "ClusterRoleBinding", RELAY)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": RELAY}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RELAY, "namespace": RELAY_NS}]
+    assert one(docs, "ServiceAccount", RELAY)["metadata"]["namespace"] == RELAY_NS
+
+
+def test_relay_users_may_port_forward_to_pods_of_the_relay_namespace_only(helm: Helm) -> None:
+    """The developers' role: find a ready relay pod and port-forward to it; bound only by a RoleBinding in
+    the relay's namespace, so that it grants nothing anywhere else."""
+    docs = helm.template(*VALUE_SETS["relay"])
+    role = one(docs, "ClusterRole", RELAY_USER)
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        # create: SPDY's POST; get: the websocket upgrade's GET (`kubectl vpn`, kubectl 1.31+).
+        {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},
+    ]
+    assert [b for b in find(docs, "ClusterRoleBinding") if b["roleRef"]["name"] == RELAY_USER] == []
+    bindings = [b for b in find(docs, "RoleBinding") if b["roleRef"]["name"] == RELAY_USER]
+    assert [b["metadata"]["namespace"] for b in bindings] == [RELAY_NS]
+    assert bindings[0]["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": RELAY_USER,
+    }
+    assert bindings[0]["subjects"] == [
+        {"kind": "User", "name": "alice@example.com", "apiGroup": "rbac.authorization.k8s.io"},
+        {"kind": "ServiceAccount", "name": "ci", "namespace": "ci"},
+    ]
+    # Always defined with the relay, bound only when relay.users names someone.
+    plain = helm.template("relay.enabled=true")
+    assert one(plain, "ClusterRole", RELAY_USER)["rules"] == role["rules"]
+    assert [b for b in find(plain, "RoleBinding") if b["roleRef"]["name"] == RELAY_USER] == []
+
+
+def test_the_relay_namespace_is_not_the_charts(helm: Helm) -> None:
+    result = helm.run(
+        "template", "kvpn", str(CHART), "-n", "kvpn", "--set", "relay.enabled=true,relay.namespace=kvpn", check=False
+    )
+    assert result.returncode != 0
+    assert "relay.namespace must not be the chart's namespace" in result.stderr
+    sets = "namespace.create=true,namespace.name=kvpn-system,relay.enabled=true,relay.namespace=default"
+    result = helm.run("template", "kvpn", str(CHART), "-n", "default", "--set", sets, check=False)
+    assert result.returncode != 0
+    assert "Helm cannot create the namespace it installs into" in result.stderr
 
 
 # --- install into the real API server --------------------------------------------------------------

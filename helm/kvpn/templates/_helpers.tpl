@@ -102,4 +102,16 @@ annotations:
 {{- if and .Values.namespace.create (or (not .Values.namespace.name) (eq .Values.namespace.name .Release.Namespace)) -}}
 {{- fail "namespace.create=true needs namespace.name set to a namespace other than the release's (Helm cannot create the namespace it installs into; use --create-namespace and label it, see values.yaml)" -}}
 {{- end -}}
+{{- if .Values.relay.enabled -}}
+{{- if eq .Values.relay.namespace (include "kvpn.namespace" .) -}}
+{{- fail "relay.namespace must not be the chart's namespace: developers may port-forward to any pod in the relay's namespace, and the agent's pods there run on the nodes' network" -}}
+{{- end -}}
+{{- if and .Values.relay.createNamespace (eq .Values.relay.namespace .Release.Namespace) -}}
+{{- fail "relay.createNamespace=true needs relay.namespace other than the release's (Helm cannot create the namespace it installs into); set relay.createNamespace=false, or another relay.namespace" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kvpn.relayServiceAccountName" -}}
+{{- printf "%s-relay" (include "kvpn.fullname" .) -}}
 {{- end -}}
