@@ -43,6 +43,11 @@ class Cluster(Kube):
     def __init__(self, api_client: ApiClient) -> None:
         super().__init__(api_client, timeout=15.0)
         self.host = api_client.configuration.host
+        self.configuration = api_client.configuration
+
+    def auth_headers(self) -> dict[str, str]:
+        """The Authorization header the kubeconfig's credentials make (none for a client certificate)."""
+        return dict(self._auth_headers())
 
     def call(self, verb: str, resource: str, namespace: str | None, action: Callable[[], Any]) -> Any:
         try:
@@ -92,7 +97,7 @@ class Cluster(Kube):
             "timeoutSeconds": str(seconds),
         }
         url = f"{self.host}{kvpn_path(kind, namespace)}?{urlencode(query)}"
-        headers = {"Accept": "application/json", **self._auth_headers()}
+        headers = {"Accept": "application/json", **self.auth_headers()}
         try:
             # The read timeout outlasts the server's own end of the watch: a silent connection is a dead one.
             response = self._client.call_api("GET", url, header_params=headers, _request_timeout=(10, seconds + 30))

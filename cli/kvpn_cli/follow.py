@@ -298,6 +298,12 @@ def wg(*args: str, input: str | None = None) -> str:
     return result.stdout
 
 
+def fresh_peer(interface: str, key: str, path: Path) -> None:
+    """The server's peer on `interface` removed and added back from the file: a new session."""
+    wg("set", interface, "peer", key, "remove")
+    wg("addconf", interface, "/dev/stdin", input=strip(path))
+
+
 def is_up(interface: str) -> bool:
     return Path("/sys/class/net", interface).exists()
 
@@ -380,8 +386,7 @@ class Follower:
         move between gateways: the old one's keys would be sent to the new gateway, which knows none of
         them, until WireGuard gives up on them (15 s). A new peer starts a handshake at once (its
         PersistentKeepalive, or the next packet)."""
-        wg("set", self.interface, "peer", self.key, "remove")
-        wg("addconf", self.interface, "/dev/stdin", input=strip(self.path))
+        fresh_peer(self.interface, self.key, self.path)
 
     def run(self) -> None:
         while True:

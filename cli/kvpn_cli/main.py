@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvpn_cli import follow, join, peers, tunnel, wgquick
+from kvpn_cli import follow, join, peers, tunnel, viaapi, wgquick
 from kvpn_cli.cluster import CliError, connect
 from kvpn_core import wgquick as wgfile
 
@@ -65,12 +65,36 @@ def parser() -> argparse.ArgumentParser:
                 "--server",
                 dest="follow_server",
                 metavar="[NAMESPACE/]NAME",
-                help="with --follow: the VpnServer, for a file that does not name its VpnPeer",
+                help="with --follow or --via api: the VpnServer, for a file that does not name its VpnPeer",
+            )
+            t.add_argument(
+                "--via",
+                choices=["udp", "api"],
+                default=None,
+                help="api: carry the tunnel through the Kubernetes API server (no UDP needed; stays in the "
+                "foreground, Ctrl-C takes it down). Default: api for a server that exposes no UDP port, else udp",
+            )
+            t.add_argument(
+                "--relay-namespace",
+                default=viaapi.RELAY_NAMESPACE,
+                help=f"with --via api: the namespace of the relay pods (default {viaapi.RELAY_NAMESPACE})",
             )
     return top
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.command == "up" and _via_api(args):
+        if args.follow:
+            raise CliError("--via api keeps the tunnel on a healthy gateway by itself: leave out --follow")
+        force, routes_from = args.force, args.routes_from
+        viaapi.up_via_api(
+            args.context,
+            args.target,
+            args.follow_server,
+            args.relay_namespace,
+            lambda path: tunnel.wg_quick("up", str(path), force, routes_from),
+        )
+        return
     if args.command == "up" and args.follow:
         tunnel.require_linux("up --follow")
         force, routes_from = args.force, args.routes_from
@@ -82,7 +106,7 @@ def run(args: argparse.Namespace) -> None:
         )
         return
     if getattr(args, "follow_server", None):
-        raise CliError("--server goes with --follow")
+        raise CliError("--server goes with --follow or --via api")
     if args.command in ("up", "down"):
         tunnel.wg_quick(args.command, args.target, getattr(args, "force", False), getattr(args, "routes_from", None))
         return
@@ -102,6 +126,18 @@ def run(args: argparse.Namespace) -> None:
             print(f"wrote {args.output}")
     elif args.command == "status":
         peers.show_status(cluster, None if args.all_namespaces else namespace, args.output)
+        if args.output is None and (tunnels := viaapi.health_lines()):
+            print("\nTunnels on this machine:\n" + "\n".join(f"  {line}" for line in tunnels))
+
+
+def _via_api(args: argparse.Namespace) -> bool:
+    """--via as given; without it, api for a file with no Endpoint (its server exposes no UDP port)."""
+    if args.via is not None:
+        return bool(args.via == "api")
+    try:
+        return viaapi.wants_api(tunnel.resolve_file(args.target).read_text())
+    except (CliError, OSError):
+        return False  # wg_quick says what is wrong with the target
 
 
 def _join_request(args: argparse.Namespace, namespace: str) -> join.JoinRequest:

@@ -429,7 +429,7 @@ def test_ctrl_c_leaves_the_tunnel_up_and_says_how_to_take_it_down(
 
 def test_server_without_follow_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["up", "dev", "--server", "kvpn/dev"]) == 1
-    assert capsys.readouterr().err == "error: --server goes with --follow\n"
+    assert capsys.readouterr().err == "error: --server goes with --follow or --via api\n"
 
 
 def test_the_watch_streams_events_and_turns_an_error_event_into_a_kube_error() -> None:
