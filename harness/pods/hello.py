@@ -1,7 +1,8 @@
 """The test cluster's workload, run as pods: an HTTP server that names itself and its client, and a TCP echo.
 
 GET / answers "hello from pod <pod IP> on <node> (client <address>)"; port 9000 echoes every line back,
-for a connection that the tests keep open across a gateway's restarts. Test harness only, not kvpn.
+for a connection that the tests keep open across a gateway's restarts. For the benchmarks' throughput,
+GET /bytes/N sends N bytes and POST /sink reads its body away. Test harness only, not kvpn.
 """
 
 from __future__ import annotations
@@ -12,15 +13,38 @@ import socketserver
 import sys
 import threading
 
+CHUNK = b"\0" * (256 << 10)
+
 
 class Hello(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
+        if self.path.startswith("/bytes/"):
+            self._send_bytes(int(self.path.rsplit("/", 1)[1]))
+            return
         pod, node = os.environ.get("POD_IP", "?"), os.environ.get("NODE_NAME", "?")
         body = f"hello from pod {pod} on {node} (client {self.client_address[0]})\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        left = int(self.headers.get("Content-Length", "0"))
+        while left > 0 and (piece := self.rfile.read(min(left, len(CHUNK)))):
+            left -= len(piece)
+        body = b"ok\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_bytes(self, size: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        while size > 0:
+            self.wfile.write(CHUNK[: min(size, len(CHUNK))])
+            size -= len(CHUNK)
 
     def log_message(self, *args: object) -> None:
         pass
