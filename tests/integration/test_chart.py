@@ -477,11 +477,12 @@ def test_relay_pod_meets_restricted_pod_security_off_the_host_network(helm: Helm
     # The same image as the operator's and the agent's, another program.
     assert main["image"] == container(one(docs, "Deployment", "kvpn-operator"))["image"]
     assert main["command"] == ["kvpn-relay"]
-    assert main["args"] == ["--port=51900", "--health-port=8080"]
+    assert main["args"] == ["--port=51900", "--health-port=8080", "--log-format=json"]
     assert {"name": "relay", "containerPort": 51900, "protocol": "TCP"} in main["ports"]
     assert {"name": "healthz", "containerPort": 8080, "protocol": "TCP"} in main["ports"]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert main[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}, probe
+    assert main["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    # Alive while it accepts streams, whether or not the API server answers its reads.
+    assert main["livenessProbe"]["tcpSocket"] == {"port": "relay"}
     # Where `kubectl vpn up --via api` looks for it (kvpn_core.relaywire.RELAY_COMPONENT).
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert labels["app.kubernetes.io/component"] == RELAY_COMPONENT
@@ -493,7 +494,7 @@ def test_relay_pod_meets_restricted_pod_security_off_the_host_network(helm: Helm
     moved = container(
         one(helm.template("relay.enabled=true", "relay.port=443", "relay.healthPort=9000"), "Deployment", RELAY)
     )
-    assert moved["args"] == ["--port=443", "--health-port=9000"]
+    assert moved["args"] == ["--port=443", "--health-port=9000", "--log-format=json"]
     assert {"name": "relay", "containerPort": 443, "protocol": "TCP"} in moved["ports"]
     existing = helm.template("relay.enabled=true", "relay.createNamespace=false", "relay.namespace=vpn-relay")
     assert find(existing, "Namespace") == []
