@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import pytest
 import yaml
 from kubernetes.client import Configuration
 
+from harness.cluster import in_ns
 from harness.kvpn import wait_for
 from harness.via_api import RELAY, ApiLaptop, api_laptop, create_api_server, developer_kubeconfig
 from harness.world import (
@@ -80,6 +82,31 @@ def test_a_laptop_without_udp_reaches_hello_by_name_by_cluster_ip_and_by_pod_ip(
     assert laptop.curl(f"http://{hello_cluster_ip(world)}/", 3), "by ClusterIP"
     for pod in world.hello_pods():
         assert laptop.curl(f"http://{pod['status']['podIP']}:{HELLO_PORT}/", 3), f"pod {pod['metadata']['name']}"
+    # Full-sized packets both ways: a data message's length is then anything the MTU makes it.
+    pod_ip = world.hello_pods()[0]["status"]["podIP"]
+    body = world.run_dir / "upload.bin"
+    body.write_bytes(os.urandom(4 << 20))
+    for args in (
+        [f"http://{pod_ip}:{HELLO_PORT}/bytes/{4 << 20}"],
+        ["--data-binary", f"@{body}", f"http://{pod_ip}:{HELLO_PORT}/sink"],
+    ):
+        moved = in_ns(
+            laptop.netns,
+            "curl",
+            "-s",
+            "-f",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "30",
+            "-w",
+            "%{size_download} %{size_upload}",
+            *args,
+            check=False,
+            timeout=40,
+        )
+        assert moved.returncode == 0, (args, moved.returncode)
+        assert str(4 << 20) in moved.stdout.split(), moved.stdout
     gateway = uma.health()["gateway"]
     # The gateway's agent saw the peer, as over UDP (its status report, every few seconds).
     peer = wait_for(
