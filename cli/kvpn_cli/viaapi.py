@@ -224,7 +224,8 @@ class Relay:
             self.from_wg(data, addr)
 
     def from_wg(self, data: bytes, addr: tuple[str, int]) -> None:
-        if not is_wireguard(data):
+        if not is_wireguard(data):  # nothing wg sends; whatever else reaches this port goes no further
+            self.health.dropped += 1
             return
         self.wg_addr = addr
         self._pending.append(data)
