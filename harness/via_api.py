@@ -57,8 +57,8 @@ def create_api_server(world: World, name: str, port: int, pool: str) -> None:
 
 def developer_kubeconfig(world: World, name: str, relay: bool) -> Path:
     """A ServiceAccount token with what `kubectl vpn join` and `up` need in the developers' namespace
-    (peers and their config Secrets there, servers read), plus, with `relay`, the chart's relay-user role bound in the relay
-    namespace: the only way its port-forward permission reaches anything."""
+    (peers and their config Secrets there, servers read), plus, with `relay`, the chart's relay-user
+    role bound in the relay namespace: the only way its port-forward permission reaches anything."""
     rules = [
         {"apiGroups": ["kvpn.dev"], "resources": ["vpnpeers"], "verbs": ["create", "get", "list", "watch", "delete"]},
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},  # the config join completes
