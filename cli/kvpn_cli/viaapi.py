@@ -36,6 +36,8 @@ from kvpn_core import wgquick as wgfile
 from kvpn_core.kube import ForbiddenError, KubeError, core_path
 from kvpn_core.relaywire import (
     CONTROL,
+    DEAD_SECONDS,
+    PING_SECONDS,
     RELAY_COMPONENT,
     RELAY_PORT,
     FrameError,
@@ -44,6 +46,9 @@ from kvpn_core.relaywire import (
     Welcome,
     frames,
     is_wireguard,
+    ping,
+    ping_number,
+    read_control,
 )
 
 RELAY_NAMESPACE = "kvpn-relay"
@@ -304,7 +309,8 @@ class Relay:
 
     def _to_wg(self, payload: bytes) -> None:
         if payload[0] == CONTROL:
-            self._welcome(Welcome.decode(payload))
+            if ping_number(read_control(payload), "pong") is None:
+                self._welcome(Welcome.decode(payload))
             return
         if self.wg_addr is None:
             return
@@ -327,10 +333,28 @@ class Relay:
         self.health.write()
 
     async def pump(self, stream: PortForward) -> None:
-        """The stream's datagrams to wg until it ends (raises PortForwardError or FrameError)."""
-        while True:
-            for payload in self._reader.feed(await stream.recv()):
-                self._to_wg(payload)
+        """The stream's datagrams to wg until it ends (raises PortForwardError or FrameError), or until it
+        brought nothing back, not even a Pong, for DEAD_SECONDS: a stream through a node that lost its
+        network breaks nothing the laptop sees, it goes silent."""
+        pings = asyncio.get_running_loop().create_task(self._ping(stream))
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(DEAD_SECONDS):
+                        data = await stream.recv()
+                except TimeoutError:
+                    raise PortForwardError(f"nothing came back for {DEAD_SECONDS:g} s, not even a pong") from None
+                for payload in self._reader.feed(data):
+                    self._to_wg(payload)
+        finally:
+            pings.cancel()
+
+    async def _ping(self, stream: PortForward) -> None:
+        number = 0
+        while not stream.closed:
+            number += 1
+            stream.send(ping(number))
+            await asyncio.sleep(PING_SECONDS)
 
     async def run(self, first: tuple[PortForward, Welcome]) -> None:
         """Forever: the stream, and a new one whenever it ends."""

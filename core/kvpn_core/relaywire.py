@@ -9,6 +9,7 @@ A frame's first byte says what it is:
 - 0: a control message, the rest UTF-8 JSON. The laptop's first frame is its Hello; the relay answers
   with a Welcome (one with an error when it refuses the stream, and closes), sends a Welcome again when
   it moves the stream to another gateway, and one with an error when it ends a stream, saying why.
+  The laptop sends a Ping every PING_SECONDS; the relay answers each with a Pong of the same number.
 
 Anything else (another first byte, a WireGuard message of the wrong size, a length of 0 or above
 MAX_PAYLOAD, a control message that does not parse) is a FrameError: the stream is closed, and only it.
@@ -32,6 +33,13 @@ MAX_PAYLOAD = 4096
 
 HELLO_SECONDS = 10.0
 """How long the relay waits for a new stream's Hello."""
+
+PING_SECONDS = 2.0
+"""How often the laptop asks the relay whether its stream still carries: a stream through a node that
+lost its network breaks no connection the laptop can see, it only goes silent."""
+
+DEAD_SECONDS = 3 * PING_SECONDS
+"""A stream that brought nothing back for this long, pongs included, is given up and opened again."""
 
 IDLE_SECONDS = 120.0
 """A stream with nothing from the laptop for this long is closed (WireGuard's keepalive is 25 s)."""
@@ -176,3 +184,18 @@ class Welcome:
         if not isinstance(error, str) or not isinstance(gateway, str) or not (error or gateway):
             raise FrameError("a Welcome names a gateway or an error")
         return cls(gateway=gateway, error=error)
+
+
+def ping(number: int) -> bytes:
+    """The laptop's question whether the stream still carries; the relay answers pong(number)."""
+    return control({"v": PROTOCOL, "ping": number})
+
+
+def pong(number: int) -> bytes:
+    return control({"v": PROTOCOL, "pong": number})
+
+
+def ping_number(message: dict[str, Any], key: str) -> int | None:
+    """The number of a Ping (key "ping") or a Pong ("pong") control message; None for another message."""
+    number = message.get(key)
+    return number if isinstance(number, int) and not isinstance(number, bool) else None

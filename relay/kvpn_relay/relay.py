@@ -23,6 +23,9 @@ from kvpn_core.relaywire import (
     Welcome,
     frame,
     is_wireguard,
+    ping_number,
+    pong,
+    read_control,
 )
 from kvpn_relay.gateways import ServerGateways
 
@@ -188,8 +191,10 @@ class Stream(asyncio.Protocol):
                         return
                 elif payload[0] != CONTROL:
                     self._to_gateway(self._route, payload)
-                # A control frame after the Hello means nothing to this relay (this protocol version
-                # defines none); it still counts as the laptop being there.
+                elif (number := ping_number(read_control(payload), "ping")) is not None:
+                    self._write(pong(number))
+                # Any other control frame after the Hello means nothing to this relay; it still counts
+                # as the laptop being there.
         except FrameError as exc:
             self.close(str(exc))
 

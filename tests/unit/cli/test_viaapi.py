@@ -13,7 +13,7 @@ import pytest
 
 from kvpn_cli import viaapi
 from kvpn_cli.follow import ServerName
-from kvpn_core.relaywire import FrameReader, Welcome, frames
+from kvpn_core.relaywire import FrameReader, Welcome, frames, ping
 
 CONFIG = """# kvpn: WireGuard tunnel of VpnPeer dev/uma to VpnServer kvpn-system/api
 [Interface]
@@ -139,6 +139,27 @@ def test_datagrams_from_the_stream_go_to_wg_and_wgs_go_out_together() -> None:
         local.close()
     assert [FrameReader().feed(m) for m in stream.sent] == [[DATA] * 3]
     assert (relay.health.sent, relay.health.received) == (3, 2)
+
+
+def test_a_stream_that_brings_nothing_back_is_given_up_and_pinged_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream through a node that lost its network: nothing breaks, nothing comes back."""
+    monkeypatch.setattr(viaapi, "DEAD_SECONDS", 0.3)
+    monkeypatch.setattr(viaapi, "PING_SECONDS", 0.1)
+    relay, _ = make_relay()
+
+    class Silent(RecordingStream):
+        async def recv(self) -> bytes:
+            await asyncio.sleep(3600)
+            return b""
+
+    silent = Silent()
+
+    async def run() -> None:
+        with pytest.raises(viaapi.PortForwardError, match="nothing came back"):
+            await asyncio.wait_for(relay.pump(silent), 5)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    assert [FrameReader().feed(m) for m in silent.sent[:2]] == [[ping(1)[2:]], [ping(2)[2:]]]
 
 
 def make_relay(on_move: Any = None, sock: socket.socket | None = None) -> tuple[viaapi.Relay, RecordingStream]:

@@ -18,6 +18,10 @@ from kvpn_core.relaywire import (
     frame,
     frames,
     is_wireguard,
+    ping,
+    ping_number,
+    pong,
+    read_control,
 )
 
 INITIATION = b"\x01\0\0\0" + bytes(144)
@@ -147,3 +151,12 @@ def test_a_hello_that_is_not_one_is_refused(payload: bytes, says: str) -> None:
 def test_a_welcome_names_a_gateway_or_an_error(payload: bytes) -> None:
     with pytest.raises(FrameError, match="a Welcome names a gateway or an error"):
         Welcome.decode(payload)
+
+
+def test_pings_and_pongs_carry_their_number_and_nothing_else_passes_for_one() -> None:
+    (payload,) = FrameReader().feed(ping(41) + pong(42))[:1]
+    assert ping_number(read_control(payload), "ping") == 41
+    assert ping_number(read_control(FrameReader().feed(pong(42))[0]), "pong") == 42
+    assert ping_number({"ping": True}, "ping") is None
+    assert ping_number({"ping": "1"}, "ping") is None
+    assert ping_number({"gateway": "node-a"}, "pong") is None

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kvpn_core.relaywire import FrameReader, Hello, Welcome, frames
+from kvpn_core.relaywire import FrameReader, Hello, Welcome, frames, ping, pong
 from kvpn_relay.gateways import Address, ServerGateways
 from kvpn_relay.relay import Relay, Settings
 
@@ -430,5 +430,18 @@ def test_stopping_the_relay_ends_every_stream_with_the_reason() -> None:
                     ]
                 with pytest.raises(ConnectionRefusedError):
                     await asyncio.open_connection("127.0.0.1", port)
+
+    run(scenario)
+
+
+def test_a_ping_after_the_hello_gets_a_pong_of_the_same_number() -> None:
+    async def scenario() -> None:
+        with gateway_sockets("127.0.0.1") as (gateway,):
+            fake = FakeGateways({SERVER: gateways_of(gateway.port, {"node-a": "127.0.0.1"})})
+            async with relay_of(fake) as (_relay, port), laptops(port) as (laptop,):
+                laptop.hello()
+                await laptop.welcome()
+                laptop.writer.write(ping(7) + ping(8))
+                assert [await laptop.next(), await laptop.next()] == [pong(7)[2:], pong(8)[2:]]
 
     run(scenario)
