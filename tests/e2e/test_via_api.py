@@ -49,6 +49,7 @@ API_PORT = 51824
 # same gateway); the bound leaves room for the API server's and kubelet's own setup of the stream.
 RELAY_GONE_WITHIN = 5.0
 AGENT_GONE_WITHIN = 2.0
+GATEWAY_CUT_WITHIN = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +287,32 @@ def test_a_developer_without_the_relay_role_is_told_the_permission_in_one_line(w
     assert RELAY_NAMESPACE in said, said
     assert "pods/portforward" in said, said
     assert "Traceback" not in proc.stdout + said
+
+
+def test_a_gateway_cut_off_moves_the_stream_and_the_session(world: World, uma: ApiLaptop) -> None:
+    """The node of uma's gateway loses its network (last: the node comes back, but slowly). Once its lease
+    runs out the operator marks it not ready, the relay moves the stream to the other gateway and says
+    so, and the plugin re-adds the server's peer: a new session there at once. Requests go to hello's pod
+    on the surviving node. If uma's relay pod was on the cut node too, her stream breaks and is opened
+    again to the other relay pod."""
+    gateway = next(n for n in world.nodes if n.name == uma.health()["gateway"])
+    survivor = next(n for n in world.nodes if n is not gateway)
+    pod = next(p for p in world.hello_pods() if p["spec"]["nodeName"] == survivor.name)
+    url = f"http://{pod['status']['podIP']}:{HELLO_PORT}/"
+    moves = uma.health()["gateway_moves"]
+    with TrafficLoop(uma.laptop, url, max_time=0.5, pause=0.05) as loop:
+        time.sleep(1)
+        with world.network_cut(gateway):
+            wait_for("uma's stream on the survivor", lambda: uma.health().get("gateway") == survivor.name, timeout=40)
+            wait_for("uma answered again", lambda: uma.laptop.curl(url, 0.5) is not None, timeout=20)
+            time.sleep(2)
+    summary = {"event": "gateway cut (via the API)", "failed": loop.failures, "longest_gap_s": loop.outage.longest_s}
+    print(json.dumps(summary))
+    assert uma.health()["gateway_moves"] == moves + 1, uma.health()
+    # The lease's 10 s, the operator's and the relay's polls, a new session: the bound of issue 11's UDP cases.
+    assert loop.outage.longest_s <= GATEWAY_CUT_WITHIN, summary
+    wait_for(
+        "both gateways serving again",
+        lambda: all(g["ready"] for g in world.server(API_SERVER)["status"]["gateways"]),
+        timeout=90,
+    )
