@@ -1,7 +1,9 @@
-"""Where each VpnServer's gateways listen: the cluster's VpnServers, listed in a thread, as an immutable snapshot."""
+"""Where each VpnServer's gateways listen: the cluster's VpnServers and gateway leases, listed in a thread,
+as an immutable snapshot."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import ipaddress
 import logging
@@ -16,6 +18,7 @@ from pydantic import ValidationError
 from urllib3.exceptions import HTTPError
 
 from kvpn_core.api import API_VERSION, PLURALS, GatewayStatus, Kind, VpnServerSpec
+from kvpn_core.contract import LABEL_ROLE, ROLE_GATEWAY, read_gateway_lease
 from kvpn_core.kube import Kube, KubeError
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,7 @@ Address = tuple[str, int]
 """(IP address, UDP port), as a socket's recvfrom names a datagram's source."""
 
 SERVERS_PATH = f"/apis/{API_VERSION}/{PLURALS[Kind.VPN_SERVER]}"
+LEASES_PATH = "/apis/coordination.k8s.io/v1/leases"
 
 STALE_SECONDS = 30.0
 """A relay whose last successful list is older than this is unhealthy: it may be sending streams to
@@ -82,13 +86,29 @@ def _short(exc: Exception) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
-def read_server(server: Obj) -> ServerGateways:
+def expired_gateways(leases: list[Obj], now: dt.datetime) -> frozenset[tuple[str, str]]:
+    """(NAMESPACE/SERVER, node) of every gateway whose lease has run out: a gateway that went silent (its
+    node cut off, say) is given up from here at once, whether or not the operator is there to say so in
+    the server's status (it may have been on that node)."""
+    expired = set()
+    for lease in leases:
+        read = read_gateway_lease(lease)
+        if read is not None and not read.current(now):
+            namespace = (lease.get("metadata") or {}).get("namespace")
+            expired.add((f"{namespace}/{read.server}", read.node))
+    return frozenset(expired)
+
+
+def read_server(server: Obj, expired: Collection[tuple[str, str]] = ()) -> ServerGateways:
     """One VpnServer's usable gateways. A gateway without an address is unusable: the relay sends only to
-    where the server's own status says its WireGuard listens, never to a name or to what a laptop says."""
+    where the server's own status says its WireGuard listens, never to a name or to what a laptop says.
+    A gateway whose lease ran out (`expired`) is not ready, whatever the status still says."""
     port = (server.get("spec") or {}).get("listenPort", DEFAULT_LISTEN_PORT)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         # The CRD's schema rules this out; a relay that guessed a port could send anywhere.
         return ServerGateways(DEFAULT_LISTEN_PORT, (), frozenset())
+    meta = server.get("metadata") or {}
+    name = f"{meta.get('namespace')}/{meta.get('name')}"
     ready: list[tuple[str, str]] = []
     known: set[Address] = set()
     for raw in (server.get("status") or {}).get("gateways") or []:
@@ -102,17 +122,17 @@ def read_server(server: Obj) -> ServerGateways:
         if address is None:
             continue
         known.add((address, port))
-        if gateway.ready:
+        if gateway.ready and (name, gateway.node) not in expired:
             ready.append((gateway.node, address))
     return ServerGateways(port, tuple(sorted(ready)), frozenset(known))
 
 
-def read_servers(servers: list[Obj]) -> dict[str, ServerGateways]:
+def read_servers(servers: list[Obj], expired: Collection[tuple[str, str]] = ()) -> dict[str, ServerGateways]:
     """Every VpnServer by NAMESPACE/NAME (the way a Hello names it), with or without gateways."""
     found = {}
     for server in servers:
         meta = server.get("metadata") or {}
-        found[f"{meta.get('namespace')}/{meta.get('name')}"] = read_server(server)
+        found[f"{meta.get('namespace')}/{meta.get('name')}"] = read_server(server, expired)
     return found
 
 
@@ -131,6 +151,7 @@ class Gateways:
         self._snapshot: Mapping[str, ServerGateways] = MappingProxyType({})
         self._listed_at: float | None = None
         self._failing = False
+        self._leases_failing = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gateways", daemon=True)
 
@@ -169,7 +190,7 @@ class Gateways:
                 )
             self._failing = True
             return
-        snapshot = read_servers(servers)
+        snapshot = read_servers(servers, self._expired())
         if self._failing or self._listed_at is None:
             log.info(
                 "listed the VpnServers",
@@ -178,6 +199,20 @@ class Gateways:
         self._snapshot = MappingProxyType(snapshot)
         self._listed_at = self._clock()
         self._failing = False
+
+    def _expired(self) -> frozenset[tuple[str, str]]:
+        """The gateways whose leases ran out; none when the leases cannot be read (the status alone then)."""
+        try:
+            leases = self._kube.list(LEASES_PATH, label_selector=f"{LABEL_ROLE}={ROLE_GATEWAY}", cached=True)
+        except (KubeError, HTTPError, OSError, ValueError) as exc:
+            if not self._leases_failing:
+                log.warning(
+                    "listing the gateway leases failed; judging gateways by status", extra={"error": _short(exc)}
+                )
+            self._leases_failing = True
+            return frozenset()
+        self._leases_failing = False
+        return expired_gateways(leases, dt.datetime.now(dt.UTC))
 
     def _run(self) -> None:
         while True:

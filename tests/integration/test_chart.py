@@ -527,11 +527,12 @@ def test_relay_pods_spread_over_nodes_and_a_drain_takes_one_at_a_time(helm: Helm
     assert anti == {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "zone"}]}
 
 
-def test_the_relay_may_read_vpnservers_and_nothing_else(helm: Helm) -> None:
+def test_the_relay_may_read_vpnservers_and_gateway_leases_and_nothing_else(helm: Helm) -> None:
     docs = helm.template("relay.enabled=true")
     role = one(docs, "ClusterRole", RELAY)
     assert role["rules"] == [
-        {"apiGroups": ["kvpn.dev"], "resources": ["vpnservers"], "verbs": ["get", "list", "watch"]}
+        {"apiGroups": ["kvpn.dev"], "resources": ["vpnservers"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list"]},
     ]
     binding = one(docs, "ClusterRoleBinding", RELAY)
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": RELAY}

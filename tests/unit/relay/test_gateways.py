@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections import Counter
@@ -10,8 +11,18 @@ from typing import Any, cast
 import pytest
 
 from kvpn_core.api import API_VERSION, Kind
-from kvpn_core.kube import Kube, kvpn_path
-from kvpn_relay.gateways import STALE_SECONDS, Gateways, ServerGateways, choose, read_server, read_servers
+from kvpn_core.contract import GATEWAY_LEASE_SECONDS, LABEL_ROLE, LABEL_SERVER, ROLE_GATEWAY, gateway_lease_name
+from kvpn_core.kube import Kube, KubeError, kvpn_path
+from kvpn_relay.gateways import (
+    LEASES_PATH,
+    STALE_SECONDS,
+    Gateways,
+    ServerGateways,
+    choose,
+    expired_gateways,
+    read_server,
+    read_servers,
+)
 from tests.unit.fakes import Clock, FakeKube, random_key
 
 Obj = dict[str, Any]
@@ -118,7 +129,10 @@ def test_the_snapshot_is_ready_after_a_list_and_stale_when_lists_stop_succeeding
     assert (source.listed, source.ready) == (True, True)
     assert source.snapshot["team/office"].ready == (("a", "10.0.0.1"),)
     # Cluster-wide, from the API server's watch cache.
-    assert kube.lists == [(f"/apis/{API_VERSION}/vpnservers", {"label_selector": None, "cached": True, "limit": None})]
+    assert kube.lists == [
+        (f"/apis/{API_VERSION}/vpnservers", {"label_selector": None, "cached": True, "limit": None}),
+        (LEASES_PATH, {"label_selector": "kvpn.dev/role=gateway", "cached": True, "limit": None}),
+    ]
 
     kube.down = True
     with caplog.at_level(logging.INFO, logger="kvpn_relay"):
@@ -156,3 +170,45 @@ def test_the_thread_lists_every_poll_until_stopped() -> None:
         source.stop()
     assert len(kube.lists) >= 3
     assert source.ready
+
+
+def lease(namespace: str, server: str, node: str, renewed: dt.datetime) -> Obj:
+    return {
+        "metadata": {
+            "namespace": namespace,
+            "name": gateway_lease_name(server, node),
+            "labels": {LABEL_SERVER: server, LABEL_ROLE: ROLE_GATEWAY},
+        },
+        "spec": {
+            "holderIdentity": node,
+            "leaseDurationSeconds": GATEWAY_LEASE_SECONDS,
+            "renewTime": renewed.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        },
+    }
+
+
+def test_a_gateway_whose_lease_ran_out_is_not_sent_to_whatever_the_status_still_says() -> None:
+    """The operator that would mark it not ready may have been on the node that went silent."""
+    now = dt.datetime.now(dt.UTC)
+    leases = [
+        lease("team", "office", "node-a", now - dt.timedelta(seconds=GATEWAY_LEASE_SECONDS + 1)),
+        lease("team", "office", "node-b", now),
+        lease("lab", "office", "node-b", now - dt.timedelta(seconds=GATEWAY_LEASE_SECONDS + 1)),  # another server
+    ]
+    expired = expired_gateways(leases, now)
+    assert expired == {("team/office", "node-a"), ("lab/office", "node-b")}
+    server = read_server(vpn_server("office", [gateway("node-a", "10.0.0.1"), gateway("node-b", "10.0.0.2")]), expired)
+    assert server.ready == (("node-b", "10.0.0.2"),)
+    assert ("10.0.0.1", 51820) in server.known  # still heard: it may come back with its sessions
+
+
+def test_leases_that_cannot_be_read_leave_the_status_to_judge(caplog: pytest.LogCaptureFixture) -> None:
+    kube = FakeKube(errors=lambda path: KubeError(403, "forbidden") if "leases" in path else None)
+    kube.put(kvpn_path(Kind.VPN_SERVER, "team", "office"), vpn_server("office", [gateway("a", "10.0.0.1")]))
+    source = Gateways(cast(Kube, kube))
+    with caplog.at_level(logging.INFO, logger="kvpn_relay"):
+        source.poll()
+        source.poll()
+    assert source.snapshot["team/office"].ready == (("a", "10.0.0.1"),)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["listing the gateway leases failed; judging gateways by status"]

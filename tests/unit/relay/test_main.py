@@ -43,10 +43,12 @@ class _VpnServers(http.server.BaseHTTPRequestHandler):
     items: ClassVar[list[dict[str, Any]]] = []
 
     def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] != f"/apis/{API_VERSION}/vpnservers":
+        path = self.path.split("?", 1)[0]
+        if path not in (f"/apis/{API_VERSION}/vpnservers", "/apis/coordination.k8s.io/v1/leases"):
             self.send_error(404)
             return
-        body = json.dumps({"items": self.items, "metadata": {"resourceVersion": "1"}}).encode()
+        items = self.items if "vpnservers" in path else []  # no gateway lease: the status alone judges
+        body = json.dumps({"items": items, "metadata": {"resourceVersion": "1"}}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
