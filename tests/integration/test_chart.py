@@ -93,6 +93,17 @@ class Helm:
             args += ["--set", item]
         return [d for d in yaml.safe_load_all(self.run(*args).stdout) if d]
 
+    def notes(self, *sets: str, namespace: str = "kvpn", release: str = "kvpn") -> str:
+        """NOTES.txt as `helm install` prints it, which `helm template` never renders: a client-side dry
+        run, with a kubeconfig that does not exist so that no cluster takes part."""
+        args = ["install", release, str(CHART), "--namespace", namespace, "--dry-run=client"]
+        for item in sets:
+            args += ["--set", item]
+        env = {**os.environ, "KUBECONFIG": str(self.home / "no-kubeconfig")}
+        output = self.run(*args, env=env).stdout
+        assert "\nNOTES:\n" in output, output
+        return output.split("\nNOTES:\n", 1)[1]
+
 
 @pytest.fixture(scope="session")
 def helm(tool_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Helm:
@@ -158,6 +169,19 @@ VALUE_SETS: dict[str, list[str]] = {
         "server.create=true",
         "server.expose.type=ApiServer",
     ],
+    "developers": [
+        "agent.serverNamespaces={kvpn,vpn-b}",
+        "developers.namespaces={team-a,team-b}",
+        "developers.subjects[0].kind=Group",
+        "developers.subjects[0].name=team-a-devs",
+        "developers.subjects[1].kind=User",
+        "developers.subjects[1].name=alice@example.com",
+        "developers.subjects[2].kind=ServiceAccount",
+        "developers.subjects[2].name=ci",
+        "developers.subjects[2].namespace=ci",
+        "server.create=true",
+        "server.peerNamespaces={team-a,team-b}",
+    ],
 }
 
 
@@ -185,6 +209,9 @@ def test_lint_strict_passes(helm: Helm, values: str) -> None:
         ("relay.hostNetwork=true", "additional properties 'hostNetwork' not allowed"),
         ("relay.users[0].kind=Robot", "relay/users/0/kind"),
         ("relay.users[0].kind=ServiceAccount,relay.users[0].name=ci", "missing property 'namespace'"),
+        ("developers.create=false", "additional properties 'create' not allowed"),
+        ("developers.subjects[0].kind=Robot", "developers/subjects/0/kind"),
+        ("developers.namespaces={Team_A}", "developers/namespaces/0"),
     ],
 )
 def test_values_schema_refuses_what_it_does_not_know(helm: Helm, setting: str, complaint: str) -> None:
@@ -580,6 +607,124 @@ def test_the_relay_namespace_is_not_the_charts(helm: Helm) -> None:
     assert "Helm cannot create the namespace it installs into" in result.stderr
 
 
+# --- developers: `kubectl vpn` ---------------------------------------------------------------------
+
+DEVELOPER, SERVER_READER = "kvpn-developer", "kvpn-server-reader"
+
+
+def bindings_of(docs: list[Doc], role: str, kind: str = "RoleBinding") -> list[Doc]:
+    return [b for b in find(docs, kind) if b["roleRef"]["name"] == role]
+
+
+def test_developers_may_keep_peers_in_their_team_namespaces_and_read_servers_where_they_live(helm: Helm) -> None:
+    """What `kubectl vpn` calls and nothing more: VpnPeers and their config Secrets in the team's
+    namespaces, VpnServers in the servers' namespaces; RoleBindings only, in the listed namespaces."""
+    docs = helm.template(*VALUE_SETS["developers"])
+    assert one(docs, "ClusterRole", DEVELOPER)["rules"] == [
+        # create/get/delete: join (and the peer it gives up on); list: status; watch: `kubectl wait`.
+        {"apiGroups": ["kvpn.dev"], "resources": ["vpnpeers"], "verbs": ["get", "list", "watch", "create", "delete"]},
+        # The peer's config Secret, by name: no list, no watch.
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    ]
+    assert one(docs, "ClusterRole", SERVER_READER)["rules"] == [
+        # get: join; list: join's "servers there" message; watch: up --follow.
+        {"apiGroups": ["kvpn.dev"], "resources": ["vpnservers"], "verbs": ["get", "list", "watch"]},
+    ]
+    # Never a ClusterRoleBinding: the developer role would read every Secret of every namespace.
+    for role in (DEVELOPER, SERVER_READER):
+        assert bindings_of(docs, role, "ClusterRoleBinding") == []
+    developer_bindings = bindings_of(docs, DEVELOPER)
+    assert [b["metadata"]["namespace"] for b in developer_bindings] == ["team-a", "team-b"]
+    reader_bindings = bindings_of(docs, SERVER_READER)
+    assert [b["metadata"]["namespace"] for b in reader_bindings] == ["kvpn", "vpn-b"]
+    subjects = [
+        {"kind": "Group", "name": "team-a-devs", "apiGroup": "rbac.authorization.k8s.io"},
+        {"kind": "User", "name": "alice@example.com", "apiGroup": "rbac.authorization.k8s.io"},
+        {"kind": "ServiceAccount", "name": "ci", "namespace": "ci"},
+    ]
+    for binding in developer_bindings + reader_bindings:
+        name = binding["roleRef"]["name"]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}
+        assert binding["subjects"] == subjects
+    # Always defined, bound only when developers.subjects names someone.
+    plain = helm.template()
+    assert one(plain, "ClusterRole", DEVELOPER)["rules"] == one(docs, "ClusterRole", DEVELOPER)["rules"]
+    assert one(plain, "ClusterRole", SERVER_READER)["rules"] == one(docs, "ClusterRole", SERVER_READER)["rules"]
+    assert bindings_of(plain, DEVELOPER) == bindings_of(plain, SERVER_READER) == []
+    # Subjects without team namespaces: they may read the servers, and are bound nowhere else.
+    readers_only = helm.template("developers.subjects[0].kind=Group", "developers.subjects[0].name=devs")
+    assert bindings_of(readers_only, DEVELOPER) == []
+    assert [b["metadata"]["namespace"] for b in bindings_of(readers_only, SERVER_READER)] == ["kvpn"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "complaint"),
+    [
+        # The developer role reads every Secret of its namespace: never where server keys live.
+        (
+            "developers.namespaces={kvpn},developers.subjects[0].kind=Group,developers.subjects[0].name=devs",
+            "developers.namespaces must not list kvpn",
+        ),
+        (
+            "agent.serverNamespaces={vpn-b},developers.namespaces={team-a,vpn-b},"
+            "developers.subjects[0].kind=Group,developers.subjects[0].name=devs",
+            "developers.namespaces must not list vpn-b",
+        ),
+        ("developers.namespaces={team-a}", "developers.namespaces needs developers.subjects"),
+    ],
+)
+def test_developer_namespaces_are_team_namespaces_with_someone_to_bind(helm: Helm, sets: str, complaint: str) -> None:
+    result = helm.run("template", "kvpn", str(CHART), "-n", "kvpn", "--set", sets, check=False)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+
+
+JOIN = re.compile(r"kubectl vpn join (?P<server_ns>[^/\s]+)/(?P<server>\S+) -n (?P<peer_ns>\S+)")
+APPLIED = re.compile(r"kubectl -n (?P<ns>\S+) (?:apply|create) -f - <<EOF\n\s*apiVersion: \S+\n\s*kind: (?P<kind>\w+)")
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS), ids=list(VALUE_SETS))
+def test_notes_put_peers_in_a_team_namespace_with_the_developer_roles(helm: Helm, values: str) -> None:
+    """NOTES.txt never tells anyone to create VpnPeers where VpnServers live (the agents may read
+    Secrets there), and names the RoleBindings that let a team join from its own namespace."""
+    sets = VALUE_SETS[values]
+    notes = helm.notes(*sets)
+    docs = helm.template(*sets)
+    server_namespaces = {r["metadata"]["namespace"] for r in find(docs, "Role", AGENT)}
+    joins = list(JOIN.finditer(notes))
+    assert joins, notes
+    applied = [(m["ns"], m["kind"]) for m in APPLIED.finditer(notes)]
+    peer_namespaces = {m["peer_ns"] for m in joins} | {ns for ns, kind in applied if kind == "VpnPeer"}
+    assert "VpnPeer" in {kind for _, kind in applied}  # the by-hand path too
+    assert peer_namespaces.isdisjoint(server_namespaces), notes
+    assert {m["server_ns"] for m in joins} <= server_namespaces
+    # The by-hand peer names its server's namespace, which is not its own.
+    by_hand = re.search(r"serverRef:\n\s*namespace: (\S+)\n", notes)
+    assert by_hand
+    assert by_hand[1] in server_namespaces
+    for ns in peer_namespaces:
+        assert f"-n {ns} --clusterrole {DEVELOPER}" in notes or f"{DEVELOPER} in {ns}" in notes
+    for ns in server_namespaces:
+        assert f"-n {ns} --clusterrole {SERVER_READER}" in notes
+    relay_user = f"--clusterrole {RELAY_USER}"
+    assert (relay_user in notes) == any(item == "relay.enabled=true" for item in sets)
+
+
+def test_notes_say_when_the_server_does_not_serve_the_team_namespace(helm: Helm) -> None:
+    developers = [
+        "developers.namespaces={team-a,team-b}",
+        "developers.subjects[0].kind=Group",
+        "developers.subjects[0].name=devs",
+    ]
+    notes = helm.notes("server.create=true", "server.peerNamespaces={team-b}", *developers)
+    assert "It serves VpnPeers of team-b only (server.peerNamespaces), not of team-a" in notes
+    assert "--set 'server.peerNamespaces={team-b,team-a}'" in notes
+    assert "kubectl vpn join kvpn/default -n team-a" in notes
+    assert "not of" not in helm.notes("server.create=true", "server.peerNamespaces={*}", *developers)
+    # No server from values: the example VpnServer serves the team namespaces.
+    assert "peerNamespaces: [team-a, team-b]" in helm.notes(*developers)
+
+
 # --- install into the real API server --------------------------------------------------------------
 
 
@@ -669,7 +814,7 @@ def release(
     for item in sets:
         args += ["--set", item]
     installed = helm.run(*args, env=env)
-    assert "kubectl vpn join default" in installed.stdout  # NOTES.txt
+    assert f"kubectl vpn join {namespace}/default -n team-a" in installed.stdout  # NOTES.txt
     manifest = helm.run("get", "manifest", name, "--namespace", namespace, env=env).stdout
     docs = [d for d in yaml.safe_load_all(manifest) if d]
 

@@ -102,6 +102,15 @@ annotations:
 {{- if and .Values.namespace.create (or (not .Values.namespace.name) (eq .Values.namespace.name .Release.Namespace)) -}}
 {{- fail "namespace.create=true needs namespace.name set to a namespace other than the release's (Helm cannot create the namespace it installs into; use --create-namespace and label it, see values.yaml)" -}}
 {{- end -}}
+{{- $serverNamespaces := include "kvpn.serverNamespaces" . | fromJsonArray -}}
+{{- range .Values.developers.namespaces -}}
+{{- if or (has . $serverNamespaces) (eq . (include "kvpn.namespace" $)) -}}
+{{- fail (printf "developers.namespaces must not list %s, the chart's namespace or one that holds VpnServers (agent.serverNamespaces): the developer role may read every Secret of the namespace it is bound in, and the server keys and peer bindings live there; give the team's peers a namespace of their own" .) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.developers.namespaces (not .Values.developers.subjects) -}}
+{{- fail "developers.namespaces needs developers.subjects: the RoleBindings there would bind nobody" -}}
+{{- end -}}
 {{- if .Values.relay.enabled -}}
 {{- if eq .Values.relay.namespace (include "kvpn.namespace" .) -}}
 {{- fail "relay.namespace must not be the chart's namespace: developers may port-forward to any pod in the relay's namespace, and the agent's pods there run on the nodes' network" -}}
@@ -110,6 +119,23 @@ annotations:
 {{- fail "relay.createNamespace=true needs relay.namespace other than the release's (Helm cannot create the namespace it installs into); set relay.createNamespace=false, or another relay.namespace" -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* RBAC subjects from a values list of {kind, name, apiGroup, namespace} (relay.users,
+developers.subjects): User and Group in rbac.authorization.k8s.io unless apiGroup says otherwise. */}}
+{{- define "kvpn.subjects" -}}
+{{- range . }}
+- kind: {{ .kind }}
+  name: {{ .name | quote }}
+  {{- if hasKey . "apiGroup" }}
+  apiGroup: {{ .apiGroup | quote }}
+  {{- else if ne .kind "ServiceAccount" }}
+  apiGroup: rbac.authorization.k8s.io
+  {{- end }}
+  {{- with .namespace }}
+  namespace: {{ . }}
+  {{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "kvpn.relayServiceAccountName" -}}
