@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kvpn_agent.desired import BindingCache, DesiredServer, Judged, binding_age, build_desired, judge_binding
+from kvpn_agent.desired import BindingCache, DesiredServer, Judged, build_desired, judge_binding
+from kvpn_core.contract import binding_age
 
 ExclusiveValue = str | ipaddress.IPv4Address | ipaddress.IPv6Address
 """A value only one binding of a server may hold, which bindings compete for: a public key or an address."""

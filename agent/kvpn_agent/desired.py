@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from kvpn_agent.linux import IFNAMSIZ
 from kvpn_core.api import VpnServerSpec, VpnServerStatus
 from kvpn_core.conditions import Finding, Reason
-from kvpn_core.contract import SERVER_KEY_DATA, PeerBinding
+from kvpn_core.contract import SERVER_KEY_DATA, PeerBinding, binding_age
 from kvpn_core.keys import clamped, decode_key, public_key_of
 
 GATEWAY_PREFIX = "kvgw-"
@@ -219,13 +219,6 @@ def _collapse(cidrs: Iterable[str]) -> tuple[str, ...]:
 def _inside(cidr: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     net = ipaddress.ip_network(cidr)
     return any(net.version == r.version and net.subnet_of(r) for r in routes)  # type: ignore[arg-type]
-
-
-def binding_age(secret: Mapping[str, Any]) -> tuple[str, str]:
-    """What orders bindings (creation time, then name): older ones win a conflict, so a newcomer
-    cannot push out a working peer."""
-    meta = secret.get("metadata") or {}
-    return (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
 
 
 class BindingCache:

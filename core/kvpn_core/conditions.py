@@ -60,6 +60,8 @@ class Reason(StrEnum):
     ADDRESS_CONFLICT = "AddressConflict"
     """Also the agent's, for a binding whose address the server or an older binding holds."""
     ADDRESS_OUT_OF_POOL = "AddressOutOfPool"
+    DUPLICATE_PUBLIC_KEY = "DuplicatePublicKey"
+    """Also the agent's, for a binding whose key the server or an older binding holds."""
     # PodNetwork, VpnServer
     POD_NETWORK_FOUND = "PodNetworkFound"
     POD_NETWORK_NOT_FOUND = "PodNetworkNotFound"
@@ -79,7 +81,6 @@ class Reason(StrEnum):
     DESTINATION_OUTSIDE_ROUTES = "DestinationOutsideRoutes"
     INVALID_PRESHARED_KEY = "InvalidPresharedKey"
     INVALID_ADDRESS = "InvalidAddress"
-    DUPLICATE_PUBLIC_KEY = "DuplicatePublicKey"
 
 
 class Finding(NamedTuple):

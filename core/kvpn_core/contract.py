@@ -30,6 +30,10 @@ Why this shape:
 - *No duplicate addresses.* The binding's name is derived from the peer's address, so it is also the
   address claim: the API server refuses a second object of the same name with 409 Conflict, whatever
   the number of operators, threads or restarts racing for that address (invariant 1).
+- *One key per server.* WireGuard tells peers of an interface apart by public key, so of a server's
+  enabled bindings with one key the older (``binding_age``) holds it; the agents leave the others out,
+  and the operator refuses their VpnPeers (``DuplicatePublicKey``) and removes their bindings, so that
+  Ready says what the gateways do. Servers have an interface each: two servers' peers may share a key.
 """
 
 from __future__ import annotations
@@ -177,6 +181,17 @@ def _micro_time(value: Any) -> dt.datetime | None:
 def binding_selector(server: str) -> str:
     """Label selector an agent (and the operator) use to list a server's peer bindings."""
     return f"{LABEL_SERVER}={server},{LABEL_ROLE}={ROLE_PEER}"
+
+
+def binding_age(secret: Mapping[str, Any]) -> tuple[str, str]:
+    """What orders bindings (creation time, then name): older ones win a conflict, so a newcomer
+    cannot push out a working peer.
+
+    The agents judge a server's bindings in this order, and the operator judges a peer's claim on a
+    public key by it too, so the peer it calls Ready is the one the gateways serve.
+    """
+    meta = secret.get("metadata") or {}
+    return (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
 
 
 class PeerBinding(Model):

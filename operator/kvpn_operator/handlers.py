@@ -104,10 +104,27 @@ async def peers_by_server(body: kopf.Body, **_: Any) -> dict[tuple[str, str], Pe
     return {key: entry}
 
 
+@kopf.index(*PEERS)
+async def peers_by_key(body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], PeerEntry]:
+    """The peers of each server by the public keys they ask for or hold: a server's key is one peer's."""
+    (namespace, name), entry = peer.index_entry(plain(body))
+    return {(namespace, name, key): entry for key in entry.public_keys}
+
+
 def _peers_of(handler_kwargs: dict[str, Any], namespace: str, name: str) -> list[PeerEntry]:
     """The peers of a server, from the index kopf passes to every handler as a keyword argument."""
     index: kopf.Index[tuple[str, str], PeerEntry] = handler_kwargs["peers_by_server"]
     return list(index.get((namespace, name), []))
+
+
+def _holders(handler_kwargs: dict[str, Any]) -> peer.KeyLookup:
+    """Who asks for or holds a public key in a server, from the index kopf passes to every handler."""
+    index: kopf.Index[tuple[str, str, str], PeerEntry] = handler_kwargs["peers_by_key"]
+
+    def holders(namespace: str, name: str, key: str) -> list[PeerEntry]:
+        return list(index.get((namespace, name, key), []))
+
+    return holders
 
 
 @kopf.on.resume(*SERVERS)
@@ -147,29 +164,39 @@ def forget_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
 @kopf.on.create(*PEERS)
 @kopf.on.update(*PEERS)
 def reconcile_vpnpeer(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
-    _reconcile_peer(body, memo, kwargs["servers_by_name"])
+    _reconcile_peer(body, memo, kwargs)
 
 
-def _reconcile_peer(body: kopf.Body, memo: Services, servers: kopf.Index[tuple[str, str], dict[str, Any]]) -> None:
+def _reconcile_peer(body: kopf.Body, memo: Services, handler_kwargs: dict[str, Any]) -> None:
+    servers: kopf.Index[tuple[str, str], dict[str, Any]] = handler_kwargs["servers_by_name"]
+
     def cached_server(namespace: str, name: str) -> dict[str, Any] | None:
         return next(iter(servers.get((namespace, name), [])), None)
 
+    holders = _holders(handler_kwargs)
+    obj = PeerObject.model_validate(plain(body))
     with api_errors():
         report = peer.reconcile_peer(
-            memo.storage, memo.books, PeerObject.model_validate(plain(body)), now=now(), cached_server=cached_server
+            memo.storage, memo.books, obj, now=now(), cached_server=cached_server, holders=holders
         )
     post(body, report)
+    with api_errors():
+        # Another peer of the server with this one's key may be Ready or refused because of this one.
+        sharers = peer.to_nudge_after(obj, report, holders)
+        server.nudge(memo.storage, sharers, f"key-{obj.uid}-{obj.metadata.resource_version}")
 
 
 @kopf.on.delete(*PEERS)
 def release_vpnpeer(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
-    """Frees the peer's address (its binding may live in another namespace, so no owner reference can)."""
+    """Frees the peer's address (its binding may live in another namespace, so no owner reference can), and
+    its key: a peer refused for using it may claim it now."""
+    obj = PeerObject.model_validate(plain(body))
     with api_errors():
-        if peer.release_peer(memo.storage, memo.books, PeerObject.model_validate(plain(body))):
-            ref = body.spec.get("serverRef") or {}
-            dependents = _peers_of(kwargs, ref.get("namespace") or body.metadata.namespace or "", ref.get("name", ""))
-            waiting = peer.waiting_for_addresses(dependents)
-            server.nudge(memo.storage, waiting, f"freed-{body.metadata.uid}")
+        released = peer.release_peer(memo.storage, memo.books, obj)
+        server.nudge(memo.storage, peer.sharing_a_key(obj, _holders(kwargs)), f"key-freed-{body.metadata.uid}")
+        if released:
+            dependents = _peers_of(kwargs, *peer.server_of(obj))
+            server.nudge(memo.storage, peer.waiting_for_addresses(dependents), f"freed-{body.metadata.uid}")
 
 
 def _expiry(spec: kopf.Spec) -> dt.datetime | None:
@@ -198,6 +225,6 @@ async def expire_vpnpeer(body: kopf.Body, memo: Services, stopped: kopf.DaemonSt
         remaining = (expires - dt.datetime.now(dt.UTC)).total_seconds()
         if remaining <= 0:
             # to_thread carries the context kopf.event needs; the reconcile is idempotent if already done.
-            await asyncio.to_thread(_reconcile_peer, body, memo, kwargs["servers_by_name"])
+            await asyncio.to_thread(_reconcile_peer, body, memo, kwargs)
             return
         await stopped.wait(min(remaining, 60.0))

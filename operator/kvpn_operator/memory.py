@@ -37,9 +37,17 @@ class PeerEntry:
     name: str
     ready: bool
     reason: str
-    has_address: bool
+    address: str | None
+    """The address in its status: its binding is named after it."""
     server_revision: str | None
     nudge: str | None
+    public_keys: frozenset[str] = frozenset()
+    """The key its spec asks for and the key its status says it holds (one, when they agree; none for a
+    peer whose key is still to be generated): who may compete with whom for a key."""
+
+    @property
+    def has_address(self) -> bool:
+        return bool(self.address)
 
 
 class AddressBook:

@@ -7,7 +7,7 @@ import datetime as dt
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -16,7 +16,9 @@ from kvpn_core.api import ExposeType, Kind, VpnPeerSpec, VpnServerSpec, VpnServe
 from kvpn_core.conditions import READY, Finding, Outcome, Reason, find, find_current, is_ready, set_condition
 from kvpn_core.contract import (
     LABEL_PEER_UID,
+    LABEL_SERVER,
     PeerBinding,
+    binding_age,
     binding_secret_name,
     binding_selector,
     peer_config_secret_name,
@@ -60,11 +62,23 @@ def index_entry(obj: Obj) -> tuple[tuple[str, str], PeerEntry]:
         name=meta["name"],
         ready=is_ready(obj),
         reason=str(last.get("reason", "")),
-        has_address=bool(status.get("address")),
+        address=status.get("address") or None,
         server_revision=status.get("serverRevision"),
         nudge=(meta.get("annotations") or {}).get(ANNOTATION_NUDGE),
+        public_keys=_keys(spec, status),
     )
     return (ref.get("namespace") or meta["namespace"], str(ref.get("name", ""))), entry
+
+
+def _keys(spec: Obj, status: Obj) -> frozenset[str]:
+    """The key a peer's spec asks for and the one its status says its binding holds."""
+    return frozenset(str(k) for k in (spec.get("publicKey"), status.get("publicKey")) if k)
+
+
+def server_of(peer: PeerObject) -> tuple[str, str]:
+    """The (namespace, name) of the peer's server, from the spec as written: its key in the peer index."""
+    ref = peer.spec.get("serverRef") or {}
+    return str(ref.get("namespace") or peer.namespace), str(ref.get("name", ""))
 
 
 def _decode(secret: Obj | None, key: str) -> str | None:
@@ -99,11 +113,12 @@ def validate_peer(peer: PeerObject) -> VpnPeerSpec | Outcome:
 
 
 class Verdict(Exception):  # noqa: N818 - not an error: how a reconcile stops early with what to report
-    """Ends a reconcile early with the outcome to report."""
+    """Ends a reconcile early with the outcome to report, and the status fields it changed (`fields`)."""
 
-    def __init__(self, outcome: Outcome) -> None:
+    def __init__(self, outcome: Outcome, fields: dict[str, Any] | None = None) -> None:
         super().__init__(outcome.finding.message)
         self.outcome = outcome
+        self.fields = fields or {}
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,9 @@ class PeerServer:
 ServerLookup = Callable[[str, str], Obj | None]
 """The operator's cached copy of a VpnServer by (namespace, name), or None when it has none."""
 
+KeyLookup = Callable[[str, str, str], Iterable[PeerEntry]]
+"""The operator's index of peers by (server namespace, server name, public key): those that ask for or hold it."""
+
 
 class SecretExists(Exception):  # noqa: N818 - a signal inside this module, not an error a caller sees
     """A new peer's config Secret turned out to exist already (from before a restart): read it, redo."""
@@ -141,8 +159,13 @@ def reconcile_peer(
     *,
     now: dt.datetime,
     cached_server: ServerLookup | None = None,
+    holders: KeyLookup | None = None,
 ) -> Report:
-    """Brings the peer's binding, config Secret and status in line with its spec and its server."""
+    """Brings the peer's binding, config Secret and status in line with its spec and its server.
+
+    `holders` finds the other peers of the server that may hold the peer's public key (without it,
+    only the server's own key is checked).
+    """
     fields: dict[str, Any] = {}
     spec = validate_peer(peer)
     if isinstance(spec, Outcome):
@@ -151,13 +174,12 @@ def reconcile_peer(
         peer_server = _peer_server(storage, peer, spec, cached_server)
         fields["server_revision"] = peer_server.status.revision
         _check_against(spec, peer_server)
+        args = (storage, books, peer, spec, peer_server)
         try:
             # A peer without a config Secret in its status is new: its Secret is created, not read first.
-            fields.update(
-                _apply(storage, books, peer, spec, peer_server, now=now, new=not peer.status.config_secret_name)
-            )
+            fields.update(_apply(*args, now=now, new=not peer.status.config_secret_name, holders=holders))
         except SecretExists:
-            fields.update(_apply(storage, books, peer, spec, peer_server, now=now, new=False))
+            fields.update(_apply(*args, now=now, new=False, holders=holders))
         if spec.disabled:
             outcome = Outcome.waiting(Reason.DISABLED, "spec.disabled is true: the gateways drop this peer's traffic")
         elif _expired(spec, now):
@@ -169,6 +191,7 @@ def reconcile_peer(
             )
     except Verdict as verdict:
         outcome = verdict.outcome
+        fields.update(verdict.fields)
     return _finish(storage, peer, outcome, now, fields)
 
 
@@ -255,6 +278,84 @@ def _check_against(spec: VpnPeerSpec, peer_server: PeerServer) -> None:
         )
 
 
+def _check_key(
+    storage: Storage,
+    books: AddressBooks,
+    peer: PeerObject,
+    peer_server: PeerServer,
+    public_key: str,
+    *,
+    holders: KeyLookup | None,
+) -> None:
+    """Refuses a public key that the server, or an older binding of another peer of the server, holds.
+
+    The agents' rule, so that the peer refused here is the one the gateways leave out: they judge a
+    server's bindings oldest first (`binding_age`), and an enabled binding whose key the server or an
+    older enabled binding holds is skipped. A peer refused here loses its binding (and address): the
+    gateways never see it, and when the holder goes or changes its key, this peer claims a new one.
+    The candidates come from the index (peers of the server that ask for or hold the key); their
+    bindings are read, since a binding, not a status, is what the gateways judge. Another server's peers
+    are not candidates: each server has an interface of its own, where the same key is no conflict.
+    """
+    server = peer_server.server
+    server_id = f"{server.namespace}/{server.name}"
+    if peer.spec.get("publicKey"):
+        remedy = "generate a new key pair and put its public key in spec.publicKey (kubectl vpn join makes one)"
+    else:  # a generated key someone else copied into theirs: a new one is generated when its Secret lacks it
+        remedy = f"delete Secret {peer_config_secret_name(peer.name)} and kvpn generates a new key pair"
+    if public_key == peer_server.status.public_key:
+        _refuse_key(storage, books, peer, peer_server, f"this public key is VpnServer {server_id}'s own; {remedy}")
+    rivals = [
+        entry.address
+        for entry in (holders(server.namespace, server.name, public_key) if holders else ())
+        if entry.address and (entry.namespace, entry.name) != (peer.namespace, peer.name)
+    ]
+    if not rivals:
+        return
+    # Its own binding's age: none yet means it would be the newest.
+    mine = min((binding_age(s) for s in _bindings_of(storage, server.namespace, server.name, peer.uid)), default=None)
+    for address in rivals:
+        try:
+            name = binding_secret_name(server.name, address)
+        except ValueError:
+            continue  # not an address: a status someone else wrote, and no binding's name
+        secret = storage.get_secret(server.namespace, name)
+        if secret is None or (secret["metadata"].get("labels") or {}).get(LABEL_PEER_UID) == peer.uid:
+            continue
+        try:
+            binding = PeerBinding.from_secret(secret)
+        except (ValidationError, ValueError, UnicodeDecodeError):
+            continue  # the agents refuse it whatever it holds, so it holds nothing
+        if binding.enabled and binding.public_key == public_key and (mine is None or binding_age(secret) < mine):
+            # Whose key it is stays unsaid: the user may not be allowed to see that peer.
+            _refuse_key(
+                storage,
+                books,
+                peer,
+                peer_server,
+                f"another VpnPeer of VpnServer {server_id} already uses this public key; {remedy}",
+            )
+
+
+def _bindings_of(storage: Storage, server_ns: str, server_name: str, uid: str) -> list[Obj]:
+    """The bindings the peer with that UID holds in the server, found by their labels."""
+    claims = storage.list_secrets(server_ns, label_selector=f"{LABEL_PEER_UID}={uid}")
+    return [s for s in claims if (s["metadata"].get("labels") or {}).get(LABEL_SERVER) == server_name]
+
+
+def _refuse_key(
+    storage: Storage, books: AddressBooks, peer: PeerObject, peer_server: PeerServer, message: str
+) -> NoReturn:
+    """Removes the peer's bindings, so that no gateway sees it, and ends the reconcile with the refusal."""
+    server = peer_server.server
+    for secret in _bindings_of(storage, server.namespace, server.name, peer.uid):
+        storage.delete_secret(server.namespace, secret["metadata"]["name"], uid=secret["metadata"]["uid"])
+    book = books.peek(server.uid, tuple(peer_server.spec.address_pool))
+    if book is not None and (index := book.index_of_peer(peer.uid)) is not None:
+        book.release(peer.uid, index)
+    raise Verdict(Outcome.rejected(Reason.DUPLICATE_PUBLIC_KEY, message), {"address": None, "addresses": []})
+
+
 def _apply(
     storage: Storage,
     books: AddressBooks,
@@ -264,6 +365,7 @@ def _apply(
     *,
     now: dt.datetime,
     new: bool,
+    holders: KeyLookup | None,
 ) -> dict[str, Any]:
     """Claims the address, settles the keys, writes binding and config Secret; returns the status fields."""
     config_name = peer_config_secret_name(peer.name)
@@ -284,6 +386,9 @@ def _apply(
     # A generated private key is kept in the config Secret; the key is made only when the Secret lacks one.
     private_key = None if spec.public_key else (_decode(config_secret, "privateKey") or keys.generate_private_key())
     public_key = spec.public_key or keys.public_key_of(private_key or "")
+    if not (spec.disabled or _expired(spec, now)):
+        # As the agents judge: a switched-off binding holds no key, and is refused for none.
+        _check_key(storage, books, peer, peer_server, public_key, holders=holders)
     preshared_key = None
     if peer_server.spec.preshared_keys:
         preshared_key = _decode(config_secret, "presharedKey") or keys.generate_preshared_key()
@@ -458,13 +563,10 @@ def release_peer(storage: Storage, books: AddressBooks, peer: PeerObject) -> boo
 
     From the spec as written: a peer whose spec never was valid may hold no address, but it is deleted all the same.
     """
-    ref = peer.spec.get("serverRef") or {}
-    server_ns, server_name = ref.get("namespace") or peer.namespace, ref.get("name", "")
+    server_ns, server_name = server_of(peer)
     released = False
-    claims = storage.list_secrets(server_ns, label_selector=f"{LABEL_PEER_UID}={peer.uid}")
-    for secret in claims:
-        if (secret["metadata"].get("labels") or {}).get("kvpn.dev/server") == server_name:
-            released |= storage.delete_secret(server_ns, secret["metadata"]["name"], uid=secret["metadata"]["uid"])
+    for secret in _bindings_of(storage, server_ns, server_name, peer.uid):
+        released |= storage.delete_secret(server_ns, secret["metadata"]["name"], uid=secret["metadata"]["uid"])
     server = storage.get(Kind.VPN_SERVER, server_ns, server_name)
     if server is not None:
         # Not a ServerObject: the server's status has no say here, and a malformed one must not keep a
@@ -477,6 +579,29 @@ def release_peer(storage: Storage, books: AddressBooks, peer: PeerObject) -> boo
         if book is not None and (index := book.index_of_peer(peer.uid)) is not None:
             book.release(peer.uid, index)
     return released
+
+
+def sharing_a_key(peer: PeerObject, holders: KeyLookup) -> list[PeerEntry]:
+    """The other peers of the server that ask for or hold a key this peer asks for or holds.
+
+    Whose verdict may turn when this peer goes, changes its key or is switched on or off: the older of
+    two bindings holds a key, so a change on one side can make the other Ready or refuse it.
+    """
+    found: dict[tuple[str, str], PeerEntry] = {}
+    for key in sorted(_keys(peer.spec, {"publicKey": peer.status.public_key})):
+        for entry in holders(*server_of(peer), key):
+            if (entry.namespace, entry.name) != (peer.namespace, peer.name):
+                found.setdefault((entry.namespace, entry.name), entry)
+    return list(found.values())
+
+
+def to_nudge_after(peer: PeerObject, report: Report, holders: KeyLookup) -> list[PeerEntry]:
+    """After a reconcile: the peers `sharing_a_key`, when this one's verdict or spec changed; else none.
+
+    A nudge wakes a peer whose verdict did not change without waking this one again, so nudges settle.
+    """
+    changed = report.transition or peer.generation != peer.status.observed_generation
+    return sharing_a_key(peer, holders) if changed else []
 
 
 def waiting_for_addresses(peers: Iterable[PeerEntry]) -> list[PeerEntry]:

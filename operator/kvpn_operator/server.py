@@ -191,7 +191,8 @@ def reconcile_server(
     peers: Callable[[], Iterable[PeerEntry]],
     now: dt.datetime,
 ) -> Report:
-    """Brings the server's key, Service and status in line with its spec; nudges peers whose config is stale."""
+    """Brings the server's key, Service and status in line with its spec; nudges peers whose config is stale,
+    and Ready peers that share a key."""
     status = server.status
     spec = validate_server(server)
     if isinstance(spec, Outcome):
@@ -245,7 +246,28 @@ def reconcile_server(
     if was is not None and was.status != "True" and outcome.status == "True":
         # Ready again (a gateway came back): peers that waited for it are not waiting on a new revision.
         nudge(storage, [p for p in peers() if not p.ready], f"ready-{now:%Y%m%dT%H%M%S}")
+    for token, sharing in ready_sharing_a_key(peers()).items():
+        nudge(storage, [p for p in sharing if p.nudge != token], token)
     return report
+
+
+def ready_sharing_a_key(peers: Iterable[PeerEntry]) -> dict[str, list[PeerEntry]]:
+    """Ready peers that share a public key, with the nudge that wakes each group: the gateways serve one.
+
+    Peers reconciled at the same moment may each miss the other's binding; woken, the newer is refused.
+    The nudge names the group, so a group that stays is not woken again at every resync.
+    """
+    by_key: dict[str, list[PeerEntry]] = {}
+    for p in peers:
+        if p.ready:
+            for key in p.public_keys:
+                by_key.setdefault(key, []).append(p)
+    groups: dict[str, list[PeerEntry]] = {}
+    for key, sharing in by_key.items():
+        if len(sharing) > 1:
+            names = sorted(f"{p.namespace}/{p.name}" for p in sharing)
+            groups["key-" + hashlib.sha256(json.dumps([key, names]).encode()).hexdigest()[:16]] = sharing
+    return groups
 
 
 # What peers lack, in Ready's message, when a discovery condition is False.

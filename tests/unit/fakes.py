@@ -77,8 +77,10 @@ def merge(target: Obj, patch: Mapping[str, Any]) -> Obj:
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
-            result[key] = merge(result[key], value)
+        elif isinstance(value, Mapping):
+            # Into a key that holds no object, as into an empty one: its nulls delete nothing, and are dropped.
+            current = result.get(key)
+            result[key] = merge(current if isinstance(current, Mapping) else {}, value)
         else:
             result[key] = copy.deepcopy(value)
     return result
@@ -96,6 +98,7 @@ class FakeStorage:
     Creating a name that exists gives 409 (None); a status patch at a stale resourceVersion is refused;
     a spec change bumps metadata.generation; every write gets a new resourceVersion; a delete with a
     uid precondition spares a newer object of the same name. Reads return copies, as the API does.
+    Every object gets a creationTimestamp, a second after the one created before it.
     `writes` records each write (verb, resource, namespace, name), for "the second run writes nothing".
     """
 
@@ -105,6 +108,7 @@ class FakeStorage:
         self.service_cidrs = service_cidrs
         self._versions = itertools.count(1)
         self._uids = itertools.count(1)
+        self._created = itertools.count()
 
     # --- seeding and reading back, for tests ---------------------------------------------------------
 
@@ -116,6 +120,8 @@ class FakeStorage:
         obj.setdefault("kind", kind)
         meta.setdefault("uid", f"uid-{next(self._uids)}")
         meta.setdefault("namespace", "")
+        created = dt.datetime(2024, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=next(self._created))
+        meta.setdefault("creationTimestamp", created.strftime("%Y-%m-%dT%H:%M:%SZ"))
         if resource in {PLURALS[k] for k in Kind}:
             meta.setdefault("generation", 1)
         meta["resourceVersion"] = str(next(self._versions))

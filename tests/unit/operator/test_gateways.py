@@ -22,7 +22,7 @@ def a_server(storage: FakeStorage, expose: str = "HostPort", **spec: object) -> 
     storage.put("vpnservers", {"metadata": {"name": "office", "namespace": NS}, "spec": body})
 
 
-LAPTOP = PeerEntry(NS, "laptop", ready=True, reason="Ready", has_address=True, server_revision=None, nudge=None)
+LAPTOP = PeerEntry(NS, "laptop", ready=True, reason="Ready", address="10.8.0.2", server_revision=None, nudge=None)
 
 
 def reconcile(storage: FakeStorage, now: dt.datetime = T0, peers: tuple[PeerEntry, ...] = ()) -> Obj:

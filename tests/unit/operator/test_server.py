@@ -284,7 +284,7 @@ def test_peers_with_an_old_revision_are_nudged_and_a_deleted_one_is_skipped() ->
         "vpnpeers", {"metadata": {"name": "laptop", "namespace": NS}, "spec": {"serverRef": {"name": "office"}}}
     )
     entries = [
-        PeerEntry(NS, name, ready=False, reason="", has_address=False, server_revision=None, nudge=None)
+        PeerEntry(NS, name, ready=False, reason="", address=None, server_revision=None, nudge=None)
         for name in ("laptop", "gone")
     ]
     reconcile(storage, entries)
