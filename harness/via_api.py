@@ -24,7 +24,13 @@ RELAY = "kvpn-relay"
 """The chart's relay Deployment (<fullname>-relay)."""
 
 RELAY_USER = "kvpn-relay-user"
-"""The chart's ClusterRole for developers, bound in the relay namespace."""
+"""The chart's ClusterRole for developers' port-forward, bound in the relay namespace."""
+
+DEVELOPER = "kvpn-developer"
+"""The chart's ClusterRole for developers, bound in their team's namespace."""
+
+SERVER_READER = "kvpn-server-reader"
+"""The chart's ClusterRole that reads VpnServers, bound in the servers' namespace."""
 
 
 def create_api_server(world: World, name: str, port: int, pool: str) -> None:
@@ -56,48 +62,33 @@ def create_api_server(world: World, name: str, port: int, pool: str) -> None:
 
 
 def developer_kubeconfig(world: World, name: str, relay: bool) -> Path:
-    """A ServiceAccount token with what `kubectl vpn join` and `up` need in the developers' namespace
-    (peers and their config Secrets there, servers read), plus, with `relay`, the chart's relay-user
-    role bound in the relay namespace: the only way its port-forward permission reaches anything."""
-    rules = [
-        {"apiGroups": ["kvpn.dev"], "resources": ["vpnpeers"], "verbs": ["create", "get", "list", "watch", "delete"]},
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},  # the config join completes
+    """A ServiceAccount token bound to the chart's own roles for developers, as NOTES.txt tells a platform
+    team to bind them: the developer role in the developers' namespace, the server-reader role in the
+    servers', and with `relay` the relay-user role in the relay's namespace (the only way its
+    port-forward permission reaches anything). Nothing else: `kubectl vpn join` and `up` must work so."""
+    roles = [
+        (PEER_NAMESPACE, DEVELOPER),
+        (CHART_NAMESPACE, SERVER_READER),
+        *([(RELAY_NAMESPACE, RELAY_USER)] if relay else []),
     ]
-    docs: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": PEER_NAMESPACE}},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": f"{name}-peers", "namespace": PEER_NAMESPACE},
-            "rules": rules,
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": f"{name}-servers", "namespace": CHART_NAMESPACE},
-            "rules": [{"apiGroups": ["kvpn.dev"], "resources": ["vpnservers"], "verbs": ["get", "list", "watch"]}],
-        },
-        *(
-            binding(name, namespace, kind, role)
-            for namespace, kind, role in [
-                (PEER_NAMESPACE, "Role", f"{name}-peers"),
-                (CHART_NAMESPACE, "Role", f"{name}-servers"),
-                *([(RELAY_NAMESPACE, "ClusterRole", RELAY_USER)] if relay else []),
-            ]
-        ),
-    ]
-    world.apply(docs)
+    world.apply(
+        [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": PEER_NAMESPACE}},
+            *(binding(name, namespace, role) for namespace, role in roles),
+        ]
+    )
     return token_kubeconfig(
         world.cluster.api, world.cluster.plane, PEER_NAMESPACE, name, world.run_dir / f"{name}.kubeconfig"
     )
 
 
-def binding(subject: str, namespace: str, kind: str, role: str) -> dict[str, Any]:
+def binding(subject: str, namespace: str, role: str) -> dict[str, Any]:
+    """A RoleBinding of one of the chart's ClusterRoles to the developers' ServiceAccount `subject`."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
         "metadata": {"name": f"{subject}-{role}", "namespace": namespace},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
         "subjects": [{"kind": "ServiceAccount", "name": subject, "namespace": PEER_NAMESPACE}],
     }
 

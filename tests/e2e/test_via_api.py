@@ -1,8 +1,8 @@
 """The tunnel through the Kubernetes API server (`kubectl vpn up --via api`), on the real-node cluster.
 
 A laptop whose namespace sends no UDP at all, and no TCP but to the API server, joins a VpnServer
-exposed as ApiServer (no Service, no UDP port anywhere) with a developer's ServiceAccount token that
-holds the chart's relay-user role and what `kubectl vpn join` needs, nothing more. Its WireGuard
+exposed as ApiServer (no Service, no UDP port anywhere) with a developer's ServiceAccount token bound
+to the chart's developer, server-reader and relay-user roles as NOTES.txt says, nothing more. Its WireGuard
 datagrams go through kube-apiserver, kubelet and containerd's port-forward to the chart's relay pods,
 and from there to a gateway's WireGuard port. Relay and agent pods come and go under its requests;
 bad input to the relay harms no one else; the developer's port-forward permission reaches the relay
@@ -242,6 +242,20 @@ def test_the_developer_role_port_forwards_to_the_relay_and_nothing_else(world: W
         for ns in (RELAY_NAMESPACE, CHART_NAMESPACE, PEER_NAMESPACE, "kube-system")
     }
     assert can == {RELAY_NAMESPACE: "yes", CHART_NAMESPACE: "no", PEER_NAMESPACE: "no", "kube-system": "no"}, can
+    # And the rest of the developer's roles, both ways: peers and their Secrets in the team's namespace,
+    # servers read where they are; no Secret of the servers' namespace, no server edited, no peer elsewhere.
+    for verb, resource, ns, answer in [
+        ("create", "vpnpeers.kvpn.dev", PEER_NAMESPACE, "yes"),
+        ("get", "secrets", PEER_NAMESPACE, "yes"),
+        ("list", "secrets", PEER_NAMESPACE, "no"),
+        ("get", "vpnservers.kvpn.dev", CHART_NAMESPACE, "yes"),
+        ("patch", "vpnservers.kvpn.dev", CHART_NAMESPACE, "no"),
+        ("get", "secrets", CHART_NAMESPACE, "no"),
+        ("create", "vpnpeers.kvpn.dev", CHART_NAMESPACE, "no"),
+        ("create", "vpnpeers.kvpn.dev", "kube-system", "no"),
+    ]:
+        said = run(*kubectl, "auth", "can-i", verb, resource, "-n", ns, check=False).stdout.strip()
+        assert said == answer, (verb, resource, ns, said)
     config = Configuration()
     config.host = world.cluster.plane.server
     config.ssl_ca_cert = str(world.cluster.plane.ca_file)
