@@ -148,6 +148,33 @@ def test_invalid_public_key_is_reported(kvpn: Kvpn, namespace: str) -> None:
     assert refused.value.status == 422
 
 
+def test_a_key_another_peer_of_the_server_holds_is_refused_until_it_is_free(kvpn: Kvpn, namespace: str) -> None:
+    """The gateways serve the older of two bindings with one key; the operator says so of the newer one,
+    with an Event that does not say who holds the key, and makes it Ready once the older is gone."""
+    kvpn.server(namespace, "dev")
+    kvpn.server(namespace, "lab", addressPool=["10.9.0.0/24"], listenPort=51830)
+    key = keys.public_key_of(keys.generate_private_key())
+    kvpn.peer(namespace, "first", publicKey=key)
+    kvpn.wait_ready(PEERS, namespace, "first")
+    kvpn.peer(namespace, "copy", publicKey=key)
+    copy = kvpn.wait_ready(PEERS, namespace, "copy", "False", "DuplicatePublicKey")
+    message = copy["status"]["conditions"][0]["message"]
+    assert f"VpnServer {namespace}/dev" in message
+    assert "first" not in message, message
+    assert "address" not in copy["status"]
+    assert binding_of(kvpn, namespace, "dev", "copy") is None  # no gateway sees it
+    events = wait_for(
+        "a Warning Event", lambda: [e for e in kvpn.events(namespace, "copy") if e.reason == "DuplicatePublicKey"]
+    )
+    assert all("first" not in e.message for e in events)
+    kvpn.peer(namespace, "elsewhere", server="lab", publicKey=key)  # another server: another interface
+    kvpn.wait_ready(PEERS, namespace, "elsewhere")
+
+    kvpn.delete(PEERS, namespace, "first")
+    assert kvpn.wait_ready(PEERS, namespace, "copy", timeout=30)["status"]["address"]
+    assert binding_of(kvpn, namespace, "dev", "copy") is not None
+
+
 def test_peer_before_its_server(kvpn: Kvpn, namespace: str) -> None:
     kvpn.peer(namespace, "early", server="later")
     kvpn.wait_ready(PEERS, namespace, "early", "False", "ServerNotFound")
