@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import logging
 import os
 import signal
@@ -12,10 +10,11 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kvpn_agent.linux import SOCKET_DIR
 from kvpn_agent.supervisor_api import READY_FILE, SUPERVISOR_SOCKET
+from kvpn_core import logs
 
 if TYPE_CHECKING:
     import kubernetes
@@ -24,35 +23,6 @@ if TYPE_CHECKING:
 # neither the Kubernetes client, nor pydantic, nor pyroute2 (a third of the memory, and of the start).
 
 log = logging.getLogger("kvpn_agent")
-
-_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-
-
-def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS}
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            **_extras(record),
-        }
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
-
-
-class PlainFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        pairs = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        return super().format(record) + (f" {pairs}" if pairs else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,11 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_logging(fmt: str, verbose: bool) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
-    # Each retry against an unreachable API server would log a warning of its own.
-    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    logs.setup_logging(fmt, verbose)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import logging
 import signal
-from typing import Any
 
 import kubernetes
 
 from kvpn_core.kube import Kube
+from kvpn_core.logs import setup_logging
 from kvpn_core.relaywire import RELAY_PORT
 from kvpn_relay import health
 from kvpn_relay.gateways import Gateways
@@ -22,37 +20,6 @@ log = logging.getLogger("kvpn_relay")
 
 API_TIMEOUT_SECONDS = 10.0
 """A list that hangs longer than this is a failed one: the next poll tries again."""
-
-_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-
-
-def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line, the fields a log call passes as `extra` included (as the agent logs)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            **_extras(record),
-        }
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        pairs = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        return super().format(record) + (f" {pairs}" if pairs else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,14 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-format", choices=["plain", "json"], default="plain")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
-
-
-def setup_logging(fmt: str, verbose: bool) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
-    # Each retry against an unreachable API server would log a warning of its own.
-    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def api_client() -> kubernetes.client.ApiClient:

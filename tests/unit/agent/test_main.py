@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvpn_agent.main import JsonFormatter, PlainFormatter, parse_args
+from kvpn_agent.main import parse_args
+from kvpn_core.logs import JsonFormatter, PlainFormatter
 
 
 def test_run_is_the_default_command_and_namespaces_repeat(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kvpn_core.api import API_VERSION
+from kvpn_core.logs import JsonFormatter, PlainFormatter
 from kvpn_core.relaywire import RELAY_PORT, FrameReader, Hello, Welcome, frames
-from kvpn_relay.main import JsonFormatter, TextFormatter, parse_args
+from kvpn_relay.main import parse_args
 
 INITIATION = b"\x01\0\0\0" + bytes(144)
 
@@ -34,7 +35,7 @@ def test_log_lines_carry_their_fields() -> None:
     record = logging.LogRecord("kvpn_relay.relay", logging.INFO, "", 0, "stream closed", None, None)
     record.peer, record.reason = "127.0.0.1:40000", "no Hello within 10 s"
     assert json.loads(JsonFormatter().format(record))["reason"] == "no Hello within 10 s"
-    assert TextFormatter().format(record).endswith("stream closed peer=127.0.0.1:40000 reason=no Hello within 10 s")
+    assert PlainFormatter().format(record).endswith("stream closed peer=127.0.0.1:40000 reason=no Hello within 10 s")
 
 
 class _VpnServers(http.server.BaseHTTPRequestHandler):
