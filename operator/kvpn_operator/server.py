@@ -182,6 +182,16 @@ def validate_server(server: ServerObject) -> VpnServerSpec | Outcome:
     return spec
 
 
+def _latest(storage: Storage, server: ServerObject) -> ServerObject:
+    """The server as stored now. kopf may hand a handler the body it had before the last reconcile's status
+    write reached its watch: judged on that copy, a gateway that came back looks like the current endpoint
+    and is kept, moving every peer back to it."""
+    fresh = storage.get(Kind.VPN_SERVER, server.namespace, server.name)
+    if fresh is None or (fresh.get("metadata") or {}).get("uid") != server.uid:
+        return server
+    return ServerObject.model_validate(fresh)
+
+
 def reconcile_server(
     storage: Storage,
     server: ServerObject,
@@ -193,6 +203,7 @@ def reconcile_server(
 ) -> Report:
     """Brings the server's key, Service and status in line with its spec; nudges peers whose config is stale,
     and Ready peers that share a key."""
+    server = _latest(storage, server)
     status = server.status
     spec = validate_server(server)
     if isinstance(spec, Outcome):

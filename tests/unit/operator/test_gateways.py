@@ -104,6 +104,35 @@ def test_a_gateway_that_went_silent_is_left_and_the_endpoint_moves_and_stays() -
     assert reconcile(storage, later)["endpoint"] == "192.0.2.11:51820"
 
 
+def test_a_reconcile_on_a_copy_from_before_the_move_does_not_move_the_endpoint_back() -> None:
+    """kopf may hand a resync the body it had before the reconcile that moved the endpoint wrote its status.
+    Judged on that copy, the gateway that came back would look current and healthy, and win."""
+    storage = FakeStorage()
+    a_server(storage)
+    a_gateway(storage, NS, "office", "node-a", address="192.0.2.11", renewed=T0)
+    a_gateway(storage, NS, "office", "node-b", address="192.0.2.12", renewed=T0)
+    assert reconcile(storage, peers=(LAPTOP,))["endpoint"] == "192.0.2.11:51820"
+    before_the_move = storage.read("vpnservers", NS, "office")
+    assert before_the_move is not None
+    later = T0 + dt.timedelta(seconds=30)
+    a_gateway(storage, NS, "office", "node-b", renewed=later)  # node-a went silent
+    assert reconcile(storage, later, peers=(LAPTOP,))["endpoint"] == "192.0.2.12:51820"
+    a_gateway(storage, NS, "office", "node-a", renewed=later)  # and came back
+    joined = PeerEntry(NS, "desktop", ready=False, reason="", address="10.8.0.3", server_revision=None, nudge=None)
+    reconcile_server(  # with something to write: a peer joined meanwhile
+        storage,
+        ServerObject.model_validate(before_the_move),
+        facts=ClusterFacts(),
+        service_networks=ServiceNetworks(),
+        peers=lambda: [LAPTOP, joined],
+        now=later,
+    )
+    found = storage.read("vpnservers", NS, "office")
+    assert found is not None
+    assert found["status"]["endpoint"] == "192.0.2.12:51820"
+    assert found["status"]["peers"]["total"] == 2  # the reconcile did write
+
+
 def test_no_healthy_gateway_is_not_ready_naming_each_node_and_why() -> None:
     storage = FakeStorage()
     a_server(storage)

@@ -257,7 +257,13 @@ def test_a_condition_another_writer_added_after_our_read_is_kept() -> None:
     a_server(storage, routes=["10.96.0.0/12"])
     stale = storage.read("vpnservers", NS, "office")
     assert stale is not None
-    dataplane = {"type": "Dataplane", "status": "False", "reason": "SyncFailed", "message": "port taken on n1"}
+    dataplane = {
+        "type": "Dataplane",
+        "status": "False",
+        "reason": "SyncFailed",
+        "message": "port taken on n1",
+        "lastTransitionTime": "2026-12-01T12:00:00Z",
+    }
     storage.patch_status(
         Kind.VPN_SERVER,
         NS,
