@@ -258,6 +258,16 @@ def patch_ruleset(
     return RulesetChange(ruleset, frozenset(chains), frozenset(elements))
 
 
+def _dns_expr(nameserver: str) -> list[Json]:
+    version = ipaddress.ip_address(nameserver).version
+    return [
+        _match(_ct_original_daddr(version), nameserver),
+        _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+        _match(_CT_ORIGINAL_DPORT, 53),
+        _ACCEPT,
+    ]
+
+
 def _server_rules(server: DesiredServer, sid: str) -> list[Json]:
     rules = [
         _rule(f"from_{sid}", [_ESTABLISHED, _ACCEPT]),
@@ -266,18 +276,7 @@ def _server_rules(server: DesiredServer, sid: str) -> list[Json]:
     for nameserver in server.dns_nameservers:
         # Every peer gets DNS: wg-quick points the laptop's resolver at it, so blocking it would
         # break the laptop's name resolution, not only the cluster's.
-        version = ipaddress.ip_address(nameserver).version
-        rules.append(
-            _rule(
-                f"from_{sid}",
-                [
-                    _match(_ct_original_daddr(version), nameserver),
-                    _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
-                    _match(_CT_ORIGINAL_DPORT, 53),
-                    _ACCEPT,
-                ],
-            )
-        )
+        rules.append(_rule(f"from_{sid}", _dns_expr(nameserver)))
     for version in (4, 6):
         saddr = {"payload": {"protocol": _family(version), "field": "saddr"}}
         rules.append(_rule(f"from_{sid}", [{"vmap": {"key": saddr, "data": f"@peers{version}_{sid}"}}]))
@@ -297,8 +296,18 @@ def _server_rules(server: DesiredServer, sid: str) -> list[Json]:
                 ],
             )
         )
-    # Traffic to the node itself obeys the same policy (a Service may DNAT to a hostNetwork pod).
-    rules.append(_rule(f"in_{sid}", [{"jump": {"target": f"from_{sid}"}}]))
+    # The node itself is no destination: a peer allowed the pod network would otherwise reach the
+    # kubelet, the agent's metrics and anything else listening on the node, through the node's own
+    # address on the pod bridge (inside the routes) or any other. What was DNATed to the node (a
+    # Service backed by a hostNetwork pod) obeys the peer's policy on its original destination, and
+    # DNS to a nameserver on the node (a node-local cache) stays open, as it does forwarded.
+    rules.append(
+        _rule(f"in_{sid}", [_match({"ct": {"key": "status"}}, "dnat", "in"), {"jump": {"target": f"from_{sid}"}}])
+    )
+    for nameserver in server.dns_nameservers:
+        rules.append(_rule(f"in_{sid}", _dns_expr(nameserver)))
+    rules.append(_rule(f"in_{sid}", [_ESTABLISHED, _ACCEPT]))
+    rules.append(_rule(f"in_{sid}", [{"counter": None}, {"drop": None}]))
     for version in (4, 6):
         rules.append(_rule(f"routes_{sid}", [_match(_ct_original_daddr(version), f"@routes{version}_{sid}"), _ACCEPT]))
     return rules

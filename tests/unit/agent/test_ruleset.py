@@ -142,11 +142,15 @@ def test_traffic_into_the_tunnel_is_only_return_traffic() -> None:
     assert chain[1] == [{"counter": None}, {"drop": None}]
 
 
-def test_input_allows_pinging_the_gateway_and_otherwise_applies_the_peer_policy() -> None:
+def test_input_allows_pinging_the_gateway_and_what_was_dnated_to_it_and_drops_the_rest() -> None:
+    """The node's own addresses are no destination (its kubelet and metrics listen on all of them); a
+    Service DNATed to a hostNetwork pod is judged by the peer's policy, on its original destination."""
     chain = rules(replace_commands(build_ruleset([server()])), f"in_{SID}")
     assert '"10.8.0.1"' in text(chain[0])
     assert '"echo-request"' in text(chain[0])
-    assert chain[-1] == [{"jump": {"target": f"from_{SID}"}}]
+    dnat = next(r for r in chain if {"jump": {"target": f"from_{SID}"}} in r)
+    assert dnat[0] == {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
+    assert chain[-1] == [{"counter": None}, {"drop": None}]
 
 
 def test_routes_are_interval_set_elements() -> None:
