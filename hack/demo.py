@@ -190,7 +190,8 @@ What it built:
   nodes           kubelet + containerd + kube-proxy (iptables), each in a network namespace:
 {node_lines}
   image           {world["image"]}, built from ./Dockerfile with buildah, imported into each node
-  kvpn            `helm install kvpn helm/kvpn -n {CHART_NAMESPACE}`: operator Deployment, agent and
+  kvpn            `helm install kvpn helm/kvpn -n {CHART_NAMESPACE}`, the peers' namespace in
+                  operator.secretNamespaces ({PEER_NAMESPACE}): operator Deployment, agent and
                   wireguard-go DaemonSets, as pods
   VpnServer       {CHART_NAMESPACE}/cluster, HostPort, endpoint {world["server"]["endpoint"]}
                   routes {", ".join(world["server"]["routes"])}, DNS {world["dns"]} (discovered)

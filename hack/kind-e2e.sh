@@ -111,6 +111,7 @@ helm install kvpn helm/kvpn --namespace "$NAMESPACE" \
   --set server.expose.nodePort=$NODE_PORT \
   --set server.expose.endpoint="$WORKER1_IP:$NODE_PORT" \
   --set "server.peerNamespaces={$PEERS}" \
+  --set "operator.secretNamespaces={$PEERS}" \
   --wait --timeout 5m
 kubectl -n "$NAMESPACE" wait vpnserver/default --for=condition=Ready --timeout=120s
 kubectl -n "$NAMESPACE" get vpnserver default -o wide

@@ -27,9 +27,9 @@ from harness import chart
 from harness.controlplane import ControlPlane, free_port, log_tail
 from harness.gateway_standin import ADDRESS as STAND_IN_ADDRESS
 from harness.gateway_standin import GatewayStandIn
-from harness.kvpn import Kvpn, wait_for
+from harness.kvpn import Kvpn, ready, wait_for
 from harness.operator_process import OperatorProcess
-from kvpn_core.contract import binding_selector
+from kvpn_core.contract import binding_selector, peer_config_secret_name
 from kvpn_core.relaywire import RELAY_COMPONENT
 from tests.conftest import TEST_NAMESPACE_LABEL
 
@@ -110,6 +110,10 @@ def helm(tool_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Helm:
     return Helm(tool_dir / "helm", tmp_path_factory.mktemp("helm-home"))
 
 
+def sets_args(sets: Sequence[str]) -> list[str]:
+    return [a for item in sets for a in ("--set", item)]
+
+
 def find(docs: list[Doc], kind: str, name: str | None = None) -> list[Doc]:
     return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
 
@@ -153,6 +157,8 @@ VALUE_SETS: dict[str, list[str]] = {
         "agent.backend=userspace",
         "server.create=true",
         "server.peerNamespaces={*}",
+        "operator.clusterWideSecrets=true",  # peers anywhere: Secrets everywhere
+        "operator.secretNamespaces={team-a}",  # harmless beside it, and kept for when it is turned off
         "server.dns.search={svc.cluster.local}",
         "server.mtu=1380",
         "server.persistentKeepalive=0",
@@ -180,7 +186,8 @@ VALUE_SETS: dict[str, list[str]] = {
         "developers.subjects[2].name=ci",
         "developers.subjects[2].namespace=ci",
         "server.create=true",
-        "server.peerNamespaces={team-a,team-b}",
+        "server.peerNamespaces={team-a,team-b,dev}",
+        "operator.secretNamespaces={dev,team-b}",
     ],
 }
 
@@ -212,6 +219,9 @@ def test_lint_strict_passes(helm: Helm, values: str) -> None:
         ("developers.create=false", "additional properties 'create' not allowed"),
         ("developers.subjects[0].kind=Robot", "developers/subjects/0/kind"),
         ("developers.namespaces={Team_A}", "developers/namespaces/0"),
+        ("operator.secretNamespaces={Team_A}", "operator/secretNamespaces/0"),
+        ("operator.secretNamespaces={dev,dev}", "operator/secretNamespaces"),
+        ("operator.clusterWideSecrets=maybe", "operator/clusterWideSecrets"),
     ],
 )
 def test_values_schema_refuses_what_it_does_not_know(helm: Helm, setting: str, complaint: str) -> None:
@@ -355,9 +365,9 @@ def test_agent_declares_a_host_port_only_for_the_host_port_expose_type(helm: Hel
 
 def test_server_namespaces_get_one_role_each_and_the_agent_serves_them(helm: Helm) -> None:
     docs = helm.template("agent.serverNamespaces={vpn-a,vpn-b}")
-    roles = {r["metadata"]["namespace"]: r for r in find(docs, "Role")}
+    roles = {r["metadata"]["namespace"]: r for r in find(docs, "Role", AGENT)}
     assert set(roles) == {"vpn-a", "vpn-b"}
-    assert {b["metadata"]["namespace"] for b in find(docs, "RoleBinding")} == {"vpn-a", "vpn-b"}
+    assert {b["metadata"]["namespace"] for b in find(docs, "RoleBinding", AGENT)} == {"vpn-a", "vpn-b"}
     for role in roles.values():
         secrets_rule = next(r for r in role["rules"] if "secrets" in r["resources"])
         assert secrets_rule["verbs"] == ["get", "list", "watch"]
@@ -366,6 +376,92 @@ def test_server_namespaces_get_one_role_each_and_the_agent_serves_them(helm: Hel
     # No ClusterRole lets the agent read Secrets.
     agent_cluster_role = one(docs, "ClusterRole", "kvpn-agent")
     assert all("secrets" not in rule["resources"] for rule in agent_cluster_role["rules"])
+
+
+OPERATOR = "kvpn-operator"
+SECRETS_RULE = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "patch", "delete"]}
+
+
+def operator_secret_namespaces(docs: list[Doc]) -> list[str]:
+    """The namespaces of the operator's Roles, checking that each grants Secrets and nothing else, and
+    that a RoleBinding there binds it to the operator's ServiceAccount only."""
+    roles = find(docs, "Role", OPERATOR)
+    bindings = {b["metadata"]["namespace"]: b for b in find(docs, "RoleBinding", OPERATOR)}
+    namespaces = [r["metadata"]["namespace"] for r in roles]
+    assert sorted(bindings) == sorted(namespaces)
+    sa_namespace = one(docs, "Deployment", OPERATOR)["metadata"]["namespace"]
+    for role in roles:
+        assert role["rules"] == [SECRETS_RULE]
+        binding = bindings[role["metadata"]["namespace"]]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": OPERATOR}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": OPERATOR, "namespace": sa_namespace}]
+    return namespaces
+
+
+def cluster_wide_secret_rules(docs: list[Doc]) -> list[Doc]:
+    return [r for r in one(docs, "ClusterRole", OPERATOR)["rules"] if "secrets" in r["resources"]]
+
+
+def test_operator_may_write_secrets_only_in_the_namespaces_it_serves(helm: Helm) -> None:
+    """No Secrets in the operator's ClusterRole: a Role in each server namespace (server keys, peer
+    bindings) and each namespace whose VpnPeers it serves (their config Secrets), each once."""
+    docs = helm.template()
+    assert cluster_wide_secret_rules(docs) == []
+    assert operator_secret_namespaces(docs) == ["kvpn"]  # the chart's: the servers' by default
+
+    developers = ["developers.namespaces={team-a,team-b}", "developers.subjects[0].kind=Group"]
+    developers.append("developers.subjects[0].name=devs")
+    union = helm.template(
+        "agent.serverNamespaces={vpn-a,vpn-b}", *developers, "operator.secretNamespaces={team-b,dev,vpn-a}"
+    )
+    assert cluster_wide_secret_rules(union) == []
+    assert operator_secret_namespaces(union) == ["vpn-a", "vpn-b", "team-a", "team-b", "dev"]
+    # Bound to the ServiceAccount where it lives, which is not one of these namespaces.
+    moved = helm.template(
+        "namespace.create=true", "namespace.name=kvpn-system", "operator.secretNamespaces={dev}", namespace="default"
+    )
+    assert operator_secret_namespaces(moved) == ["kvpn-system", "dev"]
+
+
+def test_cluster_wide_secrets_is_the_cluster_role_rule_and_no_roles(helm: Helm) -> None:
+    for sets in (
+        ["operator.clusterWideSecrets=true"],
+        ["operator.clusterWideSecrets=true", "operator.secretNamespaces={dev}"],
+    ):
+        docs = helm.template(*sets)
+        assert cluster_wide_secret_rules(docs) == [SECRETS_RULE]
+        assert find(docs, "Role", OPERATOR) == find(docs, "RoleBinding", OPERATOR) == []
+        assert find(docs, "Role", AGENT)  # the agent's Roles stay as they are
+
+
+@pytest.mark.parametrize(
+    ("served", "complaint"),
+    [
+        ("*", 'server.peerNamespaces "*" serves VpnPeers of every namespace'),
+        ("team-x", "server.peerNamespaces lists team-x, where the operator may not write the peers' config Secrets"),
+    ],
+)
+def test_the_charts_server_serves_no_namespace_where_the_operator_may_not_write(
+    helm: Helm, served: str, complaint: str
+) -> None:
+    """Its peers there would never get a config; the refusal names the ways out, which both work."""
+    server = ["server.create=true", f"server.peerNamespaces={{{served}}}"]
+    result = helm.run("template", "kvpn", str(CHART), "-n", "kvpn", *sets_args(server), check=False)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+    assert "operator.clusterWideSecrets=true" in result.stderr
+    assert cluster_wide_secret_rules(helm.template(*server, "operator.clusterWideSecrets=true")) == [SECRETS_RULE]
+    if served != "*":
+        listed = helm.template(*server, f"operator.secretNamespaces={{{served}}}")
+        assert operator_secret_namespaces(listed) == ["kvpn", served]
+
+
+def test_the_charts_server_may_serve_team_namespaces_and_its_own(helm: Helm) -> None:
+    developers = ["developers.namespaces={team-x}", "developers.subjects[0].kind=Group"]
+    developers.append("developers.subjects[0].name=devs")
+    docs = helm.template(*developers, "server.create=true", "server.peerNamespaces={team-x,kvpn}")
+    assert one(docs, "VpnServer")["spec"]["peerNamespaces"] == ["team-x", "kvpn"]
+    assert operator_secret_namespaces(docs) == ["kvpn", "team-x"]
 
 
 def test_wireguard_go_runs_in_its_own_daemonset_that_an_upgrade_does_not_roll(helm: Helm) -> None:
@@ -680,6 +776,7 @@ def test_developer_namespaces_are_team_namespaces_with_someone_to_bind(helm: Hel
 
 
 JOIN = re.compile(r"kubectl vpn join (?P<server_ns>[^/\s]+)/(?P<server>\S+) -n (?P<peer_ns>\S+)")
+SECRET_NAMESPACES_UPGRADE = re.compile(r"--set 'operator\.secretNamespaces=\{([^}]*)\}'")
 APPLIED = re.compile(r"kubectl -n (?P<ns>\S+) (?:apply|create) -f - <<EOF\n\s*apiVersion: \S+\n\s*kind: (?P<kind>\w+)")
 
 
@@ -708,6 +805,27 @@ def test_notes_put_peers_in_a_team_namespace_with_the_developer_roles(helm: Helm
         assert f"-n {ns} --clusterrole {SERVER_READER}" in notes
     relay_user = f"--clusterrole {RELAY_USER}"
     assert (relay_user in notes) == any(item == "relay.enabled=true" for item in sets)
+    # The operator may write those peers' config Secrets, or the notes say how to let it.
+    if cluster_wide_secret_rules(docs):
+        assert "The operator may write Secrets in every namespace (operator.clusterWideSecrets)" in notes
+    else:
+        upgrade = SECRET_NAMESPACES_UPGRADE.search(notes)
+        granted = set(operator_secret_namespaces(docs)) | set(upgrade[1].split(",") if upgrade else [])
+        assert peer_namespaces <= granted, notes
+
+
+def test_notes_name_the_team_namespaces_where_the_operator_writes_config_secrets(helm: Helm) -> None:
+    notes = helm.notes("operator.secretNamespaces={dev}")
+    assert "server namespaces and these team namespaces only: dev." in notes
+    # The example team, bound by hand: the notes add it to the list.
+    assert "--set 'operator.secretNamespaces={dev,team-a}'" in notes
+    assert "these team namespaces only: none yet." in helm.notes()
+    developers = ["developers.namespaces={team-a}", "developers.subjects[0].kind=Group"]
+    listed = helm.notes(*developers, "developers.subjects[0].name=devs")
+    assert "these team namespaces only: team-a." in listed
+    assert "--set 'operator.secretNamespaces={<team>}'" in listed  # another team, bound by hand
+    wide = helm.notes("operator.clusterWideSecrets=true")
+    assert "operator.secretNamespaces" not in wide
 
 
 def test_notes_say_when_the_server_does_not_serve_the_team_namespace(helm: Helm) -> None:
@@ -720,7 +838,8 @@ def test_notes_say_when_the_server_does_not_serve_the_team_namespace(helm: Helm)
     assert "It serves VpnPeers of team-b only (server.peerNamespaces), not of team-a" in notes
     assert "--set 'server.peerNamespaces={team-b,team-a}'" in notes
     assert "kubectl vpn join kvpn/default -n team-a" in notes
-    assert "not of" not in helm.notes("server.create=true", "server.peerNamespaces={*}", *developers)
+    everywhere = ["server.create=true", "server.peerNamespaces={*}", "operator.clusterWideSecrets=true"]
+    assert "not of" not in helm.notes(*everywhere, *developers)
     # No server from values: the example VpnServer serves the team namespaces.
     assert "peerNamespaces: [team-a, team-b]" in helm.notes(*developers)
 
@@ -732,8 +851,9 @@ def test_notes_say_when_the_server_does_not_serve_the_team_namespace(helm: Helm)
 class Release:
     name: str
     namespace: str  # the chart's namespace: operator, agent, and the VpnServer from values
-    peers: str  # another namespace, for VpnPeers (allowed by the server's peerNamespaces)
+    peers: str  # another namespace, for VpnPeers (allowed by the server's peerNamespaces, operator.secretNamespaces)
     elsewhere: str  # a namespace that holds neither
+    ungranted: str  # for a VpnPeer that a hand-made server allows, in no namespace the chart grants the operator
     env: dict[str, str]
     docs: list[Doc]
     kubeconfigs: dict[str, Path]  # "operator", "agent": authenticated as the chart's ServiceAccounts
@@ -801,6 +921,7 @@ def release(
     namespace = create_namespace(core, "chart")
     peers = create_namespace(core, "chart-peers")
     elsewhere = create_namespace(core, "chart-elsewhere")
+    ungranted = create_namespace(core, "chart-ungranted")
     name = f"kvpn-{secrets.token_hex(3)}"
     env = control_plane.env()
     first_install = adopt_existing_crds(api, name, namespace)
@@ -809,6 +930,8 @@ def release(
         f"server.expose.nodePort={NODE_PORT}",
         f"server.expose.endpoint=vpn.example.com:{NODE_PORT}",
         f"server.peerNamespaces={{{namespace},{peers}}}",
+        # Everything else default: Secrets in the chart's (the server's) namespace and the peers' only.
+        f"operator.secretNamespaces={{{peers}}}",
     ]
     args = ["install", name, str(CHART), "--namespace", namespace, "--timeout", "60s"]
     for item in sets:
@@ -832,14 +955,14 @@ def release(
     operator = OperatorProcess(plane, args=operator_args, log_path=folder / "operator.log")
     operator.start()
     try:
-        yield Release(name, namespace, peers, elsewhere, env, docs, kubeconfigs, first_install, operator)
+        yield Release(name, namespace, peers, elsewhere, ungranted, env, docs, kubeconfigs, first_install, operator)
         kvpn = Kvpn(api)
         kvpn.delete("vpnservers", namespace, "default")
         wait_for("the VpnServer to be gone", lambda: kvpn.get("vpnservers", namespace, "default") is None)
         helm.run("uninstall", name, "--namespace", namespace, "--wait", "--timeout", "60s", env=env)
     finally:
         operator.stop()
-        for ns in (namespace, peers, elsewhere):
+        for ns in (namespace, peers, elsewhere, ungranted):
             try:
                 core.delete_namespace(ns)
             except ApiException as error:
@@ -869,6 +992,13 @@ def test_install_creates_the_chart_objects(release: Release, api: client.ApiClie
         rbac.read_cluster_role_binding(role)
     rbac.read_namespaced_role(agent_sa(release.name), release.namespace)
     rbac.read_namespaced_role_binding(agent_sa(release.name), release.namespace)
+    # The operator's Secrets: a Role where the server lives and one where its peers do, none elsewhere.
+    operator_roles = rbac.list_role_for_all_namespaces(field_selector=f"metadata.name={operator_sa(release.name)}")
+    assert sorted(r.metadata.namespace for r in operator_roles.items) == sorted([release.namespace, release.peers])
+    for ns in (release.namespace, release.peers):
+        rbac.read_namespaced_role_binding(operator_sa(release.name), ns)
+    cluster_role = rbac.read_cluster_role(operator_sa(release.name))
+    assert [r for r in cluster_role.rules if "secrets" in r.resources] == []
     for crd in ("vpnservers.kvpn.dev", "vpnpeers.kvpn.dev"):
         found = extensions.read_custom_resource_definition(crd)
         assert found.metadata.annotations["meta.helm.sh/release-name"] == release.name
@@ -905,7 +1035,8 @@ def can_i(kubectl: str, kubeconfig: Path, check: str) -> bool:
 
 
 def expand(checks: Sequence[str], release: Release) -> list[str]:
-    return [c.format(ns=release.namespace, peers=release.peers, elsewhere=release.elsewhere) for c in checks]
+    spaces = {"ns": release.namespace, "peers": release.peers, "elsewhere": release.elsewhere}
+    return [c.format(**spaces, ungranted=release.ungranted) for c in checks]
 
 
 OPERATOR_MAY = [
@@ -920,9 +1051,9 @@ OPERATOR_MAY = [
     "watch vpnpeers.kvpn.dev --all-namespaces",
     "patch vpnpeers.kvpn.dev -n {peers} --subresource=status",
     "update vpnpeers.kvpn.dev -n {peers} --subresource=finalizers",
-    "create secrets -n {peers}",
-    "delete secrets -n {ns}",
-    "list secrets -n {ns}",
+    # Secrets in the namespaces it serves, a Role each: the server's (key, bindings) and the peers'
+    # (config Secrets; operator.secretNamespaces).
+    *(f"{verb} secrets -n {{{ns}}}" for ns in ("ns", "peers") for verb in ("get", "list", "create", "patch", "delete")),
     "watch services --all-namespaces",
     "create services -n {ns}",
     "get services -n kube-system",
@@ -934,6 +1065,18 @@ OPERATOR_MAY_NOT = [
     "delete vpnpeers.kvpn.dev -n {peers}",
     "update vpnpeers.kvpn.dev -n {peers}",
     "watch secrets -n {ns}",
+    "watch secrets -n {peers}",
+    # No Secrets where it serves no one, and none cluster-wide (operator.clusterWideSecrets is off).
+    *(
+        f"{verb} secrets -n {{{ns}}}"
+        for ns in ("elsewhere", "ungranted")
+        for verb in ("get", "list", "create", "patch")
+    ),
+    "delete secrets -n {elsewhere}",
+    "get secrets -n kube-system",
+    "list secrets --all-namespaces",
+    "get secrets --all-namespaces",
+    "create secrets --all-namespaces",
     "patch customresourcedefinitions.apiextensions.k8s.io",
     "delete nodes",
     "patch nodes",
@@ -1028,7 +1171,8 @@ def test_the_real_operator_works_with_the_charts_permissions(release: Release, a
     """The operator, authenticated as the chart's ServiceAccount, makes the chart's VpnServer and a
     VpnPeer in another namespace Ready, then releases the peer: key Secret, UDP Service, Service
     network probe, peer binding, config Secret, status, Events and finalizers all go through the
-    chart's RBAC."""
+    chart's RBAC, whose Secrets are the Roles of the server's namespace and of the peer's
+    (operator.secretNamespaces)."""
     kvpn = Kvpn(api)
     server = kvpn.wait_ready("vpnservers", release.namespace, "default", timeout=30)
     kvpn.peer(release.peers, "laptop", serverRef={"name": "default", "namespace": release.namespace})
@@ -1073,10 +1217,79 @@ def test_the_real_operator_works_with_the_charts_permissions(release: Release, a
 
     log = release.operator.log_text()
     assert release.operator.running, log_tail(release.operator.log_path, 60)
+    # Where the chart grants nothing, a test below makes the operator lack permissions on purpose.
+    log = "\n".join(line for line in log.splitlines() if release.ungranted not in line)
     assert not PERMISSION_PROBLEMS.search(log), (
         f"permission trouble in {release.operator.log_path}:\n{log_tail(release.operator.log_path, 60)}"
     )
     assert "Traceback" not in log, log_tail(release.operator.log_path, 60)
+
+
+def test_a_peer_where_the_operator_may_not_write_secrets_gets_no_config(
+    release: Release, api: client.ApiClient
+) -> None:
+    """A VpnServer made by hand may serve a namespace where the chart grants the operator no Secrets
+    (spec.peerNamespaces is the server's, the Roles are the chart's). Its peer there gets no config
+    Secret and is never Ready; the operator names the permission it lacks, keeps running, and frees the
+    peer's address when the peer is deleted.
+
+    Today the peer itself shows nothing more: no status at all and no Event. kopf retries every 30 s
+    (its progress annotation holds the Forbidden message), and every attempt claims the address anew
+    in the server's namespace, where the operator may write."""
+    kvpn = Kvpn(api)
+    log_start = len(release.operator.log_text())
+    kvpn.server(release.namespace, "wide", peerNamespaces=[release.ungranted], addressPool=["10.9.0.0/24"])
+    try:
+        kvpn.wait_ready("vpnservers", release.namespace, "wide", timeout=30)
+        kvpn.peer(release.ungranted, "stray", serverRef={"name": "wide", "namespace": release.namespace})
+        forbidden = f'cannot create resource "secrets" in API group "" in the namespace "{release.ungranted}"'
+        wait_for(
+            "the operator to name the permission it lacks",
+            lambda: forbidden in release.operator.log_text()[log_start:],
+            timeout=30,
+        )
+        assert kvpn.secret(release.ungranted, peer_config_secret_name("stray")) is None
+        assert (ready(kvpn.get("vpnpeers", release.ungranted, "stray")) or ("",))[0] != "True"
+        assert release.operator.running, log_tail(release.operator.log_path, 60)
+
+        kvpn.delete("vpnpeers", release.ungranted, "stray")
+        wait_for("the peer to be gone", lambda: kvpn.get("vpnpeers", release.ungranted, "stray") is None)
+        assert kvpn.secrets(release.namespace, binding_selector("wide")) == []
+    finally:
+        kvpn.delete("vpnservers", release.namespace, "wide")
+        wait_for("the VpnServer to be gone", lambda: kvpn.get("vpnservers", release.namespace, "wide") is None)
+    assert "Traceback" not in release.operator.log_text()[log_start:], log_tail(release.operator.log_path, 60)
+
+
+def test_cluster_wide_secrets_grant_secrets_in_every_namespace(
+    control_plane: ControlPlane, api: client.ApiClient, helm: Helm, kubectl: str, tmp_path: Path
+) -> None:
+    """operator.clusterWideSecrets=true, for peers anywhere: the Secrets rule back in the ClusterRole, no
+    Roles. A second release beside the module's (crds.install=false: the CRDs are the other's), checked
+    with `kubectl auth can-i` as its operator's ServiceAccount."""
+    core = client.CoreV1Api(api)
+    namespace = create_namespace(core, "chart-wide")
+    name = f"kvpn-{secrets.token_hex(3)}"
+    env = control_plane.env()
+    sets = ["crds.install=false", "operator.clusterWideSecrets=true", "operator.secretNamespaces={dev}"]
+    try:
+        helm.run("install", name, str(CHART), "--namespace", namespace, "--timeout", "60s", *sets_args(sets), env=env)
+        rules = client.RbacAuthorizationV1Api(api).read_cluster_role(operator_sa(name)).rules
+        assert [r.verbs for r in rules if "secrets" in r.resources] == [SECRETS_RULE["verbs"]]
+        manifest = helm.run("get", "manifest", name, "--namespace", namespace, env=env).stdout
+        docs = [d for d in yaml.safe_load_all(manifest) if d]
+        assert find(docs, "Role", operator_sa(name)) == find(docs, "RoleBinding", operator_sa(name)) == []
+        assert [r["metadata"]["name"] for r in find(docs, "Role")] == [agent_sa(name)]  # the agent's stay
+
+        kubeconfig = chart.token_kubeconfig(api, control_plane, namespace, operator_sa(name), tmp_path / "kubeconfig")
+        anywhere = (namespace, f"nowhere-{secrets.token_hex(3)}", "kube-system", "dev")
+        checks = [f"{verb} secrets -n {ns}" for ns in anywhere for verb in SECRETS_RULE["verbs"]]
+        checks.append("list secrets --all-namespaces")
+        assert [c for c in checks if not can_i(kubectl, kubeconfig, c)] == []
+        assert not can_i(kubectl, kubeconfig, "watch secrets --all-namespaces")
+    finally:
+        helm.run("uninstall", name, "--namespace", namespace, "--wait", "--timeout", "60s", env=env, check=False)
+        core.delete_namespace(namespace)
 
 
 def test_upgrade_adopts_the_vpnserver_and_patches_it_in_place(

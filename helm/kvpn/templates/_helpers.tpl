@@ -30,6 +30,15 @@
 {{- toJson (uniq $namespaces) -}}
 {{- end -}}
 
+{{/* The namespaces where the operator may read and write Secrets (unless operator.clusterWideSecrets), as
+a list: the server namespaces (server keys, peer bindings), then developers.namespaces and
+operator.secretNamespaces (the config Secrets of the VpnPeers there), each once. */}}
+{{- define "kvpn.operatorSecretNamespaces" -}}
+{{- $serverNamespaces := include "kvpn.serverNamespaces" . | fromJsonArray -}}
+{{- $peerNamespaces := concat (.Values.developers.namespaces | default list) (.Values.operator.secretNamespaces | default list) -}}
+{{- toJson (concat $serverNamespaces $peerNamespaces | uniq) -}}
+{{- end -}}
+
 {{- define "kvpn.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -106,6 +115,20 @@ annotations:
 {{- range .Values.developers.namespaces -}}
 {{- if or (has . $serverNamespaces) (eq . (include "kvpn.namespace" $)) -}}
 {{- fail (printf "developers.namespaces must not list %s, the chart's namespace or one that holds VpnServers (agent.serverNamespaces): the developer role may read every Secret of the namespace it is bound in, and the server keys and peer bindings live there; give the team's peers a namespace of their own" .) -}}
+{{- end -}}
+{{- end -}}
+{{- /* The chart's own VpnServer: every namespace it serves must be one whose Secrets the operator may
+write, or its peers there never get a config (a VpnServer made by hand is not the chart's to check).
+operator.secretNamespaces beside clusterWideSecrets is allowed, not refused: the ClusterRole covers
+those namespaces already, and the list takes over again when clusterWideSecrets is turned off. */ -}}
+{{- if and .Values.server.create (not .Values.operator.clusterWideSecrets) -}}
+{{- $secretNamespaces := include "kvpn.operatorSecretNamespaces" . | fromJsonArray -}}
+{{- range .Values.server.peerNamespaces -}}
+{{- if eq . "*" -}}
+{{- fail "server.peerNamespaces \"*\" serves VpnPeers of every namespace, but the operator may write their config Secrets only in the server namespaces, developers.namespaces and operator.secretNamespaces: set operator.clusterWideSecrets=true, or list the peers' namespaces in server.peerNamespaces and operator.secretNamespaces" -}}
+{{- else if not (has . $secretNamespaces) -}}
+{{- fail (printf "server.peerNamespaces lists %s, where the operator may not write the peers' config Secrets: add it to operator.secretNamespaces (or developers.namespaces), or set operator.clusterWideSecrets=true" .) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and .Values.developers.namespaces (not .Values.developers.subjects) -}}
