@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kvpn_agent.desired import BindingCache, DesiredServer, Judged, build_desired, judge_binding
+from kvpn_core.api import VpnServerSpec
 from kvpn_core.contract import binding_age
 
 ExclusiveValue = str | ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -42,6 +43,7 @@ class DesiredBuilder:
         self._cache = cache if cache is not None else BindingCache()
         self.secrets: dict[str, Mapping[str, Any]] = {_secret_name(b): b for b in bindings}
         self.desired = self._rebuild()  # raises DesiredStateError like build_desired
+        self._spec = VpnServerSpec.model_validate(server.get("spec") or {})  # valid: the build above parsed it
         self._pools = [ipaddress.ip_network(p) for p in self.desired.pools]
         self._routes = [ipaddress.ip_network(r) for r in self.desired.routes]
         self._server_ips = {ipaddress.ip_interface(a).ip for a in self.desired.addresses}
@@ -103,7 +105,13 @@ class DesiredBuilder:
         if secret is None:
             return
         peer, problem = judge_binding(
-            secret, self._pools, self._routes, {self.desired.public_key}, set(self._server_ips), cache=self._cache
+            secret,
+            self._pools,
+            self._routes,
+            {self.desired.public_key},
+            set(self._server_ips),
+            cache=self._cache,
+            server=self._spec,
         )
         if problem is not None:
             self._problem[name] = (binding_age(secret), problem)

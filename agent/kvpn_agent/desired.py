@@ -7,13 +7,14 @@ import functools
 import hashlib
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from kvpn_agent.linux import IFNAMSIZ
-from kvpn_core.api import VpnServerSpec, VpnServerStatus
+from kvpn_core.api import PeerCeiling, VpnServerSpec, VpnServerStatus
+from kvpn_core.ceiling import ceiling_for, cuts_message, effective_destinations, nothing_left_message
 from kvpn_core.conditions import Finding, Reason
 from kvpn_core.contract import SERVER_KEY_DATA, PeerBinding, binding_age
 from kvpn_core.keys import clamped, decode_key, public_key_of
@@ -82,7 +83,8 @@ class DesiredServer(BaseModel):
     """DNS servers pushed to peers: every enabled peer may reach them on port 53 whatever its destinations."""
 
     peers: tuple[PeerBinding, ...] = Field(default=(), repr=False)
-    """Enabled peers with a valid key, sorted by first address; destinations already limited to the routes.
+    """Enabled peers with a valid key, sorted by first address; destinations already limited to the routes
+    and to the peer's ceiling (spec.peerCeilings).
 
     Out of repr: a PeerBinding's repr shows its preshared key.
     """
@@ -152,7 +154,7 @@ def build_desired(
     public_key = public_key_of(private_key)
     server_ips = {ipaddress.ip_interface(a).ip for a in addresses}
     peers, problems = _peers(
-        bindings, pools, route_nets, public_key, server_ips, cache=cache or BindingCache(), judged=judged
+        bindings, pools, route_nets, public_key, server_ips, cache=cache or BindingCache(), judged=judged, server=spec
     )
     return DesiredServer(
         namespace=namespace,
@@ -225,7 +227,8 @@ class BindingCache:
     """Parsed bindings and addresses, kept by the owner of the desired state across builds.
 
     A running agent rebuilds a server's peers on every binding change; at 10,000 peers parsing
-    dominates that, so parsed bindings and addresses are kept. A binding is keyed by its
+    dominates that, so parsed bindings and addresses are kept, and so is what a ceiling leaves of
+    each binding (a hundred microseconds a peer, a second a rebuild). A binding is keyed by its
     resourceVersion, which the API server changes on every write. Not thread-safe: one owner, one
     thread (the sync loop).
     """
@@ -235,14 +238,14 @@ class BindingCache:
     def __init__(self, size: int = SIZE) -> None:
         self._size = size
         self._bindings: OrderedDict[tuple[str, str, str], PeerBinding] = OrderedDict()
+        self._servers: dict[tuple[str, str], VpnServerSpec] = {}
+        self._limited: OrderedDict[tuple[Any, ...], Limited] = OrderedDict()
         self.ip = functools.lru_cache(maxsize=size)(ipaddress.ip_address)
 
     def binding(self, secret: Mapping[str, Any]) -> PeerBinding:
-        meta = secret.get("metadata") or {}
-        version = str(meta.get("resourceVersion") or "")
-        if not version:
+        key = _version_key(secret)
+        if key is None:
             return PeerBinding.from_secret(dict(secret))
-        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""), version)
         binding = self._bindings.get(key)
         if binding is None:
             binding = self._bindings[key] = PeerBinding.from_secret(dict(secret))
@@ -250,10 +253,43 @@ class BindingCache:
                 self._bindings.popitem(last=False)
         return binding
 
+    def limited(
+        self,
+        secret: Mapping[str, Any],
+        ceiling: PeerCeiling,
+        routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+        compute: Callable[[], Limited],
+    ) -> Limited:
+        """What `compute` says of the binding under `ceiling` and `routes`, kept while all three stay.
+
+        Kept, the narrowed binding is also the same object at the next build: the planner sees no change.
+        """
+        version = _version_key(secret)
+        if version is None:
+            return compute()
+        key = (*version, ceiling.model_dump_json(), tuple(routes))
+        found = self._limited.get(key)
+        if found is None:
+            found = self._limited[key] = compute()
+            if len(self._limited) > self._size:
+                self._limited.popitem(last=False)
+        return found
+
     def address_key(self, address: str) -> tuple[int, int]:
         """The order of peers in a server: by their first address, IPv4 first."""
         ip = self.ip(address)
         return (ip.version, int(ip))
+
+
+def _version_key(secret: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """A binding Secret's namespace, name and resourceVersion; None without a version (nothing to key on)."""
+    meta = secret.get("metadata") or {}
+    version = str(meta.get("resourceVersion") or "")
+    return (str(meta.get("namespace") or ""), str(meta.get("name") or ""), version) if version else None
+
+
+Limited = tuple[PeerBinding | None, PeerProblem | None]
+"""A binding with its destinations limited to the routes and its ceiling (None: left out), and what went."""
 
 
 def _peers(
@@ -265,6 +301,7 @@ def _peers(
     *,
     cache: BindingCache,
     judged: dict[str, Judged] | None = None,
+    server: VpnServerSpec,
 ) -> tuple[tuple[PeerBinding, ...], tuple[PeerProblem, ...]]:
     """The accepted peers and the problems; ``judged`` gets each binding's outcome by Secret name."""
     peers: list[PeerBinding] = []
@@ -272,7 +309,7 @@ def _peers(
     keys: set[str] = {server_public_key}
     taken = set(server_ips)
     for secret in sorted(secrets, key=binding_age):
-        peer, problem = judge_binding(secret, pools, routes, keys, taken, cache=cache)
+        peer, problem = judge_binding(secret, pools, routes, keys, taken, cache=cache, server=server)
         if judged is not None:
             judged[str((secret.get("metadata") or {}).get("name", ""))] = (binding_age(secret), peer, problem)
         if problem is not None:
@@ -291,8 +328,10 @@ def judge_binding(
     taken: set[ipaddress.IPv4Address | ipaddress.IPv6Address],
     *,
     cache: BindingCache,
+    server: VpnServerSpec,
 ) -> tuple[PeerBinding | None, PeerProblem | None]:
-    """One binding against the keys and addresses older bindings hold (both updated when it is accepted)."""
+    """One binding against the keys and addresses older bindings hold (both updated when it is accepted);
+    ``server`` is the server's spec, for the ceiling that holds the peer."""
     secret_name = str((secret.get("metadata") or {}).get("name", ""))
     try:
         binding = cache.binding(secret)
@@ -300,28 +339,54 @@ def judge_binding(
         return None, PeerProblem(binding=secret_name, finding=Finding(Reason.INVALID_BINDING, _short(exc)))
     reject = _check(binding, pools, keys, taken, cache)
     if reject is not None:
-        return None, PeerProblem(
-            binding=secret_name, peer_namespace=binding.peer_namespace, peer_name=binding.peer_name, finding=reject
-        )
+        return None, _problem(secret_name, binding, reject)
     if not binding.enabled or not binding.public_key:
         return None, None  # not an error: disabled, expired, or the key is still being set up
     keys.add(binding.public_key)
     taken.update(cache.ip(a) for a in binding.addresses)
+    held_by = ceiling_for(server, binding.peer_namespace)
+    if held_by is None:
+        return _limited(secret_name, binding, routes, None)
+    return cache.limited(secret, held_by, routes, lambda: _limited(secret_name, binding, routes, held_by))
+
+
+def _problem(secret_name: str, binding: PeerBinding, finding: Finding) -> PeerProblem:
+    return PeerProblem(
+        binding=secret_name, peer_namespace=binding.peer_namespace, peer_name=binding.peer_name, finding=finding
+    )
+
+
+def _limited(
+    secret_name: str,
+    binding: PeerBinding,
+    routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    held_by: PeerCeiling | None,
+) -> Limited:
+    """The binding with its destinations limited to the routes, then to its ceiling; what went, as a problem.
+
+    The operator writes bindings already narrowed, so in the steady state nothing goes here; this holds
+    a binding that is stale (the ceiling changed, the operator has yet to re-render it) or hand-edited to
+    what the ceiling does not allow. A peer left nothing is left out: an empty list would be every route.
+    """
     kept = [d for d in binding.allowed_destinations if _inside(d.cidr, routes)]
     dropped = [d.cidr for d in binding.allowed_destinations if not _inside(d.cidr, routes)]
-    if not dropped:
+    findings = []
+    if dropped:
+        outside = f"allowedDestinations outside the server's routes: {', '.join(dropped)}"
+        findings.append(Finding(Reason.DESTINATION_OUTSIDE_ROUTES, outside))
+        if not kept:
+            return None, _problem(secret_name, binding, findings[0])  # never widen the peer to all routes
+    narrowing = effective_destinations(kept, [str(r) for r in routes] if held_by else [], held_by)
+    if narrowing.nothing_left:
+        left_out = f"{nothing_left_message(narrowing, binding.peer_namespace)}: the peer is left out"
+        return None, _problem(secret_name, binding, Finding(Reason.DESTINATION_OUTSIDE_CEILING, left_out))
+    if narrowing.narrowed:
+        findings.append(Finding(Reason.DESTINATION_OUTSIDE_CEILING, cuts_message(narrowing, binding.peer_namespace)))
+    if not findings:
         return binding, None
-    problem = PeerProblem(
-        binding=secret_name,
-        peer_namespace=binding.peer_namespace,
-        peer_name=binding.peer_name,
-        finding=Finding(
-            Reason.DESTINATION_OUTSIDE_ROUTES, f"allowedDestinations outside the server's routes: {', '.join(dropped)}"
-        ),
-    )
-    if not kept:
-        return None, problem  # dropping every destination must not widen the peer to all routes
-    return binding.model_copy(update={"allowed_destinations": kept}), problem
+    # One problem per binding: the first reason, with every message.
+    problem = _problem(secret_name, binding, Finding(findings[0].reason, "; ".join(f.message for f in findings)))
+    return binding.model_copy(update={"allowed_destinations": narrowing.destinations}), problem
 
 
 def _check(

@@ -83,6 +83,43 @@ class Dns(Model):
     """Search domains for peers; default: svc.<clusterDomain> and <clusterDomain>, so `curl http://api.payments` reaches Service api in namespace payments."""
 
 
+class PortRange(Model):
+    port: Port
+    """A destination port, or the first of a range."""
+
+    end_port: Port | None = Field(default=None, alias="endPort")
+    """Last port of the range (inclusive)."""
+
+
+class Protocol(StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+    ICMP = "ICMP"
+
+
+class AllowedDestination(Model):
+    cidr: Cidr
+    """Network the peer may reach; must lie inside the server's routes."""
+
+    protocol: Protocol | None = None
+    """Only this protocol; any when empty (TCP and UDP when ports are given)."""
+
+    ports: list[PortRange] = Field(default_factory=list, max_length=32)
+    """Only these destination ports; all when empty."""
+
+
+NamespaceOrAll = Annotated[str, Field(pattern=r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$", max_length=63)]
+"""A namespace's name, or "*" for every namespace."""
+
+
+class PeerCeiling(Model):
+    namespaces: list[NamespaceOrAll] = Field(min_length=1)
+    """The namespaces whose VpnPeers this ceiling holds ("*": every namespace that no ceiling names). A peer gets the first ceiling that names its namespace, else the first that names "*"."""
+
+    destinations: list[AllowedDestination] = Field(min_length=1, max_length=64)
+    """The most those peers may reach (networks, protocols, ports); the networks need not lie inside the routes. A peer reaches what lies both here and in its allowedDestinations (all of the routes when those are empty)."""
+
+
 class VpnServerSpec(Model):
     address_pool: list[Cidr] = Field(alias="addressPool", min_length=1, max_length=2)
     """Networks peers get their tunnel addresses from: one IPv4 network, optionally one IPv6 network. The server takes the first usable address of each."""
@@ -114,10 +151,11 @@ class VpnServerSpec(Model):
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     """Labels of the nodes that act as gateways for this server; every agent node when empty."""
 
-    peer_namespaces: list[Annotated[str, Field(pattern=r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$", max_length=63)]] = (
-        Field(default_factory=list, alias="peerNamespaces")
-    )
+    peer_namespaces: list[NamespaceOrAll] = Field(default_factory=list, alias="peerNamespaces")
     """Namespaces whose VpnPeers may use this server ("*" for all); by default only the server's own."""
+
+    peer_ceilings: list[PeerCeiling] = Field(default_factory=list, alias="peerCeilings", max_length=32)
+    """The most the peers of a namespace may reach through this server, whatever their allowedDestinations ask: set by the server's owner, so a VpnPeer can only narrow it. A peer gets the first ceiling naming its namespace, else the first naming "*"; a peer whose namespace no ceiling names is limited only by the routes. The gateways let a peer reach what lies both in its ceiling and in its allowedDestinations (all of the routes when those are empty); DNS to the nameserver pushed to peers stays open. A peer left nothing is refused (Ready False, reason OutsideCeiling); one narrowed says what was cut in its Ceiling condition."""
 
     @field_validator("address_pool")
     @classmethod
@@ -227,31 +265,6 @@ class ServerRef(Model):
 
     namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] | None = None
     """Namespace of the VpnServer; the peer's own when empty."""
-
-
-class PortRange(Model):
-    port: Port
-    """A destination port, or the first of a range."""
-
-    end_port: Port | None = Field(default=None, alias="endPort")
-    """Last port of the range (inclusive)."""
-
-
-class Protocol(StrEnum):
-    TCP = "TCP"
-    UDP = "UDP"
-    ICMP = "ICMP"
-
-
-class AllowedDestination(Model):
-    cidr: Cidr
-    """Network the peer may reach; must lie inside the server's routes."""
-
-    protocol: Protocol | None = None
-    """Only this protocol; any when empty (TCP and UDP when ports are given)."""
-
-    ports: list[PortRange] = Field(default_factory=list, max_length=32)
-    """Only these destination ports; all when empty."""
 
 
 class VpnPeerSpec(Model):

@@ -23,6 +23,15 @@ GATEWAYS = "Gateways"
 # The condition types the operator writes on a VpnServer; others (the agents' Dataplane) are kept as found.
 SERVER_CONDITIONS = (READY, POD_NETWORK, CLUSTER_DNS, GATEWAYS)
 
+CEILING = "Ceiling"
+"""A VpnPeer's: whether its server's ceiling (spec.peerCeilings) cut its allowedDestinations, and what.
+
+Absent while no ceiling holds the peer's namespace, so a server without ceilings changes nothing a user sees.
+"""
+
+# The condition types the operator writes on a VpnPeer; others (the agents' Dataplane) are kept as found.
+PEER_CONDITIONS = (READY, CEILING)
+
 
 class Reason(StrEnum):
     """Every condition and Event reason kvpn writes, operator's and agent's alike.
@@ -62,6 +71,11 @@ class Reason(StrEnum):
     ADDRESS_OUT_OF_POOL = "AddressOutOfPool"
     DUPLICATE_PUBLIC_KEY = "DuplicatePublicKey"
     """Also the agent's, for a binding whose key the server or an older binding holds."""
+    OUTSIDE_CEILING = "OutsideCeiling"
+    """Also the Ceiling condition's: the server's ceiling leaves nothing of what the peer asks for."""
+    # Ceiling, VpnPeer
+    WITHIN_CEILING = "WithinCeiling"
+    CUT_BY_CEILING = "CutByCeiling"
     # PodNetwork, VpnServer
     POD_NETWORK_FOUND = "PodNetworkFound"
     POD_NETWORK_NOT_FOUND = "PodNetworkNotFound"
@@ -79,6 +93,7 @@ class Reason(StrEnum):
     ADDRESS_OUTSIDE_POOL = "AddressOutsidePool"
     INVALID_BINDING = "InvalidBinding"
     DESTINATION_OUTSIDE_ROUTES = "DestinationOutsideRoutes"
+    DESTINATION_OUTSIDE_CEILING = "DestinationOutsideCeiling"
     INVALID_PRESHARED_KEY = "InvalidPresharedKey"
     INVALID_ADDRESS = "InvalidAddress"
 
@@ -148,6 +163,11 @@ def set_condition(
         observed_generation=generation,
     )
     return [updated if c.type == type_ else c for c in conditions] if previous else [*conditions, updated]
+
+
+def remove_condition(conditions: list[Condition], type_: str) -> list[Condition]:
+    """The conditions without `type_`: for a condition that only means something while its cause is there."""
+    return [c for c in conditions if c.type != type_]
 
 
 def find(conditions: list[Condition], type_: str) -> Condition | None:

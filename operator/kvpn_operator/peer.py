@@ -5,15 +5,27 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from kvpn_core import keys
-from kvpn_core.api import ExposeType, Kind, VpnPeerSpec, VpnServerSpec, VpnServerStatus
-from kvpn_core.conditions import READY, Finding, Outcome, Reason, find, find_current, is_ready, set_condition
+from kvpn_core import ceiling, keys
+from kvpn_core.api import AllowedDestination, ExposeType, Kind, VpnPeerSpec, VpnServerSpec, VpnServerStatus
+from kvpn_core.conditions import (
+    CEILING,
+    PEER_CONDITIONS,
+    READY,
+    Finding,
+    Outcome,
+    Reason,
+    find,
+    find_current,
+    is_ready,
+    remove_condition,
+    set_condition,
+)
 from kvpn_core.contract import (
     LABEL_PEER_UID,
     LABEL_SERVER,
@@ -167,6 +179,9 @@ def reconcile_peer(
     only the server's own key is checked).
     """
     fields: dict[str, Any] = {}
+    # The Ceiling condition as this reconcile judges it (None: no ceiling holds the peer); left as it was
+    # when the reconcile stops before it reads the server's ceiling.
+    others: dict[str, Outcome | None] = {}
     spec = validate_peer(peer)
     if isinstance(spec, Outcome):
         return _finish(storage, peer, spec, now, fields)
@@ -174,25 +189,36 @@ def reconcile_peer(
         peer_server = _peer_server(storage, peer, spec, cached_server)
         fields["server_revision"] = peer_server.status.revision
         _check_against(spec, peer_server)
+        narrowing = _narrow(peer, spec, peer_server)
+        others[CEILING] = held = _ceiling_outcome(narrowing, peer.namespace)
+        if held is not None and narrowing.nothing_left:
+            # Nothing left is not every route: the peer gets no binding at all, never an empty one.
+            _refuse(storage, books, peer, peer_server, held)
         args = (storage, books, peer, spec, peer_server)
+        dests = narrowing.destinations
         try:
             # A peer without a config Secret in its status is new: its Secret is created, not read first.
-            fields.update(_apply(*args, now=now, new=not peer.status.config_secret_name, holders=holders))
+            new = not peer.status.config_secret_name
+            fields.update(_apply(*args, destinations=dests, now=now, new=new, holders=holders))
         except SecretExists:
-            fields.update(_apply(*args, now=now, new=False, holders=holders))
-        if spec.disabled:
-            outcome = Outcome.waiting(Reason.DISABLED, "spec.disabled is true: the gateways drop this peer's traffic")
-        elif _expired(spec, now):
-            outcome = Outcome.waiting(Reason.EXPIRED, f"expired at {spec.expires_at}: the gateways drop its traffic")
-        else:
-            addresses = ", ".join(fields["addresses"])
-            outcome = Outcome.ready(
-                Reason.READY, f"address {addresses}; config in Secret {fields['config_secret_name']}"
-            )
+            fields.update(_apply(*args, destinations=dests, now=now, new=False, holders=holders))
+        outcome = _serving(spec, fields, narrowing, now)
     except Verdict as verdict:
         outcome = verdict.outcome
         fields.update(verdict.fields)
-    return _finish(storage, peer, outcome, now, fields)
+    return _finish(storage, peer, outcome, now, fields, others=others)
+
+
+def _serving(spec: VpnPeerSpec, fields: dict[str, Any], narrowing: ceiling.Narrowing, now: dt.datetime) -> Outcome:
+    """Ready once the binding and config are written: True, unless the peer is switched off."""
+    if spec.disabled:
+        return Outcome.waiting(Reason.DISABLED, "spec.disabled is true: the gateways drop this peer's traffic")
+    if _expired(spec, now):
+        return Outcome.waiting(Reason.EXPIRED, f"expired at {spec.expires_at}: the gateways drop its traffic")
+    message = f"address {', '.join(fields['addresses'])}; config in Secret {fields['config_secret_name']}"
+    if narrowing.narrowed:
+        message += "; the server's ceiling narrows allowedDestinations (see condition Ceiling)"
+    return Outcome.ready(Reason.READY, message)
 
 
 def _expired(spec: VpnPeerSpec, now: dt.datetime) -> bool:
@@ -278,6 +304,34 @@ def _check_against(spec: VpnPeerSpec, peer_server: PeerServer) -> None:
         )
 
 
+def _narrow(peer: PeerObject, spec: VpnPeerSpec, peer_server: PeerServer) -> ceiling.Narrowing:
+    """What the peer may reach under the ceiling its server sets for its namespace: what its binding carries.
+
+    Written into the binding, rather than left for the gateways to work out, so that the operator's
+    condition, the Event and the gateways' firewall say the same; the agents narrow again all the same.
+    """
+    held_by = ceiling.ceiling_for(peer_server.spec, peer.namespace)
+    return ceiling.effective_destinations(spec.allowed_destinations, peer_server.status.routes, held_by)
+
+
+def _ceiling_outcome(narrowing: ceiling.Narrowing, namespace: str) -> Outcome | None:
+    """The Ceiling condition: none without a ceiling; True when it cut nothing; False, a warning, saying what it cut."""
+    if narrowing.ceiling is None:
+        return None
+    if narrowing.nothing_left:
+        return Outcome.rejected(Reason.OUTSIDE_CEILING, _nothing_left(narrowing, namespace))
+    if narrowing.narrowed:
+        return Outcome.rejected(Reason.CUT_BY_CEILING, ceiling.cuts_message(narrowing, namespace))
+    return Outcome.ready(Reason.WITHIN_CEILING, ceiling.within_message(narrowing, namespace))
+
+
+def _nothing_left(narrowing: ceiling.Narrowing, namespace: str) -> str:
+    return (
+        f"{ceiling.nothing_left_message(narrowing, namespace)}: the peer would reach nothing, so no gateway serves it; "
+        "ask for destinations within the ceiling, or ask the server's owner to widen spec.peerCeilings"
+    )
+
+
 def _check_key(
     storage: Storage,
     books: AddressBooks,
@@ -346,14 +400,24 @@ def _bindings_of(storage: Storage, server_ns: str, server_name: str, uid: str) -
 def _refuse_key(
     storage: Storage, books: AddressBooks, peer: PeerObject, peer_server: PeerServer, message: str
 ) -> NoReturn:
-    """Removes the peer's bindings, so that no gateway sees it, and ends the reconcile with the refusal."""
+    _refuse(storage, books, peer, peer_server, Outcome.rejected(Reason.DUPLICATE_PUBLIC_KEY, message))
+
+
+def _refuse(
+    storage: Storage, books: AddressBooks, peer: PeerObject, peer_server: PeerServer, outcome: Outcome
+) -> NoReturn:
+    """Removes the peer's bindings, so that no gateway sees it, and ends the reconcile with the refusal.
+
+    Removed, not left as they were: a binding written before the refusal may let the peer reach more than
+    it may now (a ceiling that narrowed to nothing), and an empty one would mean every route.
+    """
     server = peer_server.server
     for secret in _bindings_of(storage, server.namespace, server.name, peer.uid):
         storage.delete_secret(server.namespace, secret["metadata"]["name"], uid=secret["metadata"]["uid"])
     book = books.peek(server.uid, tuple(peer_server.spec.address_pool))
     if book is not None and (index := book.index_of_peer(peer.uid)) is not None:
         book.release(peer.uid, index)
-    raise Verdict(Outcome.rejected(Reason.DUPLICATE_PUBLIC_KEY, message), {"address": None, "addresses": []})
+    raise Verdict(outcome, {"address": None, "addresses": []})
 
 
 def _apply(
@@ -363,11 +427,15 @@ def _apply(
     spec: VpnPeerSpec,
     peer_server: PeerServer,
     *,
+    destinations: list[AllowedDestination],
     now: dt.datetime,
     new: bool,
     holders: KeyLookup | None,
 ) -> dict[str, Any]:
-    """Claims the address, settles the keys, writes binding and config Secret; returns the status fields."""
+    """Claims the address, settles the keys, writes binding and config Secret; returns the status fields.
+
+    `destinations` are what the binding lets the peer reach: its allowedDestinations under its ceiling.
+    """
     config_name = peer_config_secret_name(peer.name)
     config_secret = None if new else storage.get_secret(peer.namespace, config_name)
     if config_secret is not None and not builders.owned_by(config_secret, peer.uid):
@@ -409,7 +477,7 @@ def _apply(
             preshared_key=preshared_key,
             addresses=addresses,
             enabled=not (spec.disabled or _expired(spec, now)),
-            allowed_destinations=list(spec.allowed_destinations),
+            allowed_destinations=list(destinations),
         )
 
     try:
@@ -546,16 +614,33 @@ def _ensure_config_secret(
 
 
 def _finish(
-    storage: Storage, peer: PeerObject, outcome: Outcome, now: dt.datetime, fields: dict[str, Any] | None = None
+    storage: Storage,
+    peer: PeerObject,
+    outcome: Outcome,
+    now: dt.datetime,
+    fields: dict[str, Any] | None = None,
+    *,
+    others: Mapping[str, Outcome | None] | None = None,
 ) -> Report:
+    """Writes Ready from `outcome`, and each of `others` (Ceiling) from its outcome, or removes it (None).
+
+    A condition `others` does not name stays as it was. One that says what Ready says is no news of its
+    own: the refusal is posted once.
+    """
     previous = peer.status.conditions
     conditions = set_condition(previous, type_=READY, outcome=outcome, generation=peer.generation, now=now)
+    for type_, other in (others or {}).items():
+        if other is None:
+            conditions = remove_condition(conditions, type_)
+        else:
+            conditions = set_condition(conditions, type_=type_, outcome=other, generation=peer.generation, now=now)
     status = peer.status.model_copy(
         update={**(fields or {}), "conditions": conditions, "observed_generation": peer.generation}
     )
     desired = status.model_dump(by_alias=True, mode="json", include=set(_OWNED))
-    write_status(storage, Kind.VPN_PEER, peer.body, desired)
-    return Report.of(previous, conditions, outcome)
+    write_status(storage, Kind.VPN_PEER, peer.body, desired, owned=PEER_CONDITIONS)
+    news = {t: o for t, o in (others or {}).items() if o is not None and o.finding != outcome.finding}
+    return Report.of(previous, conditions, outcome, news)
 
 
 def release_peer(storage: Storage, books: AddressBooks, peer: PeerObject) -> bool:

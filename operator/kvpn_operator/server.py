@@ -85,8 +85,8 @@ class ServiceNetworks:
 
 
 def revision(status: VpnServerStatus, spec: VpnServerSpec) -> str:
-    """Digest of everything a peer's config takes from the server; peers re-render when it changes."""
-    inputs = {
+    """Digest of everything a peer's config and binding take from the server; peers re-render when it changes."""
+    inputs: dict[str, Any] = {
         "publicKey": status.public_key,
         "endpoint": status.endpoint,
         "addresses": status.addresses,
@@ -98,6 +98,10 @@ def revision(status: VpnServerStatus, spec: VpnServerSpec) -> str:
             include={"mtu", "persistent_keepalive", "preshared_keys", "peer_namespaces"},
         ),
     }
+    if spec.peer_ceilings:
+        # What a peer's binding carries depends on its ceiling. Hashed only when set, so that a server
+        # without ceilings keeps the revision it had and an upgrade re-renders none of its peers.
+        inputs["peerCeilings"] = [c.to_api() for c in spec.peer_ceilings]
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 

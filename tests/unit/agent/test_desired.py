@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import pytest
 
+from kvpn_agent.builder import DesiredBuilder
 from kvpn_agent.desired import GATEWAY_PREFIX, DesiredStateError, build_desired, interface_name
+from kvpn_agent.ruleset import build_ruleset, server_id
 from kvpn_agent.wire import sort_networks
 from kvpn_cli.wgquick import interface_name as cli_interface_name
 from kvpn_core.api import AllowedDestination
-from kvpn_core.contract import PeerBinding, encode_data
+from kvpn_core.ceiling import describe
+from kvpn_core.contract import LABEL_ROLE, LABEL_SERVER, ROLE_PEER, PeerBinding, encode_data
 from kvpn_core.keys import decode_key, generate_private_key, public_key_of
 from tests.unit.fakes import random_key
 
@@ -254,3 +258,111 @@ def test_an_unclamped_server_key_is_held_as_the_device_reports_it() -> None:
     desired = build_desired(server(), secret, [])
     assert desired.private_key.get_secret_value() == SERVER_KEY
     assert desired.public_key == public_key_of(unclamped)
+
+
+# --- the server's ceiling, again on the gateway: a stale or hand-edited binding cannot exceed it ------------
+
+TEAM_CEILING = {
+    "namespaces": ["team"],
+    "destinations": [{"cidr": "10.96.5.0/24", "protocol": "TCP", "ports": [{"port": 80}]}],
+}
+
+
+def under_ceiling(*ceilings: dict[str, Any]) -> dict[str, Any]:
+    return server(peerCeilings=list(ceilings or (TEAM_CEILING,)))
+
+
+def labelled(secret: dict[str, Any]) -> dict[str, Any]:
+    """A binding as the agent's watch holds it: in the server's namespace, with the server's label."""
+    meta = {**secret["metadata"], "namespace": "team", "labels": {LABEL_SERVER: "office", LABEL_ROLE: ROLE_PEER}}
+    return {**secret, "metadata": {**meta, "resourceVersion": "1"}}
+
+
+def test_a_binding_wider_than_its_ceiling_is_narrowed_and_reported() -> None:
+    wide = AllowedDestination(cidr="10.96.0.0/12").to_api()
+    desired = build_desired(under_ceiling(), key_secret(), [binding("10.8.0.2", allowedDestinations=[wide])])
+    [peer] = desired.peers
+    assert [describe(d) for d in peer.allowed_destinations] == ["10.96.5.0/24 tcp/80"]
+    [problem] = desired.problems
+    assert (problem.peer_name, problem.finding.reason) == ("laptop-10-8-0-2", "DestinationOutsideCeiling")
+    assert problem.finding.message == (
+        "the server's ceiling for namespace team cuts allowedDestinations 10.96.0.0/12 to 10.96.5.0/24 tcp/80"
+    )
+
+
+def test_a_binding_for_every_route_gets_the_routes_under_its_ceiling() -> None:
+    """A binding from before the ceiling (empty: every route) is not every route any more."""
+    desired = build_desired(under_ceiling(), key_secret(), [binding("10.8.0.2")])
+    assert [describe(d) for d in desired.peers[0].allowed_destinations] == ["10.96.5.0/24 tcp/80"]
+    assert desired.problems[0].finding.reason == "DestinationOutsideCeiling"
+
+
+def test_a_binding_the_ceiling_leaves_nothing_of_is_left_out_never_widened() -> None:
+    outside = AllowedDestination(cidr="10.244.0.0/16").to_api()
+    desired = build_desired(under_ceiling(), key_secret(), [binding("10.8.0.2", allowedDestinations=[outside])])
+    assert desired.peers == ()
+    [problem] = desired.problems
+    assert problem.finding.reason == "DestinationOutsideCeiling"
+    assert problem.finding.message.endswith("leaves nothing of allowedDestinations 10.244.0.0/16: the peer is left out")
+
+
+def test_a_binding_the_operator_narrowed_is_served_as_it_is() -> None:
+    narrow = AllowedDestination.model_validate(TEAM_CEILING["destinations"][0]).to_api()
+    secret = binding("10.8.0.2", allowedDestinations=[narrow])
+    desired = build_desired(under_ceiling(), key_secret(), [secret])
+    assert desired.problems == ()
+    assert desired.peers[0] == PeerBinding.from_secret(secret)
+
+
+def test_a_peer_of_a_namespace_no_ceiling_names_is_limited_only_by_the_routes() -> None:
+    other = {**TEAM_CEILING, "namespaces": ["team-b"]}
+    desired = build_desired(under_ceiling(other), key_secret(), [binding("10.8.0.2")])
+    assert desired.peers[0].allowed_destinations == []
+    assert desired.problems == ()
+
+
+def test_outside_the_routes_and_cut_by_the_ceiling_is_one_problem_saying_both() -> None:
+    dests = [AllowedDestination(cidr=c).to_api() for c in ("10.96.0.0/12", "192.168.0.0/16")]
+    desired = build_desired(under_ceiling(), key_secret(), [binding("10.8.0.2", allowedDestinations=dests)])
+    assert [describe(d) for d in desired.peers[0].allowed_destinations] == ["10.96.5.0/24 tcp/80"]
+    [problem] = desired.problems
+    assert problem.finding.reason == "DestinationOutsideRoutes"
+    assert "192.168.0.0/16" in problem.finding.message
+    assert "cuts allowedDestinations 10.96.0.0/12 to 10.96.5.0/24 tcp/80" in problem.finding.message
+
+
+def test_a_binding_patched_in_alone_meets_the_same_ceiling() -> None:
+    """The watch-event path judges a changed binding without the server: it must not skip the ceiling."""
+    builder = DesiredBuilder(under_ceiling(), key_secret(), [labelled(binding("10.8.0.2"))])
+    added = labelled(binding("10.8.0.3"))
+    patched = builder.apply({added["metadata"]["name"]: added})
+    rebuilt = build_desired(under_ceiling(), key_secret(), builder.secrets.values())
+    assert [[describe(d) for d in p.allowed_destinations] for p in patched.peers] == [["10.96.5.0/24 tcp/80"]] * 2
+    assert patched.peers == rebuilt.peers
+    assert patched.problems == rebuilt.problems
+
+
+def test_the_firewall_gets_a_chain_with_only_what_the_ceiling_leaves() -> None:
+    ceiling = {
+        "namespaces": ["*"],
+        "destinations": [
+            {"cidr": "10.96.5.0/24", "protocol": "TCP", "ports": [{"port": 80}, {"port": 443}]},
+            {"cidr": "10.244.0.0/16", "protocol": "ICMP"},
+        ],
+    }
+    asked = [
+        {"cidr": "10.96.0.0/12", "ports": [{"port": 443, "endPort": 8443}]},
+        {"cidr": "10.244.1.0/24"},
+    ]
+    desired = build_desired(under_ceiling(ceiling), key_secret(), [binding("10.8.0.2", allowedDestinations=asked)])
+    ruleset = build_ruleset([desired])
+    [chain] = ruleset.peer_chains
+    assert ruleset.peer_map[(f"peers4_{server_id(desired)}", "10.8.0.2")] == chain
+    matched = [
+        [json.dumps(m["match"]["right"], sort_keys=True) for m in rule["rule"]["expr"] if "match" in m]
+        for rule in ruleset.peer_chains[chain]
+    ]
+    assert matched == [
+        ['{"prefix": {"addr": "10.96.5.0", "len": 24}}', '"tcp"', "443"],
+        ['{"prefix": {"addr": "10.244.1.0", "len": 24}}', '"icmp"'],
+    ]
