@@ -71,6 +71,8 @@ class Reason(StrEnum):
     ADDRESS_OUT_OF_POOL = "AddressOutOfPool"
     DUPLICATE_PUBLIC_KEY = "DuplicatePublicKey"
     """Also the agent's, for a binding whose key the server or an older binding holds."""
+    SECRETS_NOT_GRANTED = "SecretsNotGranted"
+    """The operator may not write Secrets in the peer's namespace (the chart's operator.secretNamespaces)."""
     OUTSIDE_CEILING = "OutsideCeiling"
     """Also the Ceiling condition's: the server's ceiling leaves nothing of what the peer asks for."""
     # Ceiling, VpnPeer

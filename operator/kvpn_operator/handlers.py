@@ -13,6 +13,7 @@ from typing import Any
 import kopf
 
 from kvpn_core.api import GROUP, VERSION
+from kvpn_core.conditions import Reason
 from kvpn_core.contract import LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
 from kvpn_core.kube import ForbiddenError, KubeError, Retry
 from kvpn_operator import peer, server
@@ -25,6 +26,7 @@ SERVERS = (GROUP, VERSION, "vpnservers")
 SERVER_RESYNC_SECONDS = 15.0
 WORKER_THREADS = 16
 WATCH_SERVER_SECONDS = 50
+SECRETS_RETRY_SECONDS = 60
 
 log = logging.getLogger("kvpn.operator")
 
@@ -164,10 +166,13 @@ def forget_vpnserver(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
 @kopf.on.create(*PEERS)
 @kopf.on.update(*PEERS)
 def reconcile_vpnpeer(body: kopf.Body, memo: Services, **kwargs: Any) -> None:
-    _reconcile_peer(body, memo, kwargs)
+    report = _reconcile_peer(body, memo, kwargs)
+    if report.outcome.finding.reason == Reason.SECRETS_NOT_GRANTED:
+        # Granted by a helm upgrade, which tells the operator nothing: it looks again.
+        raise kopf.TemporaryError(report.outcome.finding.message, delay=SECRETS_RETRY_SECONDS)
 
 
-def _reconcile_peer(body: kopf.Body, memo: Services, handler_kwargs: dict[str, Any]) -> None:
+def _reconcile_peer(body: kopf.Body, memo: Services, handler_kwargs: dict[str, Any]) -> Report:
     servers: kopf.Index[tuple[str, str], dict[str, Any]] = handler_kwargs["servers_by_name"]
 
     def cached_server(namespace: str, name: str) -> dict[str, Any] | None:
@@ -184,6 +189,7 @@ def _reconcile_peer(body: kopf.Body, memo: Services, handler_kwargs: dict[str, A
         # Another peer of the server with this one's key may be Ready or refused because of this one.
         sharers = peer.to_nudge_after(obj, report, holders)
         server.nudge(memo.storage, sharers, f"key-{obj.uid}-{obj.metadata.resource_version}")
+    return report
 
 
 @kopf.on.delete(*PEERS)

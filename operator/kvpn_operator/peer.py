@@ -35,7 +35,7 @@ from kvpn_core.contract import (
     binding_selector,
     peer_config_secret_name,
 )
-from kvpn_core.kube import Retry
+from kvpn_core.kube import ForbiddenError, Retry
 from kvpn_core.wgquick import ClientConfig, render_client_config
 from kvpn_operator import builders
 from kvpn_operator.ipam import AllocationError
@@ -197,11 +197,14 @@ def reconcile_peer(
         args = (storage, books, peer, spec, peer_server)
         dests = narrowing.destinations
         try:
-            # A peer without a config Secret in its status is new: its Secret is created, not read first.
-            new = not peer.status.config_secret_name
+            # A peer without a config Secret in its status is new: its Secret is created, not read first;
+            # unless the last attempt found it may not be written, which a read tells before any claim.
+            new = not peer.status.config_secret_name and not _was_refused_secrets(peer)
             fields.update(_apply(*args, destinations=dests, now=now, new=new, holders=holders))
         except SecretExists:
             fields.update(_apply(*args, destinations=dests, now=now, new=False, holders=holders))
+        except ForbiddenError:
+            _refuse(storage, books, peer, peer_server, _secrets_not_granted(peer.namespace))
         outcome = _serving(spec, fields, narrowing, now)
     except Verdict as verdict:
         outcome = verdict.outcome
@@ -302,6 +305,23 @@ def _check_against(spec: VpnPeerSpec, peer_server: PeerServer) -> None:
                 f"{', '.join(peer_server.status.routes)}",
             )
         )
+
+
+def _was_refused_secrets(peer: PeerObject) -> bool:
+    ready = find(peer.status.conditions, READY)
+    return ready is not None and ready.reason == Reason.SECRETS_NOT_GRANTED
+
+
+def _secrets_not_granted(namespace: str) -> Outcome:
+    """The refusal for a peer whose config Secret the operator may not read or write: a platform team's
+    setting, not the developer's mistake. The peer loses its binding (with a generated key, no one would
+    hold its private half) and its address; the handler tries again every minute."""
+    return Outcome.rejected(
+        Reason.SECRETS_NOT_GRANTED,
+        f"the operator may not write Secrets in namespace {namespace}, where this peer's config goes: the "
+        f"platform team lists {namespace} in the chart's operator.secretNamespaces (or developers.namespaces), "
+        "or sets operator.clusterWideSecrets=true; the operator tries again every minute",
+    )
 
 
 def _narrow(peer: PeerObject, spec: VpnPeerSpec, peer_server: PeerServer) -> ceiling.Narrowing:

@@ -11,6 +11,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from harness import chart
 from harness.controlplane import ControlPlane, free_port, log_tail
 from harness.gateway_standin import ADDRESS as STAND_IN_ADDRESS
 from harness.gateway_standin import GatewayStandIn
-from harness.kvpn import Kvpn, ready, wait_for
+from harness.kvpn import Kvpn, wait_for
 from harness.operator_process import OperatorProcess
 from kvpn_core.contract import binding_selector, peer_config_secret_name
 from kvpn_core.relaywire import RELAY_COMPONENT
@@ -1225,36 +1226,35 @@ def test_the_real_operator_works_with_the_charts_permissions(release: Release, a
     assert "Traceback" not in log, log_tail(release.operator.log_path, 60)
 
 
-def test_a_peer_where_the_operator_may_not_write_secrets_gets_no_config(
+def test_a_peer_where_the_operator_may_not_write_secrets_is_refused_and_says_why(
     release: Release, api: client.ApiClient
 ) -> None:
     """A VpnServer made by hand may serve a namespace where the chart grants the operator no Secrets
-    (spec.peerNamespaces is the server's, the Roles are the chart's). Its peer there gets no config
-    Secret and is never Ready; the operator names the permission it lacks, keeps running, and frees the
-    peer's address when the peer is deleted.
-
-    Today the peer itself shows nothing more: no status at all and no Event. kopf retries every 30 s
-    (its progress annotation holds the Forbidden message), and every attempt claims the address anew
-    in the server's namespace, where the operator may write."""
+    (spec.peerNamespaces is the server's, the Roles are the chart's). Its peer there is refused with
+    SecretsNotGranted, a Warning Event naming the chart value to set, no config Secret, and neither a
+    binding nor an address in the server's namespace (with a generated key, no one would hold the private
+    half of one); the operator keeps running."""
     kvpn = Kvpn(api)
     log_start = len(release.operator.log_text())
     kvpn.server(release.namespace, "wide", peerNamespaces=[release.ungranted], addressPool=["10.9.0.0/24"])
     try:
         kvpn.wait_ready("vpnservers", release.namespace, "wide", timeout=30)
         kvpn.peer(release.ungranted, "stray", serverRef={"name": "wide", "namespace": release.namespace})
-        forbidden = f'cannot create resource "secrets" in API group "" in the namespace "{release.ungranted}"'
-        wait_for(
-            "the operator to name the permission it lacks",
-            lambda: forbidden in release.operator.log_text()[log_start:],
-            timeout=30,
-        )
+        refused = kvpn.wait_ready("vpnpeers", release.ungranted, "stray", "False", "SecretsNotGranted", timeout=30)
+        message = next(c["message"] for c in refused["status"]["conditions"] if c["type"] == "Ready")
+        assert f"namespace {release.ungranted}" in message
+        assert "operator.secretNamespaces" in message
+        assert not refused["status"].get("address")
         assert kvpn.secret(release.ungranted, peer_config_secret_name("stray")) is None
-        assert (ready(kvpn.get("vpnpeers", release.ungranted, "stray")) or ("",))[0] != "True"
+        assert kvpn.secrets(release.namespace, binding_selector("wide")) == []
+        events = client.CoreV1Api(api).list_namespaced_event(release.ungranted).items
+        assert any(e.reason == "SecretsNotGranted" and e.type == "Warning" for e in events), events
+        time.sleep(2)  # and it stays so: no binding comes back between the attempts
+        assert kvpn.secrets(release.namespace, binding_selector("wide")) == []
         assert release.operator.running, log_tail(release.operator.log_path, 60)
 
         kvpn.delete("vpnpeers", release.ungranted, "stray")
         wait_for("the peer to be gone", lambda: kvpn.get("vpnpeers", release.ungranted, "stray") is None)
-        assert kvpn.secrets(release.namespace, binding_selector("wide")) == []
     finally:
         kvpn.delete("vpnservers", release.namespace, "wide")
         wait_for("the VpnServer to be gone", lambda: kvpn.get("vpnservers", release.namespace, "wide") is None)
