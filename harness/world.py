@@ -308,13 +308,16 @@ class World:
         suffix: str | None = None,
         nodes: int = 2,
         helm_values: Sequence[str] = (),
+        namespaces: Sequence[str] = (),
     ) -> None:
+        """`namespaces`: more (team) namespaces, made before the chart is installed (its RoleBindings go there)."""
         self.suffix = suffix or secrets.token_hex(3)
         self.cluster = Cluster(nodes, run_dir=run_dir, manifest=manifest, suffix=self.suffix)
         self.image: Image | None = None
         self.laptops: dict[str, Laptop] = {}
         self.timings: dict[str, float] = {}
         self.helm_values = list(helm_values)
+        self.namespaces = list(namespaces)
         self._tools: Path | None = None
         self.interfaces = {name: interface_name(CHART_NAMESPACE, name) for name in LISTEN_PORTS}
 
@@ -576,7 +579,10 @@ class World:
                         "labels": {"pod-security.kubernetes.io/enforce": "privileged"},
                     },
                 },
-                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": PEER_NAMESPACE}},
+                *(
+                    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+                    for name in (PEER_NAMESPACE, *self.namespaces)
+                ),
             ]
         )
         self.helm(
@@ -585,6 +591,7 @@ class World:
             "--set", f"image.tag={self.image.tag}",
             "--set", "image.pullPolicy=Never",
             "--set", "agent.hostPort=true",  # the `cluster` server is exposed by HostPort
+            "--set", f"operator.secretNamespaces={{{PEER_NAMESPACE}}}",  # where the peers' config Secrets go
             *(a for v in self.helm_values for a in ("--set", v)),
         )  # fmt: skip
 
@@ -795,13 +802,15 @@ class World:
         host = laptop.endpoint().rsplit(":", 1)[0]
         return next((n for n in self.nodes if n.address == host), None)
 
-    def add_peer(self, name: str, server: str = SERVER, **spec: Any) -> tuple[dict[str, Any], str]:
-        """A VpnPeer in the developers' namespace; (its object once Ready, its wg0.conf). Waits until every
-        gateway node carries it."""
+    def add_peer(
+        self, name: str, server: str = SERVER, namespace: str = PEER_NAMESPACE, **spec: Any
+    ) -> tuple[dict[str, Any], str]:
+        """A VpnPeer in the developers' namespace (or another team's); (its object once Ready, its wg0.conf).
+        Waits until every gateway node carries it."""
         spec.setdefault("serverRef", {"name": server, "namespace": CHART_NAMESPACE})
-        self.kvpn.create("vpnpeers", PEER_NAMESPACE, name, spec)
-        peer = self.kvpn.wait_ready("vpnpeers", PEER_NAMESPACE, name, timeout=30)
-        secret = self.kvpn.secret(PEER_NAMESPACE, peer["status"]["configSecretName"])
+        self.kvpn.create("vpnpeers", namespace, name, spec)
+        peer = self.kvpn.wait_ready("vpnpeers", namespace, name, timeout=30)
+        secret = self.kvpn.secret(namespace, peer["status"]["configSecretName"])
         config = decode(secret, "wg0.conf") if secret is not None else None
         if not config:
             raise WorldError(f"no wg0.conf for VpnPeer {name}")
