@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvpn_cli import follow, join, peers, tunnel, viaapi, wgquick
-from kvpn_cli.cluster import CliError, connect
+from kvpn_cli.cluster import CliError, Cluster, connect
 from kvpn_core import wgquick as wgfile
 
 
@@ -29,11 +29,32 @@ def parser() -> argparse.ArgumentParser:
         # Tests (and a check on behalf of another machine) feed `ip -j route` output instead of this host's.
         cmd.add_argument("--routes-from", type=Path, help=argparse.SUPPRESS)
 
-    j = command("join", "Create a VpnPeer with a key made here and write its wg-quick file (mode 0600).")
+    j = command(
+        "join",
+        "Create a VpnPeer with a key made here and write its wg-quick file (mode 0600); run it again to refresh "
+        "the file after the server changed.",
+    )
     j.add_argument("server", metavar="SERVER", help="the VpnServer: NAME in the peer's namespace, or NAMESPACE/NAME")
     j.add_argument("--name", default=None, help="VpnPeer name (default: user-host)")
-    j.add_argument("--dns", choices=[m.value for m in wgquick.DnsMode], default="split")
-    j.add_argument("-o", "--output", type=Path, help="file to write (default: ~/.config/kvpn/kvpn-SERVER.conf)")
+    j.add_argument(
+        "--dns",
+        choices=[m.value for m in wgquick.DnsMode],
+        help="split (default), full (the default for ios, android and windows, whose apps cannot split) or none; "
+        "a re-run keeps the file's",
+    )
+    j.add_argument(
+        "--platform",
+        choices=[p.value for p in wgquick.Platform],
+        help="the machine that will read the file (default: this one; a re-run keeps the file's): linux gets "
+        "wg-quick's DNS hooks, the others only what the WireGuard apps read",
+    )
+    j.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="file to write (default: ~/.config/kvpn/kvpn-SERVER.conf); a re-run for the peer whose key it holds "
+        "refreshes it",
+    )
     j.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for Ready (default 60)")
     route_options(j, "write the config (over an existing file, too)")
 
@@ -46,9 +67,20 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("peer", metavar="PEER")
     q.add_argument("--png", type=Path, help="write a PNG instead of printing to the terminal")
 
-    s = command("status", "List VpnPeers: address, handshake, traffic, readiness.")
+    s = command(
+        "status", "List VpnPeers: address, handshake, traffic, readiness; and whether this machine's files are current."
+    )
     s.add_argument("-A", "--all-namespaces", action="store_true")
     s.add_argument("-o", "--output", choices=["json", "yaml"])
+    s.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        metavar="FILE",
+        type=Path,
+        action="append",
+        help="a config file to check against its server (repeatable; default: those in ~/.config/kvpn)",
+    )
 
     for name, text in (("up", "Bring a tunnel up with wg-quick (Linux)."), ("down", "Take a tunnel down (Linux).")):
         t = command(name, text, namespaced=False)
@@ -125,9 +157,20 @@ def run(args: argparse.Namespace) -> None:
             wgquick.write_private(args.output, config)
             print(f"wrote {args.output}")
     elif args.command == "status":
-        peers.show_status(cluster, None if args.all_namespaces else namespace, args.output)
-        if args.output is None and (tunnels := viaapi.health_lines()):
-            print("\nTunnels on this machine:\n" + "\n".join(f"  {line}" for line in tunnels))
+        _status(cluster, namespace, args)
+
+
+def _status(cluster: Cluster, namespace: str, args: argparse.Namespace) -> None:
+    """The peers; under the table, this machine's config files (current or stale) and its tunnels via the API."""
+    if args.files and args.output:
+        raise CliError("--file checks files for the table: leave out -o")
+    peers.show_status(cluster, None if args.all_namespaces else namespace, args.output)
+    if args.output is not None:
+        return
+    if files := peers.local_file_lines(cluster, args.files, args.context):
+        print("\nConfig files on this machine:\n" + "\n".join(f"  {line}" for line in files))
+    if tunnels := viaapi.health_lines():
+        print("\nTunnels on this machine:\n" + "\n".join(f"  {line}" for line in tunnels))
 
 
 def _via_api(args: argparse.Namespace) -> bool:
@@ -145,11 +188,12 @@ def _join_request(args: argparse.Namespace, namespace: str) -> join.JoinRequest:
         server=args.server,
         name=args.name or join.default_peer_name(),
         namespace=namespace,
-        dns_mode=wgquick.DnsMode(args.dns),
+        dns_mode=wgquick.DnsMode(args.dns) if args.dns else None,
         output=args.output or join.config_dir() / f"{wgquick.interface_name(args.server.rpartition('/')[2])}.conf",
         timeout=args.timeout,
         force=args.force,
         routes_file=args.routes_from,
+        platform=wgquick.Platform(args.platform) if args.platform else None,
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import segno
 import yaml
 
+from kvpn_cli import follow, join, wgquick
 from kvpn_cli import status as table
 from kvpn_cli.cluster import CliError, Cluster
 from kvpn_core.api import Kind
@@ -27,7 +28,8 @@ def peer_config(cluster: Cluster, namespace: str, name: str) -> str:
     if (peer.get("spec") or {}).get("publicKey"):
         raise CliError(
             f"VpnPeer {namespace}/{name} brought its own key: its private key lives only on the device that joined "
-            "(in the file `kubectl vpn join` wrote there), never in the cluster"
+            "(in the file `kubectl vpn join` wrote there), never in the cluster; run that `kubectl vpn join` again "
+            "there to refresh the file"
         )
     status = peer.get("status") or {}
     secret = cluster.secret(namespace, status["configSecretName"]) if status.get("configSecretName") else None
@@ -62,3 +64,45 @@ def show_status(cluster: Cluster, namespace: str | None, output: str | None) -> 
         print(f"no VpnPeers in {where}", file=sys.stderr)
     else:
         print(table.table(rows, now, all_namespaces=namespace is None), end="")
+
+
+def local_file_lines(cluster: Cluster, given: list[Path] | None, context: str | None) -> list[str]:
+    """One line per config file on this machine (those given, else the ones in ~/.config/kvpn): current,
+    or stale with the command that refreshes it. A file that cannot be checked says why; it stops no other."""
+    paths = given or sorted(join.config_dir().glob("*.conf"))
+    return [line for path in paths if (line := local_file_line(cluster, path, context, bool(given))) is not None]
+
+
+def local_file_line(cluster: Cluster, path: Path, context: str | None, given: bool) -> str | None:
+    """The line for one file; None for a file in the config folder that kubectl vpn did not write."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as error:
+        return f"{path}: cannot read it ({error.strerror})"
+    named = follow.peer_named_in(text)
+    if named is None:
+        return f"{path}: not a kvpn file (it has no `# kvpn: WireGuard tunnel of VpnPeer` line)" if given else None
+    head = f"{path} (VpnPeer {named[0]}/{named[1]})"
+    try:
+        local = describe(cluster, path, text, named)
+        if isinstance(local, str):
+            return f"{head}: {local}"
+        server = cluster.get_kvpn(Kind.VPN_SERVER, local.server_namespace, local.server_name)
+    except CliError as error:
+        return f"{head}: not checked: {error}"
+    if server is None:
+        return f"{head}: VpnServer {local.server} not found (deleted, or the file is from another cluster)"
+    return table.freshness(local, (server.get("status") or {}).get("revision"), context)
+
+
+def describe(cluster: Cluster, path: Path, text: str, named: tuple[str, str]) -> table.LocalFile | str:
+    """What the file says of itself; for a file without a stamp, its server from the VpnPeer (or why not)."""
+    if stamp := wgquick.stamp_of(text):
+        return table.LocalFile(path, *named, stamp.server_namespace, stamp.server_name, stamp.revision)
+    peer = cluster.get_kvpn(Kind.VPN_PEER, *named)
+    if peer is None:
+        return "its VpnPeer no longer exists (deleted, or the file is from another cluster)"
+    spec = peer.get("spec") or {}
+    ref = spec.get("serverRef") or {}
+    own_key = bool(spec.get("publicKey"))
+    return table.LocalFile(path, *named, ref.get("namespace") or named[0], ref.get("name", ""), None, own_key)

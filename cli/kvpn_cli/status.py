@@ -1,9 +1,11 @@
-"""The `status` table: one row per VpnPeer, in units a person reads at a glance."""
+"""The `status` table: one row per VpnPeer, in units a person reads at a glance; whether local files are current."""
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 # WireGuard re-handshakes every two minutes while traffic flows; three minutes of silence means gone.
@@ -98,3 +100,54 @@ def table(rows: list[Row], now: datetime, all_namespaces: bool = False) -> str:
     widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
     lines = ["   ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *cells]]
     return "\n".join(lines) + "\n"
+
+
+# --- the config files on this machine --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A wg-quick file on this machine and what it says of itself: the VpnPeer it is for, its server."""
+
+    path: Path
+    peer_namespace: str
+    peer_name: str
+    server_namespace: str
+    server_name: str
+    revision: str | None
+    """The server revision it was rendered from; None when the file does not say (an older join wrote it)."""
+
+    own_key: bool = True
+    """The key was made on the device (`join` refreshes it), else by the cluster (`config` writes it again)."""
+
+    @property
+    def server(self) -> str:
+        return f"{self.server_namespace}/{self.server_name}"
+
+
+def refresh_command(local: LocalFile, context: str | None = None) -> str:
+    """The one command that rewrites the file in place with what the server says now."""
+    if local.own_key:
+        server = local.server_name if local.server_namespace == local.peer_namespace else local.server
+        words = ["kubectl", "vpn", "join", server, "-n", local.peer_namespace, "--name", local.peer_name]
+    else:
+        words = ["kubectl", "vpn", "config", local.peer_name, "-n", local.peer_namespace]
+    words += ["-o", str(local.path)]
+    if context:
+        words += ["--context", context]
+    return shlex.join(words)
+
+
+def freshness(local: LocalFile, current: str | None, context: str | None = None) -> str:
+    """One line for `status`: whether the file was rendered from the server's current revision, and if not,
+    the command that brings it up to date. `current` is the server's status.revision."""
+    head = f"{local.path} (VpnPeer {local.peer_namespace}/{local.peer_name})"
+    if current is None:
+        return f"{head}: not checked: VpnServer {local.server} has no revision yet (the operator has not seen it)"
+    if local.revision == current:
+        return f"{head}: current, VpnServer {local.server} revision {current}"
+    if local.revision is None:
+        why = f"maybe stale, it does not record which revision of VpnServer {local.server} it is from"
+    else:
+        why = f"stale, rendered from VpnServer {local.server} revision {local.revision}, which is now at {current}"
+    return f"{head}: {why}; refresh it with: {refresh_command(local, context)}"

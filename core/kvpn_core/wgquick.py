@@ -135,3 +135,29 @@ def dns_of(config: str) -> Dns:
         else:
             servers.append(item)
     return Dns(servers, domains)
+
+
+# --- the WireGuard apps ----------------------------------------------------------------------
+
+APP_KEYS: dict[str, frozenset[str]] = {
+    "Interface": frozenset({"PrivateKey", "Address", "DNS", "MTU", "ListenPort"}),
+    "Peer": frozenset({"PublicKey", "PresharedKey", "AllowedIPs", "Endpoint", "PersistentKeepalive"}),
+}
+"""The keys the WireGuard apps (iOS, macOS, Android, Windows) read, by section. Their parsers refuse a file
+with any other key, wg-quick's own (PostUp, PreDown, Table, SaveConfig) included."""
+
+
+def for_apps(config: str) -> str:
+    """The file with only what the WireGuard apps parse: sections, their APP_KEYS, comments and blank lines."""
+    kept, section = [], ""
+    for line in config.splitlines(keepends=True):
+        content = line.split("#", 1)[0].strip()
+        if content.startswith("["):
+            section = content.strip("[]").strip()
+        elif content:
+            key = content.split("=", 1)[0].strip()
+            # The apps match keys without regard to case, as wg does.
+            if key.lower() not in {k.lower() for k in APP_KEYS.get(section, frozenset())}:
+                continue
+        kept.append(line)
+    return "".join(kept)

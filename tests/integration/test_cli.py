@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +37,14 @@ def no_routes(tmp_path: Path) -> Path:
     return path
 
 
-def vpn(kubeconfig: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def vpn(
+    kubeconfig: Path, *args: str, timeout: float = 60, home: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
         "PYTHONPATH": os.pathsep.join([str(REPO / "cli"), str(REPO / "operator")]),
+        **({"HOME": str(home)} if home else {}),  # where join writes by default and status looks
     }
     return subprocess.run(
         [sys.executable, "-m", "kvpn_cli.main", *args],
@@ -277,3 +281,140 @@ def test_no_cluster_reachable(tmp_path: Path) -> None:
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump(kubeconfig))
     assert_one_line_error(vpn(path, "status"), "no cluster reachable at https://127.0.0.1:9")
+
+
+def private_key_in(path: Path) -> str:
+    return next(line.split(" = ", 1)[1] for line in path.read_text().splitlines() if line.startswith("PrivateKey = "))
+
+
+def line_about(status: subprocess.CompletedProcess[str], path: Path) -> str:
+    """The line `kubectl vpn status` prints about a config file on this machine."""
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert "Config files on this machine:" in lines, status.stdout
+    return next(line.strip() for line in lines if line.strip().startswith(f"{path} "))
+
+
+def test_join_again_refreshes_a_stale_file_with_the_same_key(
+    control_plane: ControlPlane, kvpn: Kvpn, namespace: str, no_routes: Path, tmp_path: Path
+) -> None:
+    kvpn.server(namespace, "dev", dns={"nameserver": "10.96.0.10"})
+    home = tmp_path / "home"
+    conf = home / ".config" / "kvpn" / "kvpn-dev.conf"  # join's default, where status looks
+    args = ["join", "dev", "-n", namespace, "--name", "laptop", "--dns", "full", "--routes-from", str(no_routes)]
+    joined = vpn(control_plane.kubeconfig, *args, home=home)
+    assert joined.returncode == 0, joined.stderr
+    key = private_key_in(conf)
+
+    def revision() -> str:
+        return str(((kvpn.get("vpnservers", namespace, "dev") or {}).get("status") or {}).get("revision") or "")
+
+    first = revision()
+    assert f"\n# kvpn: server {namespace}/dev revision {first} (--dns full --platform linux)\n" in conf.read_text()
+    status = vpn(control_plane.kubeconfig, "status", "-n", namespace, home=home)
+    head = f"{conf} (VpnPeer {namespace}/laptop):"
+    assert line_about(status, conf) == f"{head} current, VpnServer {namespace}/dev revision {first}"
+
+    kvpn.patch("vpnservers", namespace, "dev", {"routes": ["10.96.0.0/16", "10.100.0.0/16"]})
+    second = wait_for("the server's next revision", lambda: (now := revision()) != first and now)
+    command = f"kubectl vpn join dev -n {namespace} --name laptop -o {conf}"
+    status = vpn(control_plane.kubeconfig, "status", "-n", namespace, home=home)
+    assert line_about(status, conf) == (
+        f"{head} stale, rendered from VpnServer {namespace}/dev revision {first}, which is now at {second}; "
+        f"refresh it with: {command}"
+    )
+
+    # The command as printed (this test's route table added), with neither --dns nor -f: the file's are kept.
+    again = vpn(control_plane.kubeconfig, *shlex.split(command)[2:], "--routes-from", str(no_routes), home=home)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[0] == (
+        f"refreshed {conf} for VpnPeer {namespace}/laptop to VpnServer {namespace}/dev revision {second}, "
+        "with the same key"
+    )
+    text = conf.read_text()
+    assert private_key_in(conf) == key
+    peer = kvpn.get(PEERS, namespace, "laptop") or {}
+    assert peer["spec"]["publicKey"] == keys.public_key_of(key)
+    assert "10.100.0.0/16" in next(line for line in text.splitlines() if line.startswith("AllowedIPs = "))
+    assert "DNS = 10.96.0.10" in text  # still --dns full
+    assert conf.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in conf.parent.iterdir()) == ["kvpn-dev.conf"]  # no scratch file left
+    status = vpn(control_plane.kubeconfig, "status", "-n", namespace, home=home)
+    assert line_about(status, conf) == f"{head} current, VpnServer {namespace}/dev revision {second}"
+    stripped = subprocess.run(["wg-quick", "strip", str(conf)], capture_output=True, text=True, check=False)
+    assert stripped.returncode == 0, stripped.stderr
+
+    unchanged = vpn(control_plane.kubeconfig, *shlex.split(command)[2:], "--routes-from", str(no_routes), home=home)
+    assert unchanged.returncode == 0, unchanged.stderr
+    assert unchanged.stdout == (
+        f"{conf} is current for VpnPeer {namespace}/laptop (VpnServer {namespace}/dev revision {second}): "
+        "nothing to change\n"
+    )
+
+
+def test_join_again_refuses_a_peer_that_is_not_this_machines(
+    control_plane: ControlPlane, kvpn: Kvpn, namespace: str, no_routes: Path, tmp_path: Path
+) -> None:
+    kvpn.server(namespace, "dev")
+    kvpn.peer(namespace, "phone")  # its key made by the cluster
+    kvpn.peer(namespace, "desktop", publicKey=keys.public_key_of(keys.generate_private_key()))
+    conf = tmp_path / "kvpn-dev.conf"
+
+    def join(name: str) -> subprocess.CompletedProcess[str]:
+        args = ["join", "dev", "-n", namespace, "--name", name, "--dns", "none", "-o", str(conf)]
+        return vpn(control_plane.kubeconfig, *args, "--routes-from", str(no_routes))
+
+    assert_one_line_error(join("phone"), f"`kubectl vpn config phone -n {namespace} -o FILE`", "another --name")
+    assert_one_line_error(join("desktop"), "is not this machine's", f"no key of it in {conf}", "another --name")
+    conf.write_text(f"[Interface]\nPrivateKey = {keys.generate_private_key()}\n")
+    before = conf.read_text()
+    assert_one_line_error(join("desktop"), "is not this machine's", f"the key in {conf} is another one")
+    assert conf.read_text() == before
+    assert kvpn.get(PEERS, namespace, "phone") is not None
+    assert kvpn.get(PEERS, namespace, "desktop") is not None
+
+
+# The keys the WireGuard apps (iOS and macOS, Android, Windows) read; any other key makes them refuse a file.
+APP_KEYS = {
+    "[Interface]": {"PrivateKey", "Address", "DNS", "MTU", "ListenPort"},
+    "[Peer]": {"PublicKey", "PresharedKey", "AllowedIPs", "Endpoint", "PersistentKeepalive"},
+}
+
+
+def keys_by_section(text: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    section = ""
+    for raw in text.splitlines():
+        if not (line := raw.split("#", 1)[0].strip()):
+            continue
+        if line.startswith("["):
+            section = line
+        else:
+            found.setdefault(section, set()).add(line.split("=", 1)[0].strip())
+    return found
+
+
+def test_join_for_macos_and_phones_writes_only_what_the_apps_read(
+    control_plane: ControlPlane, kvpn: Kvpn, namespace: str, no_routes: Path, tmp_path: Path
+) -> None:
+    kvpn.server(namespace, "dev", dns={"nameserver": "10.96.0.10"})
+    mac, phone = tmp_path / "mac.conf", tmp_path / "phone.conf"
+    common = ["join", "dev", "-n", namespace, "--routes-from", str(no_routes)]
+    on_mac = vpn(control_plane.kubeconfig, *common, "--name", "mac", "--platform", "macos", "-o", str(mac))
+    assert on_mac.returncode == 0, on_mac.stderr  # split DNS, the default: no systemd-resolved needed for a Mac
+    assert "split DNS: sudo mkdir -p /etc/resolver && printf 'nameserver 10.96.0.10\\n' | sudo tee " in on_mac.stdout
+    assert on_mac.stdout.splitlines()[-1].startswith(f"import {mac} into the WireGuard app")
+    on_phone = vpn(control_plane.kubeconfig, *common, "--name", "phone", "--platform", "ios", "-o", str(phone))
+    assert on_phone.returncode == 0, on_phone.stderr
+
+    for path in (mac, phone):
+        found = keys_by_section(path.read_text())
+        assert set(found) == set(APP_KEYS), path
+        for section, names in found.items():
+            assert names <= APP_KEYS[section], (path, section, names - APP_KEYS[section])
+    assert "DNS" not in keys_by_section(mac.read_text())["[Interface]"]  # split DNS is /etc/resolver there
+    assert "DNS" in keys_by_section(phone.read_text())["[Interface]"]  # the one DNS the app has: --dns full
+
+    split_phone = vpn(control_plane.kubeconfig, *common, "--name", "p2", "--platform", "ios", "--dns", "split")
+    assert_one_line_error(split_phone, "the WireGuard app on iOS cannot send only the cluster's domains", "--dns full")
+    assert kvpn.get(PEERS, namespace, "p2") is None

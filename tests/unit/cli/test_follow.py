@@ -215,17 +215,18 @@ def test_a_file_without_endpoint_gets_one_in_its_peer_section() -> None:
     assert with_endpoint(config, B) == f"[Interface]\nPrivateKey = x\n\n[Peer]\nEndpoint = {B}\nPublicKey = y\n"
 
 
-def test_the_file_is_rewritten_in_place_owner_only(tmp_path: Path) -> None:
+def test_the_file_is_rewritten_whole_owner_only(tmp_path: Path) -> None:
     path = tmp_path / "kvpn-dev.conf"
     original = config_file(A)
     path.write_text(original)
     path.chmod(0o600)
-    inode = path.stat().st_ino
+    owner = (path.stat().st_uid, path.stat().st_gid)
     rewrite_endpoint(path, B)
     assert path.read_text() == with_endpoint(original, B)
     assert f"Endpoint = {B}\n" in path.read_text()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert path.stat().st_ino == inode
+    assert (path.stat().st_uid, path.stat().st_gid) == owner
+    assert [p.name for p in tmp_path.iterdir()] == ["kvpn-dev.conf"]  # replaced atomically: no scratch left
 
 
 # --- which server ------------------------------------------------------------------------------

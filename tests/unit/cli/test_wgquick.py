@@ -1,4 +1,5 @@
-"""Config assembly: the local private key goes in, DNS is handled as asked, wg-quick accepts the result."""
+"""Config assembly: the local private key goes in, DNS is handled as asked per platform, wg-quick and the
+WireGuard apps accept the result; the stamp join writes; files replaced whole."""
 
 from __future__ import annotations
 
@@ -9,12 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from kvpn_cli import dns as dns_support
+from kvpn_cli.cluster import CliError
 from kvpn_cli.wgquick import (
     DnsMode,
+    Platform,
+    Stamp,
     assemble,
+    dns_mode_of,
     interface_name,
     macos_resolver_files,
     split_dns_hooks,
+    stamp_of,
+    stamped,
+    this_machine,
     write_private,
 )
 from kvpn_core import keys
@@ -111,9 +120,189 @@ def test_wg_quick_strip_accepts_every_mode(tmp_path: Path, mode: DnsMode) -> Non
     if shutil.which("wg-quick") is None or os.geteuid() != 0:
         pytest.fail("needs wg-quick (make setup) and root", pytrace=False)
     path = tmp_path / "kvpn-dev.conf"
-    write_private(path, assemble(byo_config(), PRIVATE, mode))
+    write_private(path, stamped(assemble(byo_config(), PRIVATE, mode), STAMP))
     result = subprocess.run(["wg-quick", "strip", str(path)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert f"PrivateKey = {PRIVATE}" in result.stdout
     assert "resolvectl" not in result.stdout
     assert "DNS" not in result.stdout
+
+    # wg parses the whole file before it looks for the interface: on one that does not exist, the only
+    # error left is about the interface (as in tests/unit/core/test_wgquick.py).
+    # wg resolves a host name while it parses: an address keeps the check off this machine's DNS.
+    path.write_text(result.stdout.replace("vpn.example.com:51820", "203.0.113.10:51820"))
+    parsed = subprocess.run(["wg", "setconf", "kvpn-no-such0", str(path)], capture_output=True, text=True, check=False)
+    assert "Configuration parsing error" not in parsed.stderr
+    assert "Unable to modify interface" in parsed.stderr
+
+
+# --- the platforms ---------------------------------------------------------------------------
+
+# What the WireGuard apps' parsers take (wireguard-apple for iOS and macOS, wireguard-android,
+# wireguard-windows without scripts). Written out, not imported: widening it is a decision a test sees.
+APP_KEYS = {
+    "Interface": {"PrivateKey", "Address", "DNS", "MTU", "ListenPort"},
+    "Peer": {"PublicKey", "PresharedKey", "AllowedIPs", "Endpoint", "PersistentKeepalive"},
+}
+APPS = [Platform.MACOS, Platform.IOS, Platform.ANDROID, Platform.WINDOWS]
+STAMP = Stamp("kvpn", "dev", "0123456789abcdef", DnsMode.SPLIT, Platform.LINUX)
+
+
+def parse_like_the_apps(text: str) -> dict[str, dict[str, str]]:
+    """The apps' grammar: `#` starts a comment anywhere, [Interface] once, [Peer] sections, Key = value
+    lines inside a section; anything else is an error, as it is to them."""
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line in ("[Interface]", "[Peer]"):
+            assert line.strip("[]") not in sections, f"line {number}: a second {line}"
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        assert current is not None, f"line {number}: {raw!r} outside a section"
+        key, equals, value = line.partition("=")
+        assert equals, f"line {number}: {raw!r} is not Key = value"
+        assert key.strip() not in current, f"line {number}: {key.strip()} twice"
+        current[key.strip()] = value.strip()
+    return sections
+
+
+@pytest.mark.parametrize("mode", list(DnsMode))
+@pytest.mark.parametrize("platform", APPS)
+def test_the_apps_files_have_only_keys_the_apps_read(platform: Platform, mode: DnsMode) -> None:
+    text = stamped(assemble(byo_config(), PRIVATE, mode, platform=platform), STAMP)
+    sections = parse_like_the_apps(text)
+    assert set(sections) == {"Interface", "Peer"}
+    for section, fields in sections.items():
+        assert set(fields) <= APP_KEYS[section], (section, set(fields) - APP_KEYS[section])
+    assert sections["Interface"]["PrivateKey"] == PRIVATE
+    assert sections["Peer"]["AllowedIPs"] == "10.96.0.0/12, 10.244.0.0/16"
+    assert ("DNS" in sections["Interface"]) is (mode is DnsMode.FULL)
+
+
+def test_the_apps_files_lose_whatever_wg_quick_key_the_secret_might_carry() -> None:
+    secret = byo_config().replace("MTU = 1420\n", "MTU = 1420\nPostUp = echo up\nTable = off\n")
+    for platform in APPS:
+        assert set(parse_like_the_apps(assemble(secret, PRIVATE, DnsMode.FULL, platform=platform))["Interface"]) == {
+            "PrivateKey",
+            "Address",
+            "DNS",
+            "MTU",
+        }
+    assert "PostUp = echo up" in assemble(secret, PRIVATE, DnsMode.FULL, platform=Platform.LINUX)
+
+
+def test_macos_split_dns_lives_in_resolver_files_not_the_file() -> None:
+    text = assemble(byo_config(), PRIVATE, DnsMode.SPLIT, platform=Platform.MACOS)
+    assert "resolvectl" not in text
+    assert "PostUp" not in text
+    assert "DNS" not in text
+    assert assemble(byo_config(), PRIVATE, DnsMode.SPLIT, platform=Platform.LINUX).count("resolvectl") == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "platform"),
+    [("linux", Platform.LINUX), ("darwin", Platform.MACOS), ("win32", Platform.WINDOWS), ("freebsd14", Platform.LINUX)],
+)
+def test_this_machine(value: str, platform: Platform) -> None:
+    assert this_machine(value) is platform
+
+
+def test_split_dns_is_the_default_only_where_it_can_work() -> None:
+    assert [p.default_dns for p in Platform] == [DnsMode.SPLIT, DnsMode.SPLIT, DnsMode.FULL, DnsMode.FULL, DnsMode.FULL]
+
+
+@pytest.mark.parametrize("platform", [Platform.IOS, Platform.ANDROID, Platform.WINDOWS])
+def test_split_dns_for_an_app_says_what_to_choose(platform: Platform) -> None:
+    with pytest.raises(CliError) as refused:
+        dns_support.check_mode(DnsMode.SPLIT, platform)
+    assert str(refused.value) == (
+        f"the WireGuard app on {platform.label} cannot send only the cluster's domains to cluster DNS: use "
+        "--dns full (every lookup goes to cluster DNS while connected) or --dns none (cluster names will not resolve)"
+    )
+    dns_support.check_mode(DnsMode.FULL, platform)
+    dns_support.check_mode(DnsMode.NONE, platform)
+
+
+def test_split_dns_on_linux_needs_resolved_here_but_not_for_another_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dns_support, "resolved_running", lambda: False)
+    dns_support.check_mode(DnsMode.SPLIT, Platform.MACOS)
+    monkeypatch.setattr("kvpn_cli.wgquick.this_machine", lambda: Platform.LINUX)
+    with pytest.raises(CliError, match="split DNS needs systemd-resolved"):
+        dns_support.check_mode(DnsMode.SPLIT, Platform.LINUX)
+    monkeypatch.setattr("kvpn_cli.wgquick.this_machine", lambda: Platform.MACOS)
+    dns_support.check_mode(DnsMode.SPLIT, Platform.LINUX)  # a file for a Linux machine, written on a Mac
+
+
+def test_macos_split_dns_prints_the_resolver_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    cluster_dns = Dns(["10.96.0.10"], ["svc.cluster.local", "cluster.local"])
+    dns_support.print_followup(DnsMode.SPLIT, Platform.MACOS, cluster_dns)
+    dns_support.print_followup(DnsMode.SPLIT, Platform.LINUX, cluster_dns)
+    dns_support.print_followup(DnsMode.FULL, Platform.MACOS, cluster_dns)
+    assert capsys.readouterr().out.splitlines() == [
+        "split DNS: sudo mkdir -p /etc/resolver && printf 'nameserver 10.96.0.10\\n' | sudo tee "
+        "/etc/resolver/svc.cluster.local",
+        "split DNS: sudo mkdir -p /etc/resolver && printf 'nameserver 10.96.0.10\\n' | sudo tee "
+        "/etc/resolver/cluster.local",
+    ]
+
+
+# --- the stamp -------------------------------------------------------------------------------
+
+
+def test_the_stamp_follows_the_header_and_reads_back() -> None:
+    text = stamped(assemble(byo_config(), PRIVATE, DnsMode.SPLIT), STAMP)
+    lines = text.splitlines()
+    assert lines[0].startswith("# kvpn: WireGuard tunnel of VpnPeer dev/laptop ")
+    assert lines[2] == "# kvpn: server kvpn/dev revision 0123456789abcdef (--dns split --platform linux)"
+    assert lines[3:5] == ["", "[Interface]"]
+    assert stamp_of(text) == STAMP
+
+
+def test_a_new_stamp_replaces_the_old_one() -> None:
+    newer = Stamp("kvpn", "dev", "fedcba9876543210", DnsMode.FULL, Platform.MACOS)
+    unstamped = byo_config()
+    text = stamped(stamped(unstamped, STAMP), newer)
+    assert text.count("# kvpn: server ") == 1
+    assert stamp_of(text) == newer
+    assert text.replace(newer.line() + "\n", "") == unstamped
+
+
+def test_a_file_without_a_stamp_or_with_a_strange_one() -> None:
+    assert stamp_of(byo_config()) is None
+    assert stamp_of("# kvpn: server a/b revision unknown\n") == Stamp("a", "b", None)
+    assert stamp_of("# kvpn: server a/b revision 1 (--dns carrier-pigeon --platform plan9)\n") == Stamp("a", "b", "1")
+
+
+def test_the_dns_mode_of_a_file() -> None:
+    assert dns_mode_of(stamped(byo_config(), Stamp("a", "b", "1", DnsMode.SPLIT, Platform.MACOS))) is DnsMode.SPLIT
+    # Files written before the stamp: what their lines show.
+    assert dns_mode_of(assemble(byo_config(), PRIVATE, DnsMode.SPLIT)) is DnsMode.SPLIT
+    assert dns_mode_of(assemble(byo_config(), PRIVATE, DnsMode.FULL)) is DnsMode.FULL
+    assert dns_mode_of(assemble(byo_config(), PRIVATE, DnsMode.NONE)) is DnsMode.NONE
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_scratch(tmp_path: Path) -> None:
+    path = tmp_path / "kvpn-dev.conf"
+    write_private(path, "old")
+    with pytest.raises(UnicodeEncodeError):
+        write_private(path, "new \udc80")  # a lone surrogate: the encoder fails half way through
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["kvpn-dev.conf"]
+
+
+def test_write_private_replaces_a_symlinks_target(tmp_path: Path) -> None:
+    target = tmp_path / "dotfiles" / "kvpn-dev.conf"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "kvpn-dev.conf"
+    link.symlink_to(target)
+    write_private(link, "new")
+    assert link.is_symlink()
+    assert target.read_text() == "new"
+    assert target.stat().st_mode & 0o777 == 0o600
