@@ -141,3 +141,72 @@ class TcpProbe:
         lines = [line for line in self.log.read_text().splitlines() if line.startswith("{")]
         found: dict[str, Any] = json.loads(lines[-1])
         return found
+
+
+# WHOAMI for either family: an address with a colon listens on an AF_INET6 socket (http.server's own
+# servers are AF_INET only).
+ANY_FAMILY = """
+import http.server, socket
+class AnyFamily(http.server.ThreadingHTTPServer):
+    def __init__(self, address, handler):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, handler)
+http.server.ThreadingHTTPServer = AnyFamily
+"""
+
+
+def http_url(address: str, port: int, path: str = "/") -> str:
+    """``http://address:port/``, the address bracketed when it is IPv6."""
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}{path}"
+
+
+def whoami_servers_any_family(lab: Lab, ns: str, listen: Sequence[tuple[str, int]]) -> None:
+    """``whoami_servers`` whose addresses may be IPv6 too: one process for all of them."""
+    lab.spawn(ns, sys.executable, "-c", ANY_FAMILY + WHOAMI, *(f"{address}:{port}" for address, port in listen))
+    last = http_url(*listen[-1])  # bound last, after the others
+    wait_for(lambda: curl(ns, last, max_time=1) is not None, 30, f"http server {last}")
+
+
+# One ICMP echo, answered or not, from a raw socket: the machines need no ping binary (iputils is not
+# among the dataplane tier's prerequisites). The kernel fills in an ICMPv6 checksum itself, an ICMP one
+# is ours to compute; an IPv4 raw socket receives the IP header too.
+ECHO_REQUEST = """
+import ipaddress, os, select, socket, struct, sys, time
+dst, timeout = sys.argv[1], float(sys.argv[2])
+v6 = ":" in dst
+family, proto, request, reply = (
+    (socket.AF_INET6, socket.IPPROTO_ICMPV6, 128, 129) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP, 8, 0)
+)
+ident, payload = os.getpid() & 0xFFFF, b"kvpn-test echo"
+def checksum(data):
+    data += b"\\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+packet = struct.pack("!BBHHH", request, 0, 0, ident, 1) + payload
+if not v6:
+    packet = packet[:2] + struct.pack("!H", checksum(packet)) + packet[4:]
+with socket.socket(family, socket.SOCK_RAW, proto) as sock:
+    sock.sendto(packet, (dst, 0))
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([sock], [], [], left)[0]:
+            break
+        data, source = sock.recvfrom(4096)
+        if not v6:
+            data = data[(data[0] & 0x0F) * 4 :]
+        kind, _, _, got_ident, _ = struct.unpack_from("!BBHHH", data)
+        if kind == reply and got_ident == ident and ipaddress.ip_address(source[0]) == ipaddress.ip_address(dst):
+            print("reply")
+            break
+"""
+
+
+def echo_answered(ns: str, address: str, timeout: float = 2) -> bool:
+    """Whether ``address`` answers one ICMP (or ICMPv6) echo request sent from ``ns`` within ``timeout``."""
+    proc = run(
+        "ip", "netns", "exec", ns, sys.executable, "-c", ECHO_REQUEST, address, str(timeout),
+        check=False, timeout=timeout + 10,
+    )  # fmt: skip
+    return proc.stdout.strip() == "reply"

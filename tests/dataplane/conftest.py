@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -14,7 +15,7 @@ import pytest
 from harness.commands import run
 from harness.factories import binding_secret, keypair, wg_quick_config
 from harness.netlab import Lab
-from harness.traffic import whoami_servers
+from harness.traffic import whoami_servers, whoami_servers_any_family
 from kvpn_agent.desired import DesiredServer, build_desired
 from kvpn_agent.kernel import KernelLink, KernelWireGuard
 from kvpn_agent.netlink import Netlink
@@ -34,6 +35,10 @@ SERVICE_NET = "172.31.237.0/24"
 NODE_SIDE, SERVICE, OTHER_SERVICE = "172.31.237.1", "172.31.237.2", "172.31.237.3"
 POOL, SERVER_ADDRESS = "10.237.0.0/24", "10.237.0.1"
 PORT, OTHER_PORT, LISTEN_PORT = 8080, 8081, 51820
+# The IPv6 half of a dual-stack site (``dual_stack_site``); its tunnel still runs over the IPv4 underlay.
+SERVICE_NET6 = "fd00:172:31:237::/64"
+NODE_SIDE6, SERVICE6, OTHER_SERVICE6 = "fd00:172:31:237::1", "fd00:172:31:237::2", "fd00:172:31:237::3"
+POOL6, SERVER_ADDRESS6 = "fd00:237::/64", "fd00:237::1"
 
 BACKENDS = (pytest.param("userspace"), pytest.param("kernel", marks=pytest.mark.vm))
 """The agent's two WireGuard backends. Kernel WireGuard needs the module, which only the VM tier has
@@ -74,6 +79,8 @@ class LabLaptop:
     public_key: str
     preshared_key: str
     binding: PeerBinding
+    address6: str | None = None
+    """Its IPv6 tunnel address, on a dual-stack site."""
 
 
 @dataclass
@@ -90,6 +97,8 @@ class Site:
     server_public_key: str
     masquerade: bool = True
     backend: str = "userspace"
+    dual_stack: bool = False
+    """The server has an IPv6 pool and route too, the service an IPv6 address (make_site(dual_stack=True))."""
     bindings: dict[str, dict[str, Any]] = field(default_factory=dict)
     link: LinkBackend = field(init=False)
     wireguard: WireGuardBackend = field(init=False)
@@ -116,17 +125,20 @@ class Site:
         return self.netlink.index(self.interface)
 
     def server_object(self) -> dict[str, Any]:
+        pools, addresses, routes = [POOL], [SERVER_ADDRESS], [SERVICE_NET]
+        if self.dual_stack:
+            pools, addresses, routes = [*pools, POOL6], [*addresses, SERVER_ADDRESS6], [*routes, SERVICE_NET6]
         return {
             "apiVersion": "kvpn.dev/v1alpha1",
             "kind": "VpnServer",
             "metadata": {"namespace": "team", "name": "office"},
             "spec": {
-                "addressPool": [POOL],
+                "addressPool": pools,
                 "listenPort": LISTEN_PORT,
-                "routes": [SERVICE_NET],
+                "routes": routes,
                 "masquerade": self.masquerade,
             },
-            "status": {"addresses": [SERVER_ADDRESS], "routes": [SERVICE_NET]},
+            "status": {"addresses": addresses, "routes": routes},
         }
 
     def desired(self) -> DesiredServer:
@@ -144,17 +156,18 @@ class Site:
         private, public = keypair()
         psk, _ = keypair()
         address = f"10.237.0.{host}"
+        address6 = str(ipaddress.ip_network(POOL6)[host]) if self.dual_stack else None
         pb = PeerBinding(
             peer_namespace="team",
             peer_name=f"laptop{host}",
             peer_uid=f"uid-{host}",
             public_key=public,
             preshared_key=psk,
-            addresses=[address],
+            addresses=[address, *([address6] if address6 else [])],
             allowed_destinations=list(destinations),
         )
         self.bind(pb)
-        return LabLaptop(self.lab.ifname(f"l{host}"), address, private, public, psk, pb)
+        return LabLaptop(self.lab.ifname(f"l{host}"), address, private, public, psk, pb, address6)
 
     def up(self, laptop: LabLaptop) -> None:
         """`wg-quick up` on the laptop with the config a user would get.
@@ -163,14 +176,15 @@ class Site:
         handshake at once, and if that is lost the next try comes only after 5 s (REKEY_TIMEOUT).
         """
         conf = self.tmp / f"{laptop.interface}.conf"
+        addresses = [f"{laptop.address}/32", *([f"{laptop.address6}/128"] if laptop.address6 else [])]
         conf.write_text(
             wg_quick_config(
                 laptop.private_key,
-                f"{laptop.address}/32",
+                ", ".join(addresses),
                 self.server_public_key,
                 laptop.preshared_key,
                 f"{UNDERLAY_NODE}:{LISTEN_PORT}",
-                [SERVICE_NET],
+                [SERVICE_NET, *([SERVICE_NET6] if self.dual_stack else [])],
             )
         )
         conf.chmod(0o600)
@@ -204,6 +218,7 @@ class Site:
             (self.node, ["nft", "list", "ruleset"]),
             (self.node, ["ip", "addr"]),
             (self.laptop_ns, ["ip", "route"]),
+            *([(self.laptop_ns, ["ip", "-6", "route"])] if self.dual_stack else []),
         ):
             proc = run("ip", "netns", "exec", ns, *argv, check=False)
             parts.append(f"--- {ns}: {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
@@ -236,19 +251,47 @@ def site(lab: Lab, tmp_path: Path, backend: str) -> Iterator[Site]:
         made.close()  # before the lab removes the namespaces under it
 
 
-def make_site(lab: Lab, tmp_path: Path, backend: str = "userspace") -> Site:
+@pytest.fixture
+def dual_stack_site(lab: Lab, tmp_path: Path, backend: str) -> Iterator[Site]:
+    """``site`` with an IPv6 pool, route and service besides the IPv4 ones."""
+    made = make_site(lab, tmp_path, backend, dual_stack=True)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def make_site(lab: Lab, tmp_path: Path, backend: str = "userspace", *, dual_stack: bool = False) -> Site:
     node, laptop, service = lab.netns("node"), lab.netns("lap"), lab.netns("svc")
+    if dual_stack:
+        for ns in (node, service):
+            # Before the veths exist, so that they inherit it: an address stays tentative (unusable,
+            # a bind fails) for a second or more while duplicate address detection runs.
+            no_dad = (f"net.ipv6.conf.{c}.accept_dad=0" for c in ("all", "default"))
+            run("ip", "netns", "exec", ns, "sysctl", "-qw", *no_dad)
     lab.veth(node, f"{UNDERLAY_NODE}/24", laptop, f"{UNDERLAY_LAPTOP}/24")
-    lab.veth(node, f"{NODE_SIDE}/24", service, f"{SERVICE}/24")
+    to_service, service_side = lab.veth(node, f"{NODE_SIDE}/24", service, f"{SERVICE}/24")
     run("ip", "-n", service, "addr", "add", f"{OTHER_SERVICE}/24", "dev", _first_veth(service))
     # Without masquerade the service needs the way back to the pool; with it, it never uses it.
     run("ip", "-n", service, "route", "add", POOL, "via", NODE_SIDE)
     run("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    whoami_servers(
-        lab, service, [(address, port) for address in (SERVICE, OTHER_SERVICE) for port in (PORT, OTHER_PORT)]
-    )
+    services = [SERVICE, OTHER_SERVICE]
+    if dual_stack:
+        run("ip", "-n", node, "addr", "add", f"{NODE_SIDE6}/64", "dev", to_service)
+        for address in (SERVICE6, OTHER_SERVICE6):
+            run("ip", "-n", service, "addr", "add", f"{address}/64", "dev", service_side)
+        run("ip", "-n", service, "-6", "route", "add", POOL6, "via", NODE_SIDE6)
+        # The agent turns forwarding on for the families it serves (runner.py, at a full sync); sync()
+        # called directly, as here, does not.
+        run("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        services += [SERVICE6, OTHER_SERVICE6]
+    listen = [(address, port) for address in services for port in (PORT, OTHER_PORT)]
+    (whoami_servers_any_family if dual_stack else whoami_servers)(lab, service, listen)
     server_key, server_public = keypair()
-    return Site(lab, tmp_path, node, laptop, service, lab.ifname("n"), server_key, server_public, backend=backend)
+    return Site(
+        lab, tmp_path, node, laptop, service, lab.ifname("n"), server_key, server_public,
+        backend=backend, dual_stack=dual_stack,
+    )  # fmt: skip
 
 
 def _first_veth(ns: str) -> str:
