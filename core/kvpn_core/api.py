@@ -6,7 +6,7 @@ import ipaddress
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 GROUP = "kvpn.dev"
 VERSION = "v1alpha1"
@@ -120,6 +120,32 @@ class PeerCeiling(Model):
     """The most those peers may reach (networks, protocols, ports); the networks need not lie inside the routes. A peer reaches what lies both here and in its allowedDestinations (all of the routes when those are empty)."""
 
 
+class PodNetworkStrategy(StrEnum):
+    AUTO = "Auto"
+    NODE_POD_CIDRS = "NodePodCIDRs"
+    POD_IPS = "PodIPs"
+    EXPLICIT = "Explicit"
+
+
+class PodNetwork(Model):
+    strategy: PodNetworkStrategy = PodNetworkStrategy.AUTO
+    """How the pod networks pushed to peers are found. NodePodCIDRs: the Nodes' spec.podCIDRs, for CNIs that take pod addresses from them (kubenet, flannel, Cilium's kubernetes IPAM). PodIPs: the /16 around each IPv4 and the /64 around each IPv6 address of the pods in use (not on hostNetwork), merged, for CNIs that allocate elsewhere (Cilium cluster-pool, Calico IPAM, the AWS VPC CNI, Azure CNI); those networks may hold other hosts too (use Explicit to narrow them). Auto: the Nodes' pod CIDRs when every Node has one and they hold every pod IP in use, else PodIPs. Explicit: exactly cidrs. Auto and PodIPs list pods cluster-wide (the chart's ClusterRole allows it). Ignored when spec.routes is set. The PodNetwork condition says which strategy found what."""
+
+    cidrs: list[Cidr] = Field(default_factory=list, max_length=32)
+    """The pod networks, with strategy Explicit (and only then)."""
+
+    @model_validator(mode="after")
+    def _cidrs_only_when_explicit(self) -> PodNetwork:
+        if self.strategy is PodNetworkStrategy.EXPLICIT and not self.cidrs:
+            raise ValueError("strategy Explicit needs cidrs: the pod networks to push to peers")
+        if self.strategy is not PodNetworkStrategy.EXPLICIT and self.cidrs:
+            raise ValueError(
+                f"cidrs are taken only with strategy Explicit (it is {self.strategy.value}): set strategy Explicit, "
+                "or remove cidrs"
+            )
+        return self
+
+
 class VpnServerSpec(Model):
     address_pool: list[Cidr] = Field(alias="addressPool", min_length=1, max_length=2)
     """Networks peers get their tunnel addresses from: one IPv4 network, optionally one IPv6 network. The server takes the first usable address of each."""
@@ -132,6 +158,9 @@ class VpnServerSpec(Model):
 
     routes: list[Cidr] = Field(default_factory=list, max_length=64)
     """Networks pushed to peers as AllowedIPs (split tunnel); default: the cluster's Service and pod networks."""
+
+    pod_network: PodNetwork = Field(default_factory=PodNetwork, alias="podNetwork")
+    """How the pod networks among the default routes are found (spec.routes, when set, replaces them all)."""
 
     dns: Dns = Field(default_factory=Dns)
     """Cluster DNS pushed to peers."""

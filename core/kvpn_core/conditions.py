@@ -80,6 +80,13 @@ class Reason(StrEnum):
     CUT_BY_CEILING = "CutByCeiling"
     # PodNetwork, VpnServer
     POD_NETWORK_FOUND = "PodNetworkFound"
+    """From the Nodes' pod CIDRs (spec.podNetwork.strategy NodePodCIDRs, or Auto when they hold the pods)."""
+    POD_NETWORK_FROM_POD_IPS = "PodNetworkFromPodIPs"
+    """Networks covering the pod IPs in use (strategy PodIPs, or Auto when the Nodes' pod CIDRs do not hold them)."""
+    POD_NETWORK_FROM_SPEC = "PodNetworkFromSpec"
+    """spec.podNetwork.cidrs (strategy Explicit)."""
+    POD_LIST_FORBIDDEN = "PodListForbidden"
+    """Pod IPs were needed but the operator may not list pods; and the Nodes' pod CIDRs do not stand in."""
     POD_NETWORK_NOT_FOUND = "PodNetworkNotFound"
     ROUTES_FROM_SPEC = "RoutesFromSpec"
     # ClusterDNS, VpnServer

@@ -29,7 +29,7 @@ from kvpn_core.conditions import (
     set_condition,
 )
 from kvpn_core.contract import SERVER_KEY_DATA, server_key_secret_name
-from kvpn_core.kube import KubeError, Retry
+from kvpn_core.kube import ForbiddenError, KubeError, Retry
 from kvpn_operator import builders, discovery, gateways
 from kvpn_operator.ipam import Pool
 from kvpn_operator.memory import ANNOTATION_NUDGE, PeerEntry
@@ -222,15 +222,21 @@ def reconcile_server(
     peer_list = list(peers())
     choice = gateways.choose(spec, service, nodes, found, status.endpoint, sticky=bool(peer_list))
 
-    pod_networks = discovery.pod_cidrs(nodes)
-    routes = list(spec.routes) or [*service_networks.get(storage, server.namespace), *pod_networks]
+    pods: list[Obj] | None = []
+    if discovery.lists_pods(spec):
+        try:
+            pods = storage.list_pods()
+        except ForbiddenError:
+            pods = None  # said in the PodNetwork condition, which names the missing permission
+    pod_networks = discovery.pod_networks(spec, nodes, pods)
+    routes = list(spec.routes) or [*service_networks.get(storage, server.namespace), *pod_networks.cidrs]
     dns_service = None
     if spec.dns.enabled and not spec.dns.nameserver:
         dns_service = storage.get_service(*facts.dns_service)
     nameserver, dns = discovery.cluster_dns(spec, dns_service, facts.dns_service)
     search = (list(spec.dns.search) or discovery.default_search(facts.cluster_domain)) if spec.dns.enabled else []
     gaps = {
-        POD_NETWORK: discovery.pod_network(spec, pod_networks),
+        POD_NETWORK: pod_networks.outcome,
         CLUSTER_DNS: dns,
         GATEWAYS: gateways.outcome(found, spec.node_selector),
     }

@@ -11,6 +11,8 @@ typed metadata and status, the spec still as written (judging it is the reconcil
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
@@ -152,6 +154,11 @@ class Storage(Protocol):
         """Every Node, from the watch cache."""
         ...
 
+    def list_pods(self) -> list[Obj]:
+        """Every Pod of the cluster (what pod-network discovery reads of it: hostNetwork, phase, podIPs), at
+        most POD_LIST_SECONDS old. ForbiddenError when RBAC says no."""
+        ...
+
     def list_gateway_leases(self, namespace: str, server: str) -> list[Obj]:
         """The gateway leases the agents hold for a server (kvpn_core.contract), read past the watch cache."""
         ...
@@ -173,11 +180,25 @@ class Storage(Protocol):
         ...
 
 
+POD_LIST_SECONDS = 10.0
+"""How old the pod list behind pod-network discovery may be: one list serves every server's resync."""
+
+
+def _pod_addresses(pod: Obj) -> Obj:
+    spec, status = pod.get("spec") or {}, pod.get("status") or {}
+    return {
+        "spec": {"hostNetwork": bool(spec.get("hostNetwork"))},
+        "status": {k: status[k] for k in ("phase", "podIP", "podIPs") if k in status},
+    }
+
+
 class KubeStorage:
     """Storage over the operator's JSON client."""
 
     def __init__(self, kube: Kube) -> None:
         self._kube = kube
+        self._pods_lock = threading.Lock()
+        self._pods: tuple[float, list[Obj]] | None = None
 
     def get(self, kind: Kind, namespace: str, name: str) -> Obj | None:
         return self._kube.get(kvpn_path(kind, namespace, name))
@@ -249,6 +270,16 @@ class KubeStorage:
 
     def list_nodes(self) -> list[Obj]:
         return self._kube.list(core_path("nodes"), cached=True)
+
+    def list_pods(self) -> list[Obj]:
+        # From the watch cache (no etcd read), one list for every server reconciled within
+        # POD_LIST_SECONDS, and only what discovery reads of each pod kept: at thousands of pods a list
+        # is tens of MB of JSON to parse.
+        with self._pods_lock:
+            now = time.monotonic()
+            if self._pods is None or now - self._pods[0] > POD_LIST_SECONDS:
+                self._pods = (now, [_pod_addresses(p) for p in self._kube.list(core_path("pods"), cached=True)])
+            return self._pods[1]
 
     def list_gateway_leases(self, namespace: str, server: str) -> list[Obj]:
         # Not from the watch cache: a lease renewed a moment ago must count as renewed.

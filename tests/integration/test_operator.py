@@ -543,3 +543,97 @@ def test_a_server_says_what_discovery_did_not_find(kvpn: Kvpn, namespace: str, a
         core.delete_node(node)
         # 1.20 answers a Service delete with a Status, which this client would parse as a Service.
         core.delete_namespaced_service("kube-dns", "kube-system", _preload_content=False)
+
+
+# --- pod networks for every CNI (spec.podNetwork) ----------------------------------------------------------
+
+
+def a_pod_with_ips(core: client.CoreV1Api, namespace: str, name: str, *ips: str, host_network: bool = False) -> None:
+    """A pod as a kubelet would report it once its CNI gave it `ips` (this cluster has no kubelet)."""
+    spec = {
+        "hostNetwork": host_network,
+        "automountServiceAccountToken": False,
+        "containers": [{"name": "app", "image": "registry.invalid/app"}],
+    }
+
+    def created() -> bool:
+        try:
+            core.create_namespaced_pod(namespace, {"metadata": {"name": name}, "spec": spec})
+        except client.ApiException as error:
+            if "service account" in str(error.body).replace("serviceaccount", "service account"):
+                return False  # the namespace's default ServiceAccount is a moment younger than the namespace
+            raise
+        return True
+
+    wait_for(f"pod {namespace}/{name} created", created)
+    status = {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips]}
+    if host_network:
+        status["hostIP"] = ips[0]
+    core.patch_namespaced_pod_status(name, namespace, {"status": status})
+
+
+def test_pod_ips_in_use_become_routes_when_nodes_have_no_pod_cidr(
+    kvpn: Kvpn, namespace: str, api: client.ApiClient
+) -> None:
+    """As under Cilium cluster-pool IPAM or the AWS VPC CNI: no Node has a podCIDR, yet pods have IPs. Auto
+    routes networks covering them (a /16 per IPv4, a /64 per IPv6 group), read cluster-wide, and says so."""
+    core = client.CoreV1Api(api)
+    assert not [n.metadata.name for n in core.list_node().items if n.spec.pod_cidr or n.spec.pod_cidrs]
+    a_pod_with_ips(core, namespace, "web", "10.77.1.5", "fd00:77::5")
+    a_pod_with_ips(core, "default", f"api-{namespace}"[:63], "10.77.200.3")  # another namespace: cluster-wide
+    a_pod_with_ips(core, namespace, "agent", "192.0.2.50", host_network=True)  # the node's IP: no pod network
+    try:
+        kvpn.server(namespace, "dev", routes=[])
+        kvpn.peer(namespace, "alice")
+
+        def from_pods() -> dict[str, Any] | None:
+            server = kvpn.get(SERVERS, namespace, "dev")
+            # Ready too: the gateway stand-in's lease for a new server comes within a second.
+            wanted = {"PodNetwork": "PodNetworkFromPodIPs", "Ready": "Ready"}
+            return server if all(condition_of(server, t).get("reason") == r for t, r in wanted.items()) else None
+
+        # Within a resync (15 s) of the operator's pod list (at most 10 s old).
+        server = wait_for("PodNetwork from the pod IPs in use, and Ready", from_pods, timeout=45)
+        pod_network = condition_of(server, "PodNetwork")
+        assert pod_network["status"] == "True"
+        assert "from the pod IPs in use (the nodes' pod CIDRs are empty" in pod_network["message"]
+        routes = server["status"]["routes"]
+        assert routes[0] == "10.96.0.0/16"  # the Service network, discovered as before
+        assert {"10.77.0.0/16", "fd00:77::/64"} <= set(routes)
+        assert not [r for r in routes if ipaddress.ip_address("192.0.2.50") in ipaddress.ip_network(r)]
+        assert condition_of(server, "Ready")["status"] == "True"
+        assert "PodNetwork" not in condition_of(server, "Ready")["message"]
+
+        def config() -> str | None:
+            peer = kvpn.get(PEERS, namespace, "alice") or {}
+            name = (peer.get("status") or {}).get("configSecretName")
+            text = decode(secret, "wg0.conf") if name and (secret := kvpn.secret(namespace, name)) else None
+            return text if text and "10.77.0.0/16" in text else None
+
+        assert "fd00:77::/64" in wait_for("the peer's config with the pods' networks", config, timeout=20)
+    finally:
+        # No kubelet confirms a graceful delete; and no other test may see these pod IPs.
+        for pod_namespace, name in ((namespace, "web"), ("default", f"api-{namespace}"[:63]), (namespace, "agent")):
+            core.delete_namespaced_pod(name, pod_namespace, grace_period_seconds=0)
+
+
+def test_explicit_pod_networks_are_exactly_the_routes_given(kvpn: Kvpn, namespace: str, api: client.ApiClient) -> None:
+    core = client.CoreV1Api(api)
+    a_pod_with_ips(core, namespace, "web", "10.77.1.5")  # discovered by Auto; not with Explicit
+    try:
+        explicit = {"strategy": "Explicit", "cidrs": ["10.42.0.0/16", "10.43.0.0/17"]}
+        kvpn.server(namespace, "dev", routes=[], podNetwork=explicit)
+        server = kvpn.wait_ready(SERVERS, namespace, "dev")
+        assert server["status"]["routes"] == ["10.96.0.0/16", "10.42.0.0/16", "10.43.0.0/17"]
+        pod_network = condition_of(server, "PodNetwork")
+        assert (pod_network["status"], pod_network["reason"]) == ("True", "PodNetworkFromSpec")
+        assert pod_network["message"] == "pod networks from spec.podNetwork.cidrs: 10.42.0.0/16, 10.43.0.0/17"
+
+        # cidrs belong to Explicit only: the CRD takes the object, the operator refuses it and says why.
+        kvpn.server(namespace, "mixed", routes=[], podNetwork={"cidrs": ["10.42.0.0/16"]}, addressPool=["10.9.0.0/24"])
+        mixed = kvpn.wait_ready(SERVERS, namespace, "mixed", "False", "InvalidSpec")
+        assert condition_of(mixed, "Ready")["message"].startswith(
+            "spec.podNetwork: cidrs are taken only with strategy Explicit (it is Auto)"
+        )
+    finally:
+        core.delete_namespaced_pod("web", namespace, grace_period_seconds=0)

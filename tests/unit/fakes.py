@@ -36,6 +36,7 @@ KINDS = {
     "secrets": ("v1", "Secret"),
     "services": ("v1", "Service"),
     "nodes": ("v1", "Node"),
+    "pods": ("v1", "Pod"),
     "endpoints": ("v1", "Endpoints"),
     "leases": ("coordination.k8s.io/v1", "Lease"),
     **{PLURALS[k]: (API_VERSION, k.value) for k in Kind},
@@ -238,6 +239,9 @@ class FakeStorage:
 
     def list_nodes(self) -> list[Obj]:
         return [copy.deepcopy(o) for (r, _, _), o in sorted(self.objects.items()) if r == "nodes"]
+
+    def list_pods(self) -> list[Obj]:
+        return [copy.deepcopy(o) for (r, _, _), o in sorted(self.objects.items()) if r == "pods"]
 
     def list_gateway_leases(self, namespace: str, server: str) -> list[Obj]:
         return [

@@ -17,7 +17,7 @@ from kvpn_operator.discovery import (
     gateway_address,
     kube_dns_address,
     pod_cidrs,
-    pod_network,
+    pod_networks,
     service_cidrs_from_error,
     service_cidrs_from_objects,
 )
@@ -259,22 +259,27 @@ def spec_of(**fields: Any) -> VpnServerSpec:
 
 
 def test_pod_network_found_names_the_networks() -> None:
-    outcome = pod_network(spec_of(), ["10.244.0.0/16", "fd00:244::/56"])
+    nodes = [node("a", pod_cidrs=["10.244.0.0/16", "fd00:244::/56"])]
+    cidrs, outcome = pod_networks(spec_of(), nodes, [])
+    assert cidrs == ["10.244.0.0/16", "fd00:244::/56"]
     assert (outcome.status, outcome.finding.reason, outcome.warning) == ("True", Reason.POD_NETWORK_FOUND, False)
-    assert "10.244.0.0/16, fd00:244::/56" in outcome.finding.message
+    assert outcome.finding.message == "pod networks from the nodes' pod CIDRs: 10.244.0.0/16, fd00:244::/56"
 
 
 def test_pod_network_from_spec_is_not_discovered_at_all() -> None:
-    outcome = pod_network(spec_of(routes=["10.96.0.0/12"]), [])
+    cidrs, outcome = pod_networks(spec_of(routes=["10.96.0.0/12"]), [node("a", pod_cidr="10.244.0.0/24")], None)
+    assert cidrs == []
     assert (outcome.status, outcome.finding.reason) == ("True", Reason.ROUTES_FROM_SPEC)
 
 
 def test_no_pod_network_is_a_warning_that_says_what_to_set() -> None:
-    outcome = pod_network(spec_of(), [])
+    cidrs, outcome = pod_networks(spec_of(), [node("a")], [])
+    assert cidrs == []
     assert (outcome.status, outcome.finding.reason, outcome.warning) == ("False", Reason.POD_NETWORK_NOT_FOUND, True)
     assert outcome.finding.message == (
         "no Node has spec.podCIDR (is the controller manager's --allocate-node-cidrs on? some CNIs allocate "
-        "pod addresses elsewhere): set spec.routes to the Service and pod networks"
+        "pod addresses elsewhere) and no pod outside hostNetwork has an IP yet: set spec.podNetwork.cidrs with "
+        "spec.podNetwork.strategy Explicit, or set spec.routes to the Service and pod networks"
     )
 
 
