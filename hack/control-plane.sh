@@ -18,6 +18,21 @@ if have_all; then echo "$bin"; exit 0; fi
 
 log() { echo "control-plane: $*" >&2; }
 work=$cache/control-plane/work
+goroot=$work/go115/usr/lib/go-1.15
+tree=$work/gopath/src/k8s.io/kubernetes
+missing=()
+for b in "${kube[@]}"; do [ -x "$bin/$b" ] || missing+=("$b"); done
+# The steps this run takes: what is cached is neither done nor counted.
+steps=1
+command -v rsync >/dev/null || steps=$((steps + 1))
+[ -x "$bin/etcd" ] || steps=$((steps + 1))
+if [ ${#missing[@]} -gt 0 ]; then
+  steps=$((steps + 1))
+  [ -x "$goroot/bin/go" ] || steps=$((steps + 1))
+  [ -f "$tree/Makefile" ] || steps=$((steps + 1))
+fi
+# shellcheck source=hack/progress.sh
+. "$(dirname "${BASH_SOURCE[0]}")/progress.sh"
 apt_dir=$cache/control-plane/apt
 mkdir -p "$bin" "$work" "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
 
@@ -37,44 +52,41 @@ papt() {
     -o APT::Sandbox::User=root "$@"
 }
 
-command -v rsync >/dev/null || { log "installing rsync"; apt-get -q update >&2; apt-get -q install -y rsync >&2; }
+command -v rsync >/dev/null || { step "installing rsync (Kubernetes' build needs it)"; apt-get -q update >&2; apt-get -q install -y rsync >&2; }
 command -v make >/dev/null || { log "make is missing"; exit 1; }
 
-log "reading package lists"
+step "reading the Debian package lists (a few seconds)"
 papt update >&2
 
 if [ ! -x "$bin/etcd" ]; then
-  log "fetching etcd"
+  step "fetching etcd from Debian 12 (about 8 MB)"
   (cd "$work" && papt download etcd-server/bookworm >&2)
   rm -rf "$work/etcd" && dpkg-deb -x "$work"/etcd-server_*.deb "$work/etcd"
   cp "$work/etcd/usr/bin/etcd" "$bin/etcd"
 fi
 
-missing=()
-for b in "${kube[@]}"; do [ -x "$bin/$b" ] || missing+=("$b"); done
 if [ ${#missing[@]} -gt 0 ]; then
-  goroot=$work/go115/usr/lib/go-1.15
   if [ ! -x "$goroot/bin/go" ]; then
-    log "fetching Go 1.15"
+    step "fetching Go 1.15 from Debian 11 (about 60 MB)"
     (cd "$work" && papt download golang-1.15-go/bullseye golang-1.15-src/bullseye >&2)
     rm -rf "$work/go115"
     for deb in "$work"/golang-1.15-*.deb; do dpkg-deb -x "$deb" "$work/go115"; done
   fi
-  tree=$work/gopath/src/k8s.io/kubernetes
   if [ ! -f "$tree/Makefile" ]; then
-    log "fetching the kubernetes source package"
+    step "fetching Debian 12's kubernetes source package (about 35 MB)"
     mkdir -p "$work/src" && (cd "$work/src" && papt source --download-only kubernetes/bookworm >&2)
     orig=$(ls "$work"/src/kubernetes_*.orig.tar.* | head -n 1)
     rm -rf "$work/gopath" && mkdir -p "$tree"
     tar -xf "$orig" -C "$tree" --strip-components=1
   fi
-  log "building ${missing[*]} (about 7 minutes on 2 cores for all five)"
-  (
+  step "building ${missing[*]} (about 7 minutes on 2 cores for all five; cached after)"
+  build() (
     cd "$tree"
     export GOROOT=$goroot GOPATH=$work/gopath GO111MODULE=off CGO_ENABLED=0
     export GOCACHE=$work/gocache PATH=$goroot/bin:$PATH
     make WHAT="${missing[*]/#/cmd/}" >&2
   )
+  ticking "building ${missing[*]}" build
   for b in "${missing[@]}"; do cp "$tree/_output/bin/$b" "$bin/"; done
 fi
 

