@@ -191,14 +191,15 @@ class Gateways:
             self._failing = True
             return
         snapshot = read_servers(servers, self._expired())
-        if self._failing or self._listed_at is None:
+        news = self._failing or self._listed_at is None
+        self._snapshot = MappingProxyType(snapshot)
+        self._listed_at = self._clock()
+        self._failing = False
+        if news:  # said once it holds: a stream that comes after the line finds the servers listed
             log.info(
                 "listed the VpnServers",
                 extra={"servers": len(snapshot), "ready_gateways": sum(len(s.ready) for s in snapshot.values())},
             )
-        self._snapshot = MappingProxyType(snapshot)
-        self._listed_at = self._clock()
-        self._failing = False
 
     def _expired(self) -> frozenset[tuple[str, str]]:
         """The gateways whose leases ran out; none when the leases cannot be read (the status alone then)."""

@@ -1226,6 +1226,19 @@ def test_the_real_operator_works_with_the_charts_permissions(release: Release, a
     assert "Traceback" not in log, log_tail(release.operator.log_path, 60)
 
 
+@pytest.fixture
+def charts_operator_alone(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The chart's operator alone: the session's operator (tests/conftest.py), which watches every namespace
+    with an administrator's rights, would serve this test's peer too; it is stopped while the test runs."""
+    session_operator: OperatorProcess = request.getfixturevalue("operator")
+    session_operator.stop()
+    try:
+        yield
+    finally:
+        session_operator.start()
+
+
+@pytest.mark.usefixtures("charts_operator_alone")
 def test_a_peer_where_the_operator_may_not_write_secrets_is_refused_and_says_why(
     release: Release, api: client.ApiClient
 ) -> None:
