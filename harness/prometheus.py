@@ -1,9 +1,10 @@
 """A real Prometheus (Debian's, from hack/prometheus.sh) scraping a world's agents as the chart's PodMonitor
 says, for the end-to-end test of the dashboard's queries.
 
-The Prometheus Operator is the one stand-in: `scrape_job` turns the chart's PodMonitor into the scrape
-job the operator would generate from it (Kubernetes pod discovery in the PodMonitor's namespaces, pods
-kept by its label selector and port name, its relabelings), thin and named as such. Prometheus itself
+The stand-in is for the Prometheus Operator and for Prometheus' own Kubernetes discovery, which Debian's
+build leaves out: `scrape_job` turns the chart's PodMonitor into the scrape job the operator would
+generate, with the targets discovery would find (pods kept by the PodMonitor's namespaces, label
+selector and port name, labelled by its relabelings), thin and named as such. Prometheus itself
 runs on the host, listening on loopback, and scrapes the nodes' addresses (the agents run on the nodes'
 network): nothing outside the world is touched.
 """
@@ -11,7 +12,6 @@ network): nothing outside the world is touched.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import urllib.parse
 import urllib.request
@@ -33,53 +33,49 @@ def binary() -> Path:
     return Path(folder) / "prometheus"
 
 
-def _meta_label(name: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+def scrape_job(pod_monitor: dict[str, Any], pods: list[dict[str, Any]], interval: str) -> dict[str, Any]:
+    """The scrape job the Prometheus Operator would make of a PodMonitor, with its targets resolved here.
 
-
-def scrape_job(pod_monitor: dict[str, Any], kubeconfig: Path, interval: str) -> dict[str, Any]:
-    """The scrape job the Prometheus Operator generates from one podMetricsEndpoint of a PodMonitor (a
-    stand-in for it: the selector's matchLabels, the port by name, path, relabelings), every `interval`."""
+    A stand-in for the operator and for Prometheus' Kubernetes discovery (Debian builds Prometheus
+    without it): of `pods`, those in the PodMonitor's namespaces with its selector's labels, on the
+    container port it names; each target labelled namespace, pod and container, then by the PodMonitor's
+    relabelings, read from the discovery labels Prometheus would give them. Only the `replace` relabeling
+    is understood: another fails here, rather than be ignored.
+    """
     spec = pod_monitor["spec"]
     (endpoint,) = spec["podMetricsEndpoints"]
+    namespaces = set(spec["namespaceSelector"]["matchNames"])
+    wanted = spec["selector"]["matchLabels"]
+    groups = []
+    for pod in pods:
+        meta = pod["metadata"]
+        labels = meta.get("labels") or {}
+        if meta["namespace"] not in namespaces or any(labels.get(k) != v for k, v in wanted.items()):
+            continue
+        for container in pod["spec"]["containers"]:
+            for port in container.get("ports") or []:
+                if port.get("name") != endpoint["port"]:
+                    continue
+                discovered = {
+                    "__meta_kubernetes_namespace": meta["namespace"],
+                    "__meta_kubernetes_pod_name": meta["name"],
+                    "__meta_kubernetes_pod_container_name": container["name"],
+                    "__meta_kubernetes_pod_node_name": pod["spec"].get("nodeName", ""),
+                }
+                target = {"namespace": meta["namespace"], "pod": meta["name"], "container": container["name"]}
+                for relabeling in endpoint.get("relabelings", []):
+                    if relabeling.get("action", "replace").lower() != "replace" or "regex" in relabeling:
+                        raise ValueError(f"the stand-in understands only plain replace relabelings: {relabeling}")
+                    value = ";".join(discovered[label] for label in relabeling["sourceLabels"])
+                    target[relabeling["targetLabel"]] = value
+                address = f"{pod['status']['podIP']}:{port['containerPort']}"
+                groups.append({"targets": [address], "labels": target})
     meta = pod_monitor["metadata"]
-    keep: list[dict[str, Any]] = [
-        {
-            "source_labels": [f"__meta_kubernetes_pod_label_{_meta_label(k)}"],
-            "regex": re.escape(v),
-            "action": "keep",
-        }
-        for k, v in spec["selector"]["matchLabels"].items()
-    ]
-    keep.append(
-        {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": endpoint["port"], "action": "keep"}
-    )
-    standard = [
-        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-        {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
-    ]
-    theirs = [
-        {
-            "source_labels": r.get("sourceLabels", []),
-            "target_label": r["targetLabel"],
-            "action": r.get("action", "replace").lower(),
-            **({"regex": r["regex"]} if "regex" in r else {}),
-        }
-        for r in endpoint.get("relabelings", [])
-    ]
     return {
         "job_name": f"podMonitor/{meta['namespace']}/{meta['name']}/0",
         "scrape_interval": interval,
         "metrics_path": endpoint.get("path", "/metrics"),
-        "kubernetes_sd_configs": [
-            {
-                "role": "pod",
-                "kubeconfig_file": str(kubeconfig),
-                "namespaces": {"names": spec["namespaceSelector"]["matchNames"]},
-            }
-        ],
-        "relabel_configs": [*keep, *standard, *theirs],
+        "static_configs": groups,
     }
 
 

@@ -2,9 +2,10 @@
 scrapes the agents on the real-node cluster the way the chart's PodMonitor says, while two laptops send
 traffic. Each panel must return the series it should: one per connected peer, per gateway node, per agent.
 
-The Prometheus Operator, which would turn the PodMonitor into a scrape job, is the stand-in
-(harness/prometheus.py `scrape_job`); Grafana is not run: its variables are substituted the way it does
-("All" is `.*`, `$__rate_interval` a window over several scrapes).
+The Prometheus Operator, which would turn the PodMonitor into a scrape job, and Prometheus' Kubernetes
+discovery, which Debian's build leaves out, are the stand-in (harness/prometheus.py `scrape_job`: the
+agent pods the PodMonitor selects, labelled as its relabelings say). Grafana is not run: its variables
+are substituted the way it does ("All" is `.*`, `$__rate_interval` a window over several scrapes).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness.chart import CHART, token_kubeconfig
+from harness.chart import CHART
 from harness.kvpn import wait_for
 from harness.prometheus import Prometheus, scrape_job
 from harness.world import CHART_NAMESPACE, NODEPORT_SERVER, PEER_NAMESPACE, RELEASE, Laptop, TrafficLoop, World
@@ -51,37 +52,11 @@ def rendered(world: World, *values: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out) if d]
 
 
-def prometheus_kubeconfig(world: World) -> Path:
-    """What a Prometheus needs for pod discovery in the chart's namespace, and nothing else."""
-    name = "prometheus"
-    world.apply(
-        [
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": CHART_NAMESPACE}},
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": {"name": name, "namespace": CHART_NAMESPACE},
-                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": name, "namespace": CHART_NAMESPACE},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": CHART_NAMESPACE}],
-            },
-        ]
-    )
-    return token_kubeconfig(
-        world.cluster.api, world.cluster.plane, CHART_NAMESPACE, name, world.run_dir / "prometheus.kubeconfig"
-    )
-
-
 @pytest.fixture(scope="module")
 def prometheus(world: World) -> Iterator[Prometheus]:
     (pod_monitor,) = rendered(world, "monitoring.podMonitor.enabled=true")
     assert pod_monitor["kind"] == "PodMonitor"
-    job = scrape_job(pod_monitor, prometheus_kubeconfig(world), SCRAPE)
+    job = scrape_job(pod_monitor, world.pods(), SCRAPE)
     with Prometheus(world.run_dir / "prometheus", [job], interval=SCRAPE) as prom:
         wait_for("every agent scraped", lambda: prom.targets_up() == len(world.nodes), timeout=60)
         yield prom

@@ -16,6 +16,7 @@ from kubernetes import client
 
 from harness.controlplane import ControlPlane
 from harness.kvpn import Kvpn, decode, wait_for
+from harness.wgfiles import assert_only_app_keys
 from kvpn_core import keys
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -374,26 +375,6 @@ def test_join_again_refuses_a_peer_that_is_not_this_machines(
     assert kvpn.get(PEERS, namespace, "desktop") is not None
 
 
-# The keys the WireGuard apps (iOS and macOS, Android, Windows) read; any other key makes them refuse a file.
-APP_KEYS = {
-    "[Interface]": {"PrivateKey", "Address", "DNS", "MTU", "ListenPort"},
-    "[Peer]": {"PublicKey", "PresharedKey", "AllowedIPs", "Endpoint", "PersistentKeepalive"},
-}
-
-
-def keys_by_section(text: str) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    section = ""
-    for raw in text.splitlines():
-        if not (line := raw.split("#", 1)[0].strip()):
-            continue
-        if line.startswith("["):
-            section = line
-        else:
-            found.setdefault(section, set()).add(line.split("=", 1)[0].strip())
-    return found
-
-
 def test_join_for_macos_and_phones_writes_only_what_the_apps_read(
     control_plane: ControlPlane, kvpn: Kvpn, namespace: str, no_routes: Path, tmp_path: Path
 ) -> None:
@@ -407,13 +388,8 @@ def test_join_for_macos_and_phones_writes_only_what_the_apps_read(
     on_phone = vpn(control_plane.kubeconfig, *common, "--name", "phone", "--platform", "ios", "-o", str(phone))
     assert on_phone.returncode == 0, on_phone.stderr
 
-    for path in (mac, phone):
-        found = keys_by_section(path.read_text())
-        assert set(found) == set(APP_KEYS), path
-        for section, names in found.items():
-            assert names <= APP_KEYS[section], (path, section, names - APP_KEYS[section])
-    assert "DNS" not in keys_by_section(mac.read_text())["[Interface]"]  # split DNS is /etc/resolver there
-    assert "DNS" in keys_by_section(phone.read_text())["[Interface]"]  # the one DNS the app has: --dns full
+    assert "DNS" not in assert_only_app_keys(mac.read_text())["Interface"]  # split DNS is /etc/resolver there
+    assert "DNS" in assert_only_app_keys(phone.read_text())["Interface"]  # the one DNS the app has: --dns full
 
     split_phone = vpn(control_plane.kubeconfig, *common, "--name", "p2", "--platform", "ios", "--dns", "split")
     assert_one_line_error(split_phone, "the WireGuard app on iOS cannot send only the cluster's domains", "--dns full")

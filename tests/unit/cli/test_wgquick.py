@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.wgfiles import assert_only_app_keys, parse_like_the_apps
 from kvpn_cli import dns as dns_support
 from kvpn_cli.cluster import CliError
 from kvpn_cli.wgquick import (
@@ -138,45 +139,15 @@ def test_wg_quick_strip_accepts_every_mode(tmp_path: Path, mode: DnsMode) -> Non
 
 # --- the platforms ---------------------------------------------------------------------------
 
-# What the WireGuard apps' parsers take (wireguard-apple for iOS and macOS, wireguard-android,
-# wireguard-windows without scripts). Written out, not imported: widening it is a decision a test sees.
-APP_KEYS = {
-    "Interface": {"PrivateKey", "Address", "DNS", "MTU", "ListenPort"},
-    "Peer": {"PublicKey", "PresharedKey", "AllowedIPs", "Endpoint", "PersistentKeepalive"},
-}
 APPS = [Platform.MACOS, Platform.IOS, Platform.ANDROID, Platform.WINDOWS]
 STAMP = Stamp("kvpn", "dev", "0123456789abcdef", DnsMode.SPLIT, Platform.LINUX)
-
-
-def parse_like_the_apps(text: str) -> dict[str, dict[str, str]]:
-    """The apps' grammar: `#` starts a comment anywhere, [Interface] once, [Peer] sections, Key = value
-    lines inside a section; anything else is an error, as it is to them."""
-    sections: dict[str, dict[str, str]] = {}
-    current: dict[str, str] | None = None
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if line in ("[Interface]", "[Peer]"):
-            assert line.strip("[]") not in sections, f"line {number}: a second {line}"
-            current = sections.setdefault(line.strip("[]"), {})
-            continue
-        assert current is not None, f"line {number}: {raw!r} outside a section"
-        key, equals, value = line.partition("=")
-        assert equals, f"line {number}: {raw!r} is not Key = value"
-        assert key.strip() not in current, f"line {number}: {key.strip()} twice"
-        current[key.strip()] = value.strip()
-    return sections
 
 
 @pytest.mark.parametrize("mode", list(DnsMode))
 @pytest.mark.parametrize("platform", APPS)
 def test_the_apps_files_have_only_keys_the_apps_read(platform: Platform, mode: DnsMode) -> None:
     text = stamped(assemble(byo_config(), PRIVATE, mode, platform=platform), STAMP)
-    sections = parse_like_the_apps(text)
-    assert set(sections) == {"Interface", "Peer"}
-    for section, fields in sections.items():
-        assert set(fields) <= APP_KEYS[section], (section, set(fields) - APP_KEYS[section])
+    sections = assert_only_app_keys(text)
     assert sections["Interface"]["PrivateKey"] == PRIVATE
     assert sections["Peer"]["AllowedIPs"] == "10.96.0.0/12, 10.244.0.0/16"
     assert ("DNS" in sections["Interface"]) is (mode is DnsMode.FULL)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from harness.wgfiles import assert_only_app_keys
 from kvpn_core.wgquick import ClientConfig, for_apps, render_client_config
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -134,36 +135,10 @@ def test_wg_quick_strip_leaves_what_wg_reads(case: str, tmp_path: Path) -> None:
     assert "Unable to modify interface" in result.stderr
 
 
-# What the WireGuard apps' parsers take (wireguard-apple, wireguard-android, wireguard-windows without
-# scripts): written out here, not imported, so that a key added to the code's list is a decision a test sees.
-APP_KEYS = {
-    "[Interface]": {"PrivateKey", "Address", "DNS", "MTU", "ListenPort"},
-    "[Peer]": {"PublicKey", "PresharedKey", "AllowedIPs", "Endpoint", "PersistentKeepalive"},
-}
-
-
-def keys_by_section(text: str) -> dict[str, list[str]]:
-    """Every key of every section, in order, repeats kept; comments and blank lines skipped, as the apps do."""
-    found: dict[str, list[str]] = {}
-    section = ""
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line.startswith("["):
-            section = line
-            found.setdefault(section, [])
-        elif line:
-            assert section, f"a key outside any section: {raw!r}"
-            found[section].append(line.split("=", 1)[0].strip())
-    return found
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_the_operators_file_is_one_the_apps_import(case: str) -> None:
     """What `kubectl vpn config` and `qr` hand to a phone is the Secret's wg0.conf as rendered."""
-    found = keys_by_section(render_client_config(CASES[case]))
-    assert set(found) == set(APP_KEYS)
-    for section, names in found.items():
-        assert set(names) <= APP_KEYS[section], section
+    assert_only_app_keys(render_client_config(CASES[case]))
 
 
 def test_for_apps_drops_what_the_apps_refuse_and_keeps_comments() -> None:
