@@ -633,6 +633,16 @@ def test_relay_pods_spread_over_nodes_and_a_drain_takes_one_at_a_time(helm: Helm
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == RELAY_COMPONENT
     assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["podAntiAffinity"]
+    # And a spread constraint, which (unlike the anti-affinity) does not count a terminating pod: a
+    # replacement made while its predecessor terminates goes to the node that lost it.
+    assert pod["topologySpreadConstraints"] == [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": {"matchLabels": term["labelSelector"]["matchLabels"]},
+        }
+    ]
     budget = one(docs, "PodDisruptionBudget", RELAY)
     assert budget["metadata"]["namespace"] == RELAY_NS
     assert budget["spec"] == {"maxUnavailable": 1, "selector": one(docs, "Deployment", RELAY)["spec"]["selector"]}
@@ -649,6 +659,7 @@ def test_relay_pods_spread_over_nodes_and_a_drain_takes_one_at_a_time(helm: Helm
     theirs = helm.template("relay.enabled=true", f"{own}.topologyKey=zone")
     anti = one(theirs, "Deployment", RELAY)["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
     assert anti == {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "zone"}]}
+    assert "topologySpreadConstraints" not in one(theirs, "Deployment", RELAY)["spec"]["template"]["spec"]
 
 
 def test_the_relay_may_read_vpnservers_and_gateway_leases_and_nothing_else(helm: Helm) -> None:
