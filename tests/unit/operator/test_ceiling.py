@@ -10,17 +10,14 @@ from kvpn_core.api import AllowedDestination
 from kvpn_core.ceiling import describe
 from kvpn_core.conditions import CEILING, READY, Reason
 from kvpn_operator.memory import ANNOTATION_NUDGE, AddressBooks
-from kvpn_operator.server import ClusterFacts, ServiceNetworks, reconcile_server
-from kvpn_operator.storage import ServerObject
 from tests.unit.fakes import FakeStorage
 from tests.unit.operator.test_peer import (
     NS,
-    T0,
     Operator,
     a_peer_in,
     bindings,
-    peer_index,
     reconcile_in,
+    resync,
     served_by_the_gateways,
     with_server,
 )
@@ -46,20 +43,6 @@ def condition(storage: FakeStorage, namespace: str, name: str, type_: str) -> Ob
 def destinations_of(storage: FakeStorage, name: str) -> list[str]:
     [binding] = [b for b in bindings(storage) if b.peer_name == name]
     return [describe(d) for d in binding.allowed_destinations]
-
-
-def resync(storage: FakeStorage) -> None:
-    """The server's reconcile, with its peers from the index as kopf would hold them."""
-    server = storage.read("vpnservers", NS, "office")
-    assert server is not None
-    reconcile_server(
-        storage,
-        ServerObject.model_validate(server),
-        facts=ClusterFacts(),
-        service_networks=ServiceNetworks(),
-        peers=lambda: peer_index(storage).get((NS, "office"), []),
-        now=T0,
-    )
 
 
 def test_the_binding_carries_what_the_ceiling_leaves_and_the_peer_says_what_was_cut() -> None:

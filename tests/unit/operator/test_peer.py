@@ -269,6 +269,20 @@ def peer_index(storage: FakeStorage) -> dict[tuple[str, str], list[PeerEntry]]:
     return index
 
 
+def resync(storage: FakeStorage) -> None:
+    """The server's reconcile, with its peers from the index as kopf would hold them."""
+    server = storage.read("vpnservers", NS, "office")
+    assert server is not None
+    reconcile_server(
+        storage,
+        ServerObject.model_validate(server),
+        facts=ClusterFacts(),
+        service_networks=ServiceNetworks(),
+        peers=lambda: peer_index(storage).get((NS, "office"), []),
+        now=T0,
+    )
+
+
 def key_index(storage: FakeStorage) -> dict[tuple[str, str, str], list[PeerEntry]]:
     """The operator's peers_by_key index, as kopf would hold it for the objects stored now."""
     index: dict[tuple[str, str, str], list[PeerEntry]] = {}
@@ -471,19 +485,7 @@ def test_two_peers_that_missed_each_other_are_woken_by_their_servers_resync() ->
         reconcile_peer(storage, books, PeerObject.model_validate(obj), now=T0, holders=lambda *_: [])
     assert served_by_the_gateways(storage) == (["one"], ["two"])
 
-    def resync() -> None:
-        server = storage.read("vpnservers", NS, "office")
-        assert server is not None
-        reconcile_server(
-            storage,
-            ServerObject.model_validate(server),
-            facts=ClusterFacts(),
-            service_networks=ServiceNetworks(),
-            peers=lambda: peer_index(storage).get((NS, "office"), []),
-            now=T0,
-        )
-
-    resync()
+    resync(storage)
     nudges = {
         name: (storage.read("vpnpeers", NS, name) or {})["metadata"]["annotations"][ANNOTATION_NUDGE]
         for name in ("one", "two")
@@ -491,7 +493,7 @@ def test_two_peers_that_missed_each_other_are_woken_by_their_servers_resync() ->
     assert nudges["one"] == nudges["two"]
     assert nudges["one"].startswith("key-")
     writes = list(storage.writes)
-    resync()  # the same group is not woken twice
+    resync(storage)  # the same group is not woken twice
     assert [w for w in storage.writes[len(writes) :] if w[1] == "vpnpeers"] == []
     assert reconcile_in(storage, books, NS, "two").outcome.finding.reason == Reason.DUPLICATE_PUBLIC_KEY
     assert reconcile_in(storage, books, NS, "one").outcome.status == "True"
