@@ -22,6 +22,7 @@ from kvpn_agent.metrics import Metrics, PeerStats
 from kvpn_agent.nft import NftError
 from kvpn_agent.plan import AllowedIps
 from kvpn_agent.served import ServedServers, role, secret_index
+from kvpn_agent.silence import RENEWAL_LATE_SECONDS, SILENCE_POLL_SECONDS, Silence
 from kvpn_agent.state import StateFile
 from kvpn_agent.status_report import StatusReporter
 from kvpn_agent.supervisor_api import SupervisorError, SupervisorUnreachableError
@@ -145,10 +146,8 @@ class Agent:
         """Servers whose interface was up before this process's first full pass (a previous agent's)."""
         self._renewed_at: float | None = None
         """When the lease thread last renewed (monotonic)."""
-        self._heard: dict[tuple[str, str], tuple[int, float]] = {}
-        """Per (interface, peer key): bytes received as last seen, and since when (monotonic) unchanged."""
-        self._dropped: set[tuple[str, str]] = set()
-        """(interface, peer key) of the sessions ended in this outage of the leases (drop_silent_sessions)."""
+        self.silence = Silence()
+        """Whom this node still hears while its leases are late (end_quiet_sessions); the silence thread's."""
 
     def _watch(self, api: ApiClient) -> None:
         """One watch of VpnServers and one of their Secrets per namespace served (or one for all)."""
@@ -193,6 +192,8 @@ class Agent:
         threading.Thread(target=self._report_loop, args=(stop,), name="report", daemon=True).start()
         if self.leases is not None:
             threading.Thread(target=self._lease_loop, args=(stop,), name="leases", daemon=True).start()
+        if self.leases is not None and self.takeover is not None:
+            threading.Thread(target=self._silence_loop, args=(stop,), name="silence", daemon=True).start()
         deadline = time.monotonic() + self.settings.start_timeout
         while not stop.is_set() and not self._api_synced() and time.monotonic() < deadline:
             stop.wait(0.1)
@@ -543,7 +544,6 @@ class Agent:
                         )
                     )
         self.metrics.peers.update(stats)
-        self._note_heard(stats)
         with self._lock:
             fresh = {
                 s.public_key: s.endpoint
@@ -635,7 +635,6 @@ class Agent:
         self._renewed_at = now
         if last is not None and now - last > GATEWAY_LEASE_SECONDS:
             log.warning("gateway leases renewed after they ran out", extra={"silent_s": round(now - last, 1)})
-        self._dropped = set()
 
     def _watch_gateways(self, servers: Iterable[Key]) -> None:
         """Every gateway's lease of the servers this node speaks for, read each round: a gateway lost is
@@ -687,27 +686,28 @@ class Agent:
                     for watch in self._watches():  # what they missed meanwhile, now, not after TCP's backoff
                         watch.reconnect()
                     failing = None
-            try:
-                self.drop_silent_sessions()
-            except Exception:
-                log.exception("silent sessions not ended")
 
-    def drop_silent_sessions(self) -> int:
-        """Once this node's leases have run out (it cannot reach the API server: its network cut, say), the
-        other gateways take over its laptops. Its sessions with the laptops it has not heard from for a
-        lease's time would pull each one back on a stale packet once the network is back, to a session the
-        laptop no longer uses: they are ended, each once per outage, in every round of it. A laptop still
-        talking to this node (only the API server is away) is heard, and keeps its session. Returns how
-        many were ended in this round."""
+    def _silence_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(SILENCE_POLL_SECONDS):
+            try:
+                self.end_quiet_sessions()
+            except Exception:
+                log.exception("quiet sessions not ended")
+
+    def end_quiet_sessions(self, now: float | None = None) -> int:
+        """One round of the silence thread (silence.py). While a lease renewal is late, reads whom each
+        interface still hears from; once the leases have run out, ends the sessions with the laptops not
+        heard for QUIET_SECONDS, each once per outage. Apart from the lease thread, which a renewal into a
+        cut network holds for the client's timeout (10 s). Returns how many were ended in this round."""
         last = self._renewed_at
         if self.takeover is None or last is None:
             return 0
-        now = time.monotonic()
-        if now - last <= GATEWAY_LEASE_SECONDS:
+        now = time.monotonic() if now is None else now
+        if now - last <= RENEWAL_LATE_SECONDS:
+            self.silence.reset()
             return 0
         with self._lock:
             interfaces = [s.interface for s in self.served.desired()]
-            heard = dict(self._heard)
         ended = 0
         for interface in interfaces:
             try:
@@ -715,17 +715,14 @@ class Agent:
             except SERVER_ERRORS as exc:
                 log.warning("device not read", extra={"interface": interface, "error": str(exc)})
                 continue
-            silent = [
-                peer
-                for key, peer in (device.peers if device else {}).items()
-                if peer.last_handshake
-                and (interface, key) not in self._dropped
-                and now - heard.get((interface, key), (0, now))[1] > GATEWAY_LEASE_SECONDS
-            ]
-            ended += self.takeover.drop_sessions(interface, silent)
-            self._dropped |= {(interface, peer.public_key) for peer in silent}
+            self.silence.hear(interface, device, now)
+            if now - last <= GATEWAY_LEASE_SECONDS:
+                continue
+            quiet = self.silence.quiet(interface, device, now)
+            ended += self.takeover.drop_sessions(interface, quiet)
+            self.silence.ended(interface, quiet)
         if ended:
-            log.warning("gateway leases ran out: sessions with silent peers ended", extra={"peers": ended})
+            log.warning("gateway leases ran out: sessions with quiet peers ended", extra={"peers": ended})
         return ended
 
     def _hand_over(self) -> None:
@@ -752,19 +749,6 @@ class Agent:
             log.warning("gateway leases not handed over in time", extra={"seconds": HANDOVER_TIMEOUT})
         else:
             log.info("gateway leases handed over", extra={"servers": len(staying), "seconds": GATEWAY_HANDOVER_SECONDS})
-
-    def _note_heard(self, stats: Iterable[PeerStats]) -> None:
-        """When each peer was last heard from: its received bytes grew (drop_silent_sessions)."""
-        now = time.monotonic()
-        with self._lock:
-            interfaces = {(s.namespace, s.name): s.interface for s in self.served.desired()}
-        heard = {}
-        for stat in stats:
-            key = (interfaces.get((stat.server_namespace, stat.server), ""), stat.public_key)
-            before = self._heard.get(key)
-            heard[key] = before if before is not None and before[0] == stat.rx_bytes else (stat.rx_bytes, now)
-        with self._lock:
-            self._heard = heard
 
     def healthy(self) -> bool:
         return time.monotonic() - self.heartbeat < max(120.0, 4 * self.settings.resync_seconds)

@@ -751,3 +751,56 @@ def test_a_server_left_running_by_the_previous_agent_is_claimed_after_the_first_
         assert report is not None
         assert not report.ready
         assert "UDP port 51820 is taken" in report.message
+
+
+# --- a gateway cut off ends its sessions with the laptops it no longer hears ------------------------
+
+
+class ListeningTakeover:
+    """The takeover's device reads and session ends, on a device whose peers' received bytes the test sets."""
+
+    def __init__(self) -> None:
+        self.rx: dict[str, int] = {}
+        self.reads = 0
+        self.ended: list[str] = []
+
+    def read(self, interface: str) -> ObservedDevice:
+        self.reads += 1
+        return ObservedDevice(peers={k: ObservedPeer(k, last_handshake=1.0, rx_bytes=rx) for k, rx in self.rx.items()})
+
+    def drop_sessions(self, interface: str, peers: Sequence[ObservedPeer]) -> int:
+        self.ended += [p.public_key for p in peers]
+        return len(peers)
+
+
+def test_a_gateway_cut_off_ends_the_sessions_it_stopped_hearing_before_its_network_is_back(tmp_path: Path) -> None:
+    """The network is cut just before a renewal is due, and the renewal hangs for the client's 10 s: the
+    laptop lost with the cut must still have its session ended as the leases run out, while the node is
+    cut off (the others have taken it over by then), not once the network is back. A laptop still talking
+    to this node keeps its session. Rounds every SILENCE_POLL_SECONDS, on the clock the test gives."""
+    kube = FakeKube()
+    leases = GatewayLeases(kube, GATEWAY)  # type: ignore[arg-type]
+    with start(tmp_path, objs=[served_server(), key_secret(), binding(0), binding(1)], leases=leases) as running:
+        wait(lambda: running.agent._renewed_at is not None, "a renewal", timeout=1)
+        kube.down = True  # no renewal from here on
+        time.sleep(0.1)
+        agent, takeover = running.agent, ListeningTakeover()
+        agent.takeover = takeover  # type: ignore[assignment]
+        last = agent._renewed_at
+        assert last is not None
+        lost, talking = key(0), key(1)
+        cut = last + 1.9
+        ended_at: dict[str, float] = {}
+        reads_before_late = 0
+        for step in range(1, 30):
+            now = last + 0.5 * step
+            takeover.rx = {lost: int(200 * (min(now, cut) - last)), talking: 96 * step}  # bytes until the cut
+            before = len(takeover.ended)
+            agent.end_quiet_sessions(now=now)
+            if now - last <= 3:
+                reads_before_late = takeover.reads
+            for k in takeover.ended[before:]:
+                ended_at[k] = now
+    assert reads_before_late == 0  # a renewal on time costs no read of the devices
+    assert list(ended_at) == [lost]  # once, and only the laptop that went quiet
+    assert 10 < ended_at[lost] - last <= 10.5  # at the first round after the leases ran out
