@@ -181,7 +181,7 @@ def summary(state: dict[str, Any]) -> str:
     nodes = world["nodes"]
     kubectl = world["kubectl"]
     node_lines = "\n".join(
-        f"                  {n['name']} {n['address']} (pods {n['podCIDR']})" for n in nodes.values()
+        f"                  {n['name']} {n['address']} (pods {', '.join(n['podCIDRs'])})" for n in nodes.values()
     )
     first = next(iter(nodes.values()))["name"]
     return f"""\

@@ -50,6 +50,7 @@ from cryptography.x509.oid import NameOID
 from harness import commands
 from harness.controlplane import (
     SERVICE_CIDR,
+    SERVICE_CIDR6,
     ControlPlane,
     cache_bin_dir,
     die_with_parent,
@@ -60,6 +61,10 @@ from harness.controlplane import (
 NODE_SCRIPT = Path(__file__).with_name("node.sh")
 CLUSTER_CIDR = "10.244.0.0/16"
 NODE_CIDR_MASK = 24
+# A dual-stack cluster's IPv6 halves (Kubernetes 1.20: the IPv6DualStack feature gate, alpha there).
+CLUSTER_CIDR6 = "fd00:10:244::/56"
+NODE_CIDR_MASK6 = 64
+NODE_NETWORK6 = ipaddress.IPv6Network("fd00:10:31::/64")  # each cluster's lan is a namespace of its own
 CLUSTER_DOMAIN = "cluster.local"
 DNS_SERVICE_IP = "10.96.0.10"  # the kube-dns Service's clusterIP, as kubelet tells pods
 PREFIX = "kvc"
@@ -402,14 +407,20 @@ class Node:
     role: str  # node-a, node-b, ...
     name: str  # the Node object's name (also its network namespace's)
     address: str  # InternalIP, on the node network
+    address6: str  # on the node network too, in a dual-stack cluster ("" otherwise)
     dir: Path
     cgroup: str  # kubelet's cgroupRoot, in every hierarchy
     process: subprocess.Popen[bytes] | None = None
     pod_cidr: str = ""
+    pod_cidr6: str = ""
 
     @property
     def netns(self) -> str:
         return self.name
+
+    @property
+    def pod_cidrs(self) -> list[str]:
+        return [c for c in (self.pod_cidr, self.pod_cidr6) if c]
 
     @property
     def containerd_socket(self) -> Path:
@@ -436,7 +447,10 @@ class Cluster:
         manifest: Path | None = None,
         suffix: str | None = None,
         images: Sequence[Path] = (),
+        dual_stack: bool = False,
     ) -> None:
+        """`dual_stack`: Services, pods and the node network get IPv6 addresses too (CLUSTER_CIDR6,
+        SERVICE_CIDR6, NODE_NETWORK6); kube-proxy programs ip6tables as well."""
         if not 1 <= nodes <= 8:
             raise ValueError("1 to 8 nodes")
         self.suffix = suffix or secrets.token_hex(3)
@@ -447,6 +461,7 @@ class Cluster:
         self.plane: ControlPlane | None = None
         self.api: Any = None
         self.timings: dict[str, float] = {}
+        self.dual_stack = dual_stack
         self.node_network = self._free_network()
         hosts = self.node_network.hosts()
         self.host_address = str(next(hosts))
@@ -458,6 +473,7 @@ class Cluster:
                 role=(role := f"node-{chr(ord('a') + i)}"),
                 name=f"{PREFIX}-{self.suffix}-{role}",
                 address=str(self.node_network.network_address + 11 + i),
+                address6=str(NODE_NETWORK6.network_address + 11 + i) if dual_stack else "",
                 dir=Path(),  # set at start, in the run folder
                 cgroup=f"{PREFIX}-{self.suffix}-{role}",
             )
@@ -600,6 +616,9 @@ class Cluster:
             self._veth(ns, "eth0", lan, node.role)
             run("ip", "-n", lan, "link", "set", node.role, "master", "br0")
             run("ip", "-n", ns, "addr", "add", f"{node.address}/{prefix}", "dev", "eth0")
+            if node.address6:
+                prefix6 = NODE_NETWORK6.prefixlen
+                run("ip", "-n", ns, "addr", "add", f"{node.address6}/{prefix6}", "dev", "eth0", "nodad")
             # A node's own traffic to a Service is routed before kube-proxy's OUTPUT rules translate it:
             # it needs a route, as every node's default route is. The host forwards nothing further.
             run("ip", "-n", ns, "route", "add", "default", "via", self.host_address)
@@ -650,14 +669,27 @@ class Cluster:
             ],
             kcm_args=[
                 "--allocate-node-cidrs=true",
-                f"--cluster-cidr={CLUSTER_CIDR}",
-                f"--node-cidr-mask-size={NODE_CIDR_MASK}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                *(
+                    [
+                        "--feature-gates=IPv6DualStack=true",
+                        f"--cluster-cidr={CLUSTER_CIDR},{CLUSTER_CIDR6}",
+                        f"--node-cidr-mask-size-ipv4={NODE_CIDR_MASK}",
+                        f"--node-cidr-mask-size-ipv6={NODE_CIDR_MASK6}",
+                        f"--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR6}",
+                    ]
+                    if self.dual_stack
+                    else [
+                        f"--cluster-cidr={CLUSTER_CIDR}",
+                        f"--node-cidr-mask-size={NODE_CIDR_MASK}",
+                        f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    ]
+                ),
                 # A node that stops reporting is NotReady after 20 s rather than 40 s.
                 "--node-monitor-grace-period=20s",
                 "--node-monitor-period=2s",
             ],
             scheduler=True,
+            service_cidrs=[SERVICE_CIDR, SERVICE_CIDR6] if self.dual_stack else [SERVICE_CIDR],
         )
         try:
             self.plane.start()
@@ -753,6 +785,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "maxPods": 40,
             "containerLogMaxSize": "10Mi",
             "protectKernelDefaults": False,
+            **({"featureGates": {"IPv6DualStack": True}} if self.dual_stack else {}),
         }
         (d / "kubelet.yaml").write_text(yaml.safe_dump(kubelet, sort_keys=False))
         proxy = {
@@ -762,7 +795,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "healthzBindAddress": "0.0.0.0:10256",
             "metricsBindAddress": "127.0.0.1:10249",
             "clientConnection": {"kubeconfig": str(d / "kube-proxy.kubeconfig")},
-            "clusterCIDR": CLUSTER_CIDR,
+            "clusterCIDR": f"{CLUSTER_CIDR},{CLUSTER_CIDR6}" if self.dual_stack else CLUSTER_CIDR,
+            **({"featureGates": {"IPv6DualStack": True}} if self.dual_stack else {}),
             "hostnameOverride": node.name,
             "mode": "iptables",
             # nf_conntrack_max and the conntrack timeouts are the init namespace's only: left alone.
@@ -817,28 +851,36 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         core = self.core
         for node in self.nodes:
 
-            def pod_cidr(n: Node = node) -> str | None:
+            def pod_cidrs(n: Node = node) -> list[str] | None:
                 try:
                     obj = core.read_node(n.name)
                 except Exception:
                     return None
-                return str(obj.spec.pod_cidr) if obj.spec and obj.spec.pod_cidr else None
+                spec = obj.spec
+                if spec is None or not spec.pod_cidr:
+                    return None
+                cidrs = [str(c) for c in spec.pod_cidrs or [spec.pod_cidr]]
+                return cidrs if len(cidrs) == (2 if self.dual_stack else 1) else None
 
-            node.pod_cidr = self._wait(f"{node.role} registered with a pod CIDR", pod_cidr, NODE_READY_TIMEOUT)
+            cidrs = self._wait(f"{node.role} registered with its pod CIDRs", pod_cidrs, NODE_READY_TIMEOUT)
+            node.pod_cidr = next(c for c in cidrs if ":" not in c)
+            node.pod_cidr6 = next((c for c in cidrs if ":" in c), "")
             self._write_cni_config(node)
         for node in self.nodes:
             for other in self.nodes:
                 if other is not node:
                     run("ip", "-n", node.netns, "route", "replace", other.pod_cidr, "via", other.address)
+                    if other.pod_cidr6:
+                        run("ip", "-n", node.netns, "route", "replace", other.pod_cidr6, "via", other.address6)
         for node in self.nodes:
             self._wait(f"{node.role} Ready", lambda n=node: self.node_ready(n.name), NODE_READY_TIMEOUT)
         self.manifest.info["nodes"] = {
-            n.role: {"name": n.name, "address": n.address, "podCIDR": n.pod_cidr} for n in self.nodes
+            n.role: {"name": n.name, "address": n.address, "podCIDRs": n.pod_cidrs} for n in self.nodes
         }
         self.manifest.save()
 
     def _write_cni_config(self, node: Node) -> None:
-        gateway = str(next(ipaddress.ip_network(node.pod_cidr).hosts()))
+        ranges = [[{"subnet": c, "gateway": str(next(ipaddress.ip_network(c).hosts()))}] for c in node.pod_cidrs]
         config = {
             "cniVersion": "0.4.0",
             "name": "kvpn-test",
@@ -851,8 +893,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     "hairpinMode": True,
                     "ipam": {
                         "type": "host-local",
-                        "ranges": [[{"subnet": node.pod_cidr, "gateway": gateway}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "ranges": ranges,
+                        "routes": [{"dst": "0.0.0.0/0"}, *([{"dst": "::/0"}] if node.pod_cidr6 else [])],
                         "dataDir": str(node.dir / "var-lib" / "cni" / "networks"),
                     },
                 },
@@ -963,5 +1005,5 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "run_dir": str(self.run_dir),
             "api_server": self.plane.server if self.plane else "",
             "node_network": str(self.node_network),
-            "nodes": {n.role: {"name": n.name, "address": n.address, "podCIDR": n.pod_cidr} for n in self.nodes},
+            "nodes": {n.role: {"name": n.name, "address": n.address, "podCIDRs": n.pod_cidrs} for n in self.nodes},
         }

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
 SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CIDR6 = "fd00:10:96::/112"  # a dual-stack cluster's second Service network
 ADMIN_USER = "kvpn-admin"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager")
@@ -172,8 +173,11 @@ class ControlPlane:
         apiserver_args: Sequence[str] = (),
         kcm_args: Sequence[str] = (),
         scheduler: bool = False,
+        service_cidrs: Sequence[str] = (SERVICE_CIDR,),
     ) -> None:
+        """`service_cidrs`: the Service network, one per family (a second makes the API server dual-stack)."""
         self._given_run_dir = run_dir
+        self.service_cidrs = list(service_cidrs)
         self._binaries = dict(binaries) if binaries is not None else None
         self._ready_timeout = ready_timeout
         self.address = address
@@ -404,7 +408,8 @@ class ControlPlane:
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={run / 'sa.pub'}",
                 f"--service-account-signing-key-file={run / 'sa.key'}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={','.join(self.service_cidrs)}",
+                *(["--feature-gates=IPv6DualStack=true"] if len(self.service_cidrs) > 1 else []),
                 "--allow-privileged=true",
                 *self._apiserver_args,
             ],

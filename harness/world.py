@@ -66,6 +66,7 @@ NODEPORT_SERVER = "nodeport"
 RELAY_NAMESPACE = "kvpn-relay"  # the chart's relay.namespace, when a world enables the relay
 LISTEN_PORTS = {SERVER: 51820, NODEPORT_SERVER: 51821}
 POOLS = {SERVER: "10.8.0.0/24", NODEPORT_SERVER: "10.9.0.0/24"}
+POOLS6 = {SERVER: "fd00:8::/120", NODEPORT_SERVER: "fd00:9::/120"}  # a dual-stack world's servers'
 
 HELLO_PORT, ECHO_PORT = 8080, 9000
 HELLO_SERVICE_PORT = 80
@@ -309,10 +310,14 @@ class World:
         nodes: int = 2,
         helm_values: Sequence[str] = (),
         namespaces: Sequence[str] = (),
+        dual_stack: bool = False,
     ) -> None:
-        """`namespaces`: more (team) namespaces, made before the chart is installed (its RoleBindings go there)."""
+        """`namespaces`: more (team) namespaces, made before the chart is installed (its RoleBindings go there).
+        `dual_stack`: the cluster's too (Cluster), hello's Service gets an IPv6 ClusterIP as well, and both
+        servers an IPv6 pool (POOLS6)."""
         self.suffix = suffix or secrets.token_hex(3)
-        self.cluster = Cluster(nodes, run_dir=run_dir, manifest=manifest, suffix=self.suffix)
+        self.dual_stack = dual_stack
+        self.cluster = Cluster(nodes, run_dir=run_dir, manifest=manifest, suffix=self.suffix, dual_stack=dual_stack)
         self.image: Image | None = None
         self.laptops: dict[str, Laptop] = {}
         self.timings: dict[str, float] = {}
@@ -475,6 +480,7 @@ class World:
                 "kind": "Service",
                 "metadata": {"name": "hello", "namespace": "default"},
                 "spec": {
+                    **({"ipFamilyPolicy": "RequireDualStack"} if self.dual_stack else {}),
                     "selector": hello_labels,
                     "ports": [
                         {"name": "http", "port": HELLO_SERVICE_PORT, "targetPort": HELLO_PORT},
@@ -635,7 +641,7 @@ class World:
                     "metadata": {"name": name, "namespace": CHART_NAMESPACE},
                     # Endpoint, routes and DNS: discovered from the cluster.
                     "spec": {
-                        "addressPool": [POOLS[name]],
+                        "addressPool": [POOLS[name], *([POOLS6[name]] if self.dual_stack else [])],
                         "listenPort": port,
                         "expose": expose,
                         "peerNamespaces": [PEER_NAMESPACE],

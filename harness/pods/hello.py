@@ -1,6 +1,7 @@
 """The test cluster's workload, run as pods: an HTTP server that names itself and its client, and a TCP echo.
 
 GET / answers "hello from pod <pod IP> on <node> (client <address>)"; port 9000 echoes every line back,
+on IPv4 and, in a dual-stack cluster, IPv6 alike (a socket bound to "::" takes both),
 for a connection that the tests keep open across a gateway's restarts. For the benchmarks' throughput,
 GET /bytes/N sends N bytes and POST /sink reads its body away. Test harness only, not kvpn.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import socket
 import socketserver
 import sys
 import threading
@@ -22,7 +24,8 @@ class Hello(http.server.BaseHTTPRequestHandler):
             self._send_bytes(int(self.path.rsplit("/", 1)[1]))
             return
         pod, node = os.environ.get("POD_IP", "?"), os.environ.get("NODE_NAME", "?")
-        body = f"hello from pod {pod} on {node} (client {self.client_address[0]})\n".encode()
+        client = self.client_address[0].removeprefix("::ffff:")  # an IPv4 client, as the IPv4 socket names it
+        body = f"hello from pod {pod} on {node} (client {client})\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -56,13 +59,21 @@ class Echo(socketserver.StreamRequestHandler):
             self.wfile.write(line)
 
 
+class EchoServer(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6  # "::" takes IPv4 too (IPV6_V6ONLY is off by default)
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+class HelloServer(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def main() -> None:
     http_port, echo_port = int(sys.argv[1]), int(sys.argv[2])
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    socketserver.ThreadingTCPServer.daemon_threads = True
-    echo = socketserver.ThreadingTCPServer(("0.0.0.0", echo_port), Echo)  # noqa: S104 - a pod's own address
+    echo = EchoServer(("::", echo_port), Echo)  # a pod's own addresses
     threading.Thread(target=echo.serve_forever, daemon=True).start()
-    http.server.ThreadingHTTPServer(("0.0.0.0", http_port), Hello).serve_forever()  # noqa: S104
+    HelloServer(("::", http_port), Hello).serve_forever()
 
 
 if __name__ == "__main__":

@@ -20,14 +20,16 @@ PERMISSION_PROBLEMS = re.compile(r"forbidden|\(403\)", re.IGNORECASE)
 
 
 @contextlib.contextmanager
-def started_world(helm_values: Sequence[str] = (), namespaces: Sequence[str] = ()) -> Iterator[World]:
+def started_world(
+    helm_values: Sequence[str] = (), namespaces: Sequence[str] = (), dual_stack: bool = False
+) -> Iterator[World]:
     """A world for one test module (each module its own cluster); on a clean end, its pods' logs must show
     no traceback and no permission trouble."""
     if os.geteuid() != 0:
         pytest.fail("end-to-end tests need root (network namespaces, cgroups, TUN, nftables)", pytrace=False)
     if missing := [b for b in REQUIRED if shutil.which(b) is None]:
         pytest.fail(f"missing {', '.join(missing)}: run `make setup`", pytrace=False)
-    made = World(helm_values=helm_values, namespaces=namespaces)
+    made = World(helm_values=helm_values, namespaces=namespaces, dual_stack=dual_stack)
     made.start()
     print(f"world up in {made.timings['total']:.1f} s: {made.timings} {made.cluster.timings}")
     try:
