@@ -70,18 +70,23 @@ class ServiceNetworks:
     def _discover(storage: Storage, namespace: str) -> list[str]:
         for version in ("v1", "v1beta1"):
             objs = storage.list_service_cidrs(version)
-            if objs is not None and (cidrs := discovery.service_cidrs_from_objects(objs)):
-                return cidrs
+            if objs is not None and (listed := discovery.service_cidrs_from_objects(objs)):
+                return listed
         # Older clusters have no ServiceCIDR objects. Their API server names the Service network when it
         # refuses a clusterIP outside of it. A dry run would not do: it skips IP allocation (seen on 1.20).
-        probe = {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "kvpn-service-network-probe"},
-            "spec": {"clusterIP": "0.0.0.0", "ports": [{"port": 1, "protocol": "UDP"}]},  # noqa: S104 - never bound
-        }
-        refusal = storage.refusal_of_service(namespace, probe)
-        return discovery.service_cidrs_from_error(refusal) if refusal else []  # accepted: no range to learn
+        # One probe per family: a dual-stack cluster names its IPv6 network only to an IPv6 Service (a
+        # single-stack one refuses that family without naming a range).
+        cidrs: list[str] = []
+        for family in ({"clusterIP": "0.0.0.0"}, {"clusterIP": "::", "ipFamilies": ["IPv6"]}):  # noqa: S104 - never bound
+            probe = {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "kvpn-service-network-probe"},
+                "spec": {**family, "ports": [{"port": 1, "protocol": "UDP"}]},
+            }
+            refusal = storage.refusal_of_service(namespace, probe)  # None: accepted, no range to learn
+            cidrs += [c for c in discovery.service_cidrs_from_error(refusal or "") if c not in cidrs]
+        return cidrs
 
 
 def revision(status: VpnServerStatus, spec: VpnServerSpec) -> str:

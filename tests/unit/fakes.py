@@ -228,13 +228,19 @@ class FakeStorage:
         return self._delete("services", namespace, name, uid)
 
     def refusal_of_service(self, namespace: str, service: Obj) -> str | None:
-        # An API server without ServiceCIDR objects, refusing the probe's clusterIP as a real one words it.
+        # An API server without ServiceCIDR objects, refusing the probe's clusterIP as a real one words it:
+        # naming the Service network of the clusterIP's family, or saying that family is not configured.
         if self.service_cidrs is None:
             return None
+        name, ip = service["metadata"]["name"], service["spec"]["clusterIP"]
+        family = [c for c in self.service_cidrs if (":" in c) == (":" in ip)]
+        if not family:
+            refused = 'spec.ipFamilies[0]: Invalid value: "IPv6": not configured on this cluster'
+            return f'Service "{name}" is invalid: {refused}'
         return (
-            f'Service "{service["metadata"]["name"]}" is invalid: spec.clusterIPs: Invalid value: '
-            f'["0.0.0.0"]: failed to allocate IP 0.0.0.0: provided IP is not in the valid range. '
-            f"The range of valid IPs is {','.join(self.service_cidrs)}"
+            f'Service "{name}" is invalid: spec.clusterIPs: Invalid value: '
+            f'["{ip}"]: failed to allocate IP {ip}: provided IP is not in the valid range. '
+            f"The range of valid IPs is {','.join(family)}"
         )
 
     def list_nodes(self) -> list[Obj]:

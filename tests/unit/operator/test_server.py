@@ -185,6 +185,16 @@ def test_routes_are_discovered_when_the_spec_has_none() -> None:
     assert status(storage)["routes"] == ["10.96.0.0/12", "10.244.0.0/24"]
 
 
+def test_a_dual_stack_clusters_service_networks_are_both_discovered() -> None:
+    """Without ServiceCIDR objects (Kubernetes before 1.31), one probe per family: the API server names its
+    IPv6 Service network only when refusing an IPv6 clusterIP."""
+    storage = FakeStorage(service_cidrs=["10.96.0.0/12", "fd00:10:96::/112"])
+    storage.put("nodes", {"metadata": {"name": "n1"}, "spec": {"podCIDRs": ["10.244.0.0/24", "fd00:10:244::/64"]}})
+    a_server(storage, addressPool=["10.8.0.0/24", "fd00:8::/120"])
+    reconcile(storage)
+    assert status(storage)["routes"] == ["10.96.0.0/12", "fd00:10:96::/112", "10.244.0.0/24", "fd00:10:244::/64"]
+
+
 def test_an_invalid_spec_is_refused_and_nothing_is_created() -> None:
     storage = FakeStorage()
     a_server(storage, addressPool=["not-a-cidr"])
