@@ -1,4 +1,12 @@
-"""End to end: the chart's Grafana dashboard, its every query run against a real Prometheus (Debian's) that
+"""End to end on a dual-stack real-node cluster (Kubernetes 1.20's IPv6DualStack: pods, Services and the node
+network have IPv6 addresses too; kube-proxy programs ip6tables), the one cluster start serving two themes.
+
+IPv6 through the tunnel: a dual-stack server's laptops get an IPv6 tunnel address and the IPv6 pod and
+Service networks as routes, discovered; they reach an IPv6 pod address on another node and hello's IPv6
+ClusterIP (kube-proxy's ip6tables DNAT of forwarded traffic), and the IPv6 half of a peer's
+allowedDestinations is enforced at the gateway.
+
+The chart's Grafana dashboard, its every query run against a real Prometheus (Debian's) that
 scrapes the agents on the real-node cluster the way the chart's PodMonitor says, while two laptops send
 traffic. Each panel must return the series it should: one per connected peer, per gateway node, per agent.
 
@@ -10,6 +18,7 @@ are substituted the way it does ("All" is `.*`, `$__rate_interval` a window over
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from collections.abc import Iterator
@@ -20,9 +29,24 @@ import pytest
 import yaml
 
 from harness.chart import CHART
+from harness.cluster import in_ns
+from harness.controlplane import SERVICE_CIDR, SERVICE_CIDR6
 from harness.kvpn import wait_for
 from harness.prometheus import Prometheus, scrape_job
-from harness.world import CHART_NAMESPACE, NODEPORT_SERVER, PEER_NAMESPACE, RELEASE, Laptop, TrafficLoop, World
+from harness.world import (
+    CHART_NAMESPACE,
+    ECHO_PORT,
+    HELLO_PORT,
+    HELLO_SERVICE_PORT,
+    NODEPORT_SERVER,
+    PEER_NAMESPACE,
+    POOLS6,
+    RELEASE,
+    SERVER,
+    Laptop,
+    TrafficLoop,
+    World,
+)
 from tests.e2e.conftest import started_world
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.apiserver]
@@ -35,7 +59,7 @@ Series = list[dict[str, Any]]
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    with started_world() as made:
+    with started_world(dual_stack=True) as made:
         yield made
 
 
@@ -160,3 +184,79 @@ def test_every_panel_returns_the_series_it_should(world: World, laptops: list[La
         for loop in loops:
             loop.__exit__(None, None, None)
     assert last == [], "\n".join(last)
+
+
+# --- IPv6 through the tunnel (after the dashboard's tests: their series count these laptops only) ---------
+
+
+def ipv6(addresses: list[str]) -> str:
+    found = [a for a in addresses if ipaddress.ip_address(a).version == 6]
+    assert len(found) == 1, addresses
+    return found[0]
+
+
+def hello_ipv6_cluster_ip(world: World) -> str:
+    return ipv6(list(world.core.read_namespaced_service("hello", "default").spec.cluster_ips))
+
+
+def hello_pod_ipv6(world: World, node: str) -> str:
+    pod = next(p for p in world.hello_pods() if p["spec"]["nodeName"] == node)
+    return ipv6([entry["ip"] for entry in pod["status"]["podIPs"]])
+
+
+def hello(laptop: Laptop, address: str, port: int = HELLO_SERVICE_PORT, max_time: float = 3) -> str | None:
+    return laptop.curl(f"http://[{address}]:{port}/", max_time)
+
+
+def test_a_dual_stack_server_discovers_both_families_and_its_laptops_get_an_ipv6_address(
+    world: World, laptops: list[Laptop]
+) -> None:
+    """The Service networks (the API server's refusals of a probe per family) and the nodes' pod CIDRs of
+    both families become the routes; each laptop's tunnel has an IPv6 address from the server's pool."""
+    for server in (SERVER, NODEPORT_SERVER):
+        status = world.server(server)["status"]
+        routes = [ipaddress.ip_network(r) for r in status["routes"]]
+        networks = [SERVICE_CIDR, SERVICE_CIDR6, *(c for n in world.nodes for c in n.pod_cidrs)]
+        wanted = [ipaddress.ip_network(c) for c in networks]
+        uncovered = [w for w in wanted if not any(w.version == r.version and w.subnet_of(r) for r in routes)]  # type: ignore[arg-type]
+        assert not uncovered, status["routes"]  # (the nodes' pod CIDRs merged)
+        assert ipaddress.ip_address(ipv6(status["addresses"])) in ipaddress.ip_network(POOLS6[server]), status
+    for laptop in laptops:
+        shown = in_ns(laptop.netns, "ip", "-6", "-o", "addr", "show", "dev", laptop.interface).stdout
+        pool = ipaddress.ip_network(POOLS6[laptop.server])
+        assert any(ipaddress.ip_interface(f.split()[3]).ip in pool for f in shown.splitlines()), shown
+
+
+def test_a_laptop_reaches_an_ipv6_pod_on_another_node_and_an_ipv6_cluster_ip(
+    world: World, laptops: list[Laptop]
+) -> None:
+    """Over HostPort (alice) and NodePort (bob): hello's pod on the node that is not the laptop's gateway
+    by its IPv6 address, and hello's IPv6 ClusterIP, which only kube-proxy's ip6tables rules translate."""
+    cluster_ip = hello_ipv6_cluster_ip(world)
+    for laptop in laptops:
+        gateway = world.node_of_endpoint(laptop)
+        other = next(n for n in world.nodes if n is not gateway)
+        body = hello(laptop, hello_pod_ipv6(world, other.name), HELLO_PORT)
+        assert body is not None, laptop.name
+        assert f"on {other.name}" in body, (laptop.name, body)
+        body = wait_for(f"[{cluster_ip}] from {laptop.name}", lambda lap=laptop: hello(lap, cluster_ip, max_time=2))  # type: ignore[misc]
+        assert body.startswith("hello from pod"), body
+
+
+def test_the_ipv6_half_of_allowed_destinations_is_enforced(world: World, laptops: list[Laptop]) -> None:
+    """Carol may reach hello's IPv6 ClusterIP on TCP 80 and nothing else of IPv6: not the pod's IPv6
+    address, not the ClusterIP's echo port. Alice, unrestricted, reaches both meanwhile."""
+    alice = laptops[0]
+    cluster_ip = hello_ipv6_cluster_ip(world)
+    carol = world.add_laptop(
+        "carol", allowedDestinations=[{"cidr": f"{cluster_ip}/128", "protocol": "TCP", "ports": [{"port": 80}]}]
+    )
+    body = wait_for(f"[{cluster_ip}] from carol", lambda: hello(carol, cluster_ip, max_time=2))
+    assert body.startswith("hello from pod"), body
+    pod_ip = hello_pod_ipv6(world, world.nodes[0].name)
+    assert hello(carol, pod_ip, HELLO_PORT, max_time=2) is None
+    assert hello(alice, pod_ip, HELLO_PORT) is not None
+    echo = in_ns(
+        carol.netns, "curl", "-s", "--max-time", "2", f"telnet://[{cluster_ip}]:{ECHO_PORT}", check=False, timeout=10
+    )
+    assert echo.returncode == 28, echo  # timed out: dropped at the gateway, where a refusal would be 7
