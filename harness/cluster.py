@@ -8,6 +8,8 @@
   kubelet and kube-proxy (iptables mode) (harness/node.sh); pods on a CNI bridge (the reference
   `bridge` and `host-local` plugins) in the node's pod CIDR, routes between the nodes' pod networks,
   and pods reaching the host (the API server) masqueraded to their node's address;
+- with `dual_stack`, IPv6 as well: the IPv6DualStack feature gate on every component (alpha in 1.20), a
+  second Service network and pod CIDR per node, IPv6 on the node network and the pod bridge;
 - images without a registry: a pause image built here from a static C program, and OCI archives
   (`import_image`, e.g. the project's image from hack/image.sh) imported into every node's containerd.
 
