@@ -9,9 +9,11 @@ everything else (no upstream here). UDP and TCP on --port. Not kvpn: test harnes
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 
@@ -75,6 +77,9 @@ def answer(query: bytes, records: Records) -> bytes | None:
 
 
 def main() -> None:
+    # As PID 1 of its container, a process that sets no handler ignores SIGTERM: the pod would wait out
+    # its grace period (30 s) on every deletion, eviction and drain.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=5353)
     parser.add_argument("--domain", default="cluster.local")
