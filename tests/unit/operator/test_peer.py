@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -39,17 +40,24 @@ def with_server(pool: str = "10.8.0.0/24", **spec: object) -> FakeStorage:
     """A fake API holding a VpnServer its own reconcile has made Ready."""
     storage = FakeStorage()
     body = {"addressPool": [pool], "routes": ["10.96.0.0/12"], "expose": {"endpoint": "vpn.example.com:51820"}}
-    server = storage.put("vpnservers", {"metadata": {"name": "office", "namespace": NS}, "spec": {**body, **spec}})
+    storage.put("vpnservers", {"metadata": {"name": "office", "namespace": NS}, "spec": {**body, **spec}})
     a_gateway(storage, NS, "office", renewed=T0)
+    resync(storage, peers=list)
+    return storage
+
+
+def resync(storage: FakeStorage, name: str = "office", peers: Callable[[], list[PeerEntry]] | None = None) -> None:
+    """The server's reconcile, with its peers from the index as kopf would hold them (or ``peers``)."""
+    server = storage.read("vpnservers", NS, name)
+    assert server is not None
     reconcile_server(
         storage,
         ServerObject.model_validate(server),
         facts=ClusterFacts(),
         service_networks=ServiceNetworks(),
-        peers=list,
+        peers=peers or (lambda: peer_index(storage).get((NS, name), [])),
         now=T0,
     )
-    return storage
 
 
 def a_peer(storage: FakeStorage, name: str = "laptop", **spec: object) -> Obj:
@@ -114,16 +122,7 @@ def test_a_server_switched_to_the_api_server_rewrites_its_peers_configs() -> Non
     reconcile(storage, books)
     assert "Endpoint = vpn.example.com:51820" in config(storage)["wg0.conf"]
     storage.edit("vpnservers", NS, "office", {"spec": {"expose": {"type": "ApiServer", "endpoint": None}}})
-    server = storage.read("vpnservers", NS, "office")
-    assert server is not None
-    reconcile_server(
-        storage,
-        ServerObject.model_validate(server),
-        facts=ClusterFacts(),
-        service_networks=ServiceNetworks(),
-        peers=list,
-        now=T0,
-    )
+    resync(storage, peers=list)
     reconcile(storage, books)
     assert "Endpoint" not in config(storage)["wg0.conf"]
     assert status(storage)["serverRevision"] == storage.read("vpnservers", NS, "office")["status"]["revision"]
@@ -269,20 +268,6 @@ def peer_index(storage: FakeStorage) -> dict[tuple[str, str], list[PeerEntry]]:
     return index
 
 
-def resync(storage: FakeStorage) -> None:
-    """The server's reconcile, with its peers from the index as kopf would hold them."""
-    server = storage.read("vpnservers", NS, "office")
-    assert server is not None
-    reconcile_server(
-        storage,
-        ServerObject.model_validate(server),
-        facts=ClusterFacts(),
-        service_networks=ServiceNetworks(),
-        peers=lambda: peer_index(storage).get((NS, "office"), []),
-        now=T0,
-    )
-
-
 def key_index(storage: FakeStorage) -> dict[tuple[str, str, str], list[PeerEntry]]:
     """The operator's peers_by_key index, as kopf would hold it for the objects stored now."""
     index: dict[tuple[str, str, str], list[PeerEntry]] = {}
@@ -394,16 +379,9 @@ def test_peers_of_different_servers_may_share_a_key() -> None:
     """Each server has an interface of its own on a gateway: one key on two interfaces is no conflict."""
     storage = with_server()
     body = {"addressPool": ["10.9.0.0/24"], "routes": ["10.96.0.0/12"], "expose": {"endpoint": "lab.example.com:51821"}}
-    lab = storage.put("vpnservers", {"metadata": {"name": "lab", "namespace": NS}, "spec": body})
+    storage.put("vpnservers", {"metadata": {"name": "lab", "namespace": NS}, "spec": body})
     a_gateway(storage, NS, "lab", renewed=T0)
-    reconcile_server(
-        storage,
-        ServerObject.model_validate(lab),
-        facts=ClusterFacts(),
-        service_networks=ServiceNetworks(),
-        peers=list,
-        now=T0,
-    )
+    resync(storage, "lab", peers=list)
     books, key = AddressBooks(), a_public_key()
     a_peer_in(storage, NS, "office-laptop", publicKey=key)
     a_peer_in(storage, NS, "lab-laptop", server="lab", publicKey=key)
