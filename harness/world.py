@@ -788,28 +788,6 @@ class World:
         finally:
             self.kubectl("uncordon", node.name)
 
-    def drain(self, node: Node, timeout: float = 120) -> None:
-        """What a platform team runs before maintenance: `kubectl drain --ignore-daemonsets
-        --delete-emptydir-data --force`; returns once the pods that were on the node, DaemonSet pods
-        aside, are gone. The node stays cordoned until `uncordon`."""
-
-        def evictable() -> set[str]:
-            out = self.kubectl("get", "pods", "-A", "--field-selector", f"spec.nodeName={node.name}", "-o", "json")
-            return {
-                p["metadata"]["uid"]
-                for p in json.loads(out)["items"]
-                if not any(o.get("kind") == "DaemonSet" for o in p["metadata"].get("ownerReferences") or [])
-            }
-
-        before = evictable()
-        drain = ["--ignore-daemonsets", "--delete-emptydir-data", "--force", f"--timeout={timeout:.0f}s"]
-        self.kubectl("drain", node.name, *drain, timeout=timeout + 30)
-        # drain waits for the deletions itself; this says so in the test's own terms.
-        wait_for(f"the pods drained from {node.role} gone", lambda: not (before & evictable()), timeout=30)
-
-    def uncordon(self, node: Node) -> None:
-        self.kubectl("uncordon", node.name)
-
     @contextlib.contextmanager
     def network_cut(self, node: Node) -> Iterator[None]:
         """The node's cable pulled for the block (Cluster.cut_network), put back however the block ends."""

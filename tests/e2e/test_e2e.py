@@ -418,7 +418,6 @@ FAILOVER_WITHIN = 15.0  # WireGuard's own recovery bound: the laptop never waits
 RETURN_WITHIN = 5.0
 FOLLOW_WITHIN = 30.0
 LOAD_BALANCER_WITHIN = 20.0
-DRAIN_WITHIN = 2.0
 
 
 def endpoint_addresses(world: World, service: str) -> set[str]:
@@ -583,45 +582,6 @@ def answers_ok(host: str, port: int, timeout: float = 0.4) -> bool:
             return bool(answer.status == 200)
     except (OSError, ValueError):
         return False
-
-
-def test_draining_a_gateway_node_is_a_non_event_for_laptops(world: World, alice: Laptop) -> None:
-    """`kubectl drain --ignore-daemonsets` of the node the laptops talk to: kvpn's DaemonSets stay (the
-    gateway keeps serving), the node's other pods go, the operator among them when it runs there. Requests
-    to a pod elsewhere go on. Right after the network-cut test, as a platform team would drain a node that
-    misbehaved: the laptops are on the survivor, and the node that came back must hold no session that
-    could pull one back."""
-    laptops = [alice, world.laptops["bob"]]
-    gateway = world.node_of_endpoint(alice)
-    other = next(n for n in world.nodes if n is not gateway)
-    pod = next(p for p in world.hello_pods() if p["spec"]["nodeName"] == other.name)
-    url = f"http://{pod['status']['podIP']}:{HELLO_PORT}/"
-    operator_there = world.pod_on_node("operator") == gateway.name
-    with contextlib.ExitStack() as stack:
-        loops = [stack.enter_context(TrafficLoop(laptop, url)) for laptop in laptops]
-        time.sleep(1)
-        started = time.monotonic()
-        try:
-            world.drain(gateway)
-            drained = time.monotonic() - started
-            time.sleep(3)
-        finally:
-            world.uncordon(gateway)
-    summary: dict[str, Any] = {
-        "event": "drain",
-        "node": gateway.role,
-        "operator_evicted": operator_there,
-        "drained_s": round(drained, 2),
-    }
-    for laptop, loop in zip(laptops, loops, strict=True):
-        summary[laptop.name] = {"failed": loop.failures, "longest_gap_s": loop.outage.longest_s}
-    print(json.dumps(summary))
-    with (world.run_dir / "failover.jsonl").open("a") as out:
-        out.write(json.dumps(summary) + "\n")
-    for laptop, loop in zip(laptops, loops, strict=True):
-        assert world.node_of_endpoint(laptop) == gateway, (laptop.name, summary)  # nobody moved
-        assert loop.outage.longest_s <= DRAIN_WITHIN, (laptop.name, summary)
-    wait_all_gateways_serve(world)
 
 
 def test_behind_a_load_balancer_a_cut_gateways_laptop_comes_back(world: World) -> None:
