@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes import client
 
 from harness.chart import CHART, tool_dir
 from harness.cluster import (
@@ -49,6 +50,7 @@ from harness.controlplane import log_tail
 from harness.kvpn import Kvpn, decode, wait_for
 from kvpn_agent.desired import interface_name
 from kvpn_agent.uapi import UapiClient, UapiError
+from kvpn_core.contract import LABEL_ROLE, ROLE_GATEWAY
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SCRIPT = REPO / "hack" / "image.sh"
@@ -269,6 +271,35 @@ class EndpointsWatch:
 
     def __enter__(self) -> EndpointsWatch:
         self.start = self.addresses()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class HandoverWatch:
+    """The gateway leases of one node, polled while something happens: `durations` holds every lease
+    duration they had, so a stopping agent's handover (GATEWAY_HANDOVER_SECONDS or, for a pod being
+    deleted, GATEWAY_REPLACEMENT_SECONDS) shows between its successor's renewals (GATEWAY_LEASE_SECONDS)."""
+
+    def __init__(self, world: World, node: Node, period: float = 0.5) -> None:
+        self.world, self.node, self.period = world, node, period
+        self.durations: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        leases = client.CoordinationV1Api(self.world.cluster.api)
+        while not self._stop.wait(self.period):
+            with contextlib.suppress(Exception):  # an API hiccup is not a lease change
+                found = leases.list_namespaced_lease(CHART_NAMESPACE, label_selector=f"{LABEL_ROLE}={ROLE_GATEWAY}")
+                for lease in found.items:
+                    if lease.spec.holder_identity == self.node.name:
+                        self.durations.add(lease.spec.lease_duration_seconds)
+
+    def __enter__(self) -> HandoverWatch:
         self._thread.start()
         return self
 

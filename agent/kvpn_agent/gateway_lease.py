@@ -14,6 +14,7 @@ from kvpn_core.contract import (
     ANNOTATION_GATEWAY,
     GATEWAY_HANDOVER_SECONDS,
     GATEWAY_LEASE_SECONDS,
+    GATEWAY_REPLACEMENT_SECONDS,
     LABEL_MANAGED_BY,
     LABEL_ROLE,
     LABEL_SERVER,
@@ -22,7 +23,7 @@ from kvpn_core.contract import (
     GatewayReport,
     gateway_lease_name,
 )
-from kvpn_core.kube import ConflictError, Kube, KubeError, NotFoundError, Obj
+from kvpn_core.kube import ConflictError, Kube, KubeError, NotFoundError, Obj, core_path
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,23 @@ ServerKey = tuple[str, str]
 """A VpnServer: namespace, name."""
 
 HANDOVER_MESSAGE = "agent stopping; the dataplane stays"
+
+
+def handover_seconds(kube: Kube | None, namespace: str, pod: str) -> tuple[int, str]:
+    """How long a stopping agent's handover lasts, and why: GATEWAY_REPLACEMENT_SECONDS when its pod
+    (``namespace``/``pod``, from the downward API) is being deleted, so that its DaemonSet replaces it on
+    this node; GATEWAY_HANDOVER_SECONDS when it is not, or when that cannot be read."""
+    if kube is None or not namespace or not pod:
+        return GATEWAY_HANDOVER_SECONDS, "own pod unknown"
+    try:
+        obj = kube.get(core_path("pods", namespace, pod))
+    except KubeError as exc:
+        return GATEWAY_HANDOVER_SECONDS, f"own pod not read: {exc}"
+    if obj is None:
+        return GATEWAY_HANDOVER_SECONDS, "own pod not found"
+    if (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return GATEWAY_REPLACEMENT_SECONDS, "pod deleted: its replacement comes to this node"
+    return GATEWAY_HANDOVER_SECONDS, "pod not deleted"
 
 
 def lease_path(namespace: str, name: str | None = None) -> str:
@@ -157,9 +175,9 @@ class GatewayLeases:
             for key, (uid, report) in sorted(reports.items()):
                 self._write(key, uid, report, duration)
 
-    def handover(self, servers: Iterable[ServerKey] | None = None) -> None:
-        """Renews the leases of ``servers`` (default: all written) once for GATEWAY_HANDOVER_SECONDS, and
-        writes nothing after: the node's successor finds them current, and no laptop moves meanwhile.
+    def handover(self, servers: Iterable[ServerKey] | None = None, seconds: int = GATEWAY_HANDOVER_SECONDS) -> None:
+        """Renews the leases of ``servers`` (default: all written) once for ``seconds`` (handover_seconds),
+        and writes nothing after: the node's successor finds them current, and no laptop moves meanwhile.
 
         A lease not handed over is left to run out.
         """
@@ -173,7 +191,7 @@ class GatewayLeases:
                 report = GatewayReport(
                     ready=written.report.ready, message=HANDOVER_MESSAGE, backend=written.report.backend
                 )
-                self._write(key, written.uid, report, GATEWAY_HANDOVER_SECONDS)
+                self._write(key, written.uid, report, seconds)
 
     def _write(self, key: ServerKey, uid: str, report: GatewayReport, duration: int) -> None:
         namespace, server = key

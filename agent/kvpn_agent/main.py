@@ -34,6 +34,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = commands.add_parser("run", help="make this node's dataplane match its VpnServers (the default)")
     run.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""), help="this node (default: $NODE_NAME)")
     run.add_argument(
+        "--pod-namespace",
+        default=os.environ.get("POD_NAMESPACE", ""),
+        help="this agent's pod's namespace (default: $POD_NAMESPACE)",
+    )
+    run.add_argument(
+        "--pod-name",
+        default=os.environ.get("POD_NAME", ""),
+        help="read at a stop: a pod being deleted hands its leases over for its replacement (default: $POD_NAME)",
+    )
+    run.add_argument(
         "--namespace",
         action="append",
         default=[],
@@ -136,6 +146,8 @@ def run(args: argparse.Namespace) -> None:
     )
     settings = Settings(
         node_name=args.node_name,
+        pod_namespace=args.pod_namespace,
+        pod_name=args.pod_name,
         namespaces=tuple(args.namespace),
         resync_seconds=args.resync_seconds,
         report_seconds=args.report_seconds,

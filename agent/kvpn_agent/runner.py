@@ -17,7 +17,7 @@ from kubernetes.client import ApiClient
 from kvpn_agent.condition_report import ConditionReporter, dataplane_problems
 from kvpn_agent.dataplane import Dataplane
 from kvpn_agent.desired import GATEWAY_PREFIX, LEGACY_PREFIX, DesiredServer, legacy_interface_name
-from kvpn_agent.gateway_lease import GatewayLeases
+from kvpn_agent.gateway_lease import GatewayLeases, handover_seconds
 from kvpn_agent.metrics import Metrics, PeerStats
 from kvpn_agent.nft import NftError
 from kvpn_agent.plan import AllowedIps
@@ -31,7 +31,6 @@ from kvpn_agent.takeover import Takeover, lease_verdicts
 from kvpn_agent.watch import Informer, Key, Obj, Store, key_of
 from kvpn_core.api import API_VERSION
 from kvpn_core.contract import (
-    GATEWAY_HANDOVER_SECONDS,
     GATEWAY_LEASE_SECONDS,
     GATEWAY_RENEW_SECONDS,
     LABEL_ROLE,
@@ -55,6 +54,9 @@ HANDOVER_TIMEOUT = 3.0
 @dataclass(frozen=True)
 class Settings:
     node_name: str = ""
+    pod_namespace: str = ""
+    pod_name: str = ""
+    """This agent's pod (the downward API): whether it is being deleted decides how long a handover lasts."""
     namespaces: tuple[str, ...] = ()
     """Namespaces holding the VpnServers to serve; empty: every namespace."""
 
@@ -727,8 +729,8 @@ class Agent:
 
     def _hand_over(self) -> None:
         """On a graceful stop: the leases of the servers whose dataplane outlives this process are
-        renewed once for GATEWAY_HANDOVER_SECONDS, so that a restart moves no laptop. Bounded by
-        HANDOVER_TIMEOUT; the other leases run out."""
+        renewed once, for as long as this agent's successor may take to come (handover_seconds), so that
+        a restart moves no laptop. Bounded by HANDOVER_TIMEOUT; the other leases run out."""
         leases = self.leases
         if leases is None:
             return
@@ -736,19 +738,26 @@ class Agent:
             staying = [(d.namespace, d.name) for d in self.served.desired() if self.dp.outlives_agent(d.interface)]
         self._lease_due.set()  # the lease thread sees the stop and ends
 
+        settings = self.settings
+        handed: list[tuple[int, str]] = []
+
         def hand_over() -> None:
+            seconds, why = handover_seconds(leases.kube, settings.pod_namespace, settings.pod_name)
             try:
-                leases.handover(staying)
+                leases.handover(staying, seconds)
             except KubeError as exc:
                 log.warning("gateway leases not handed over", extra={"error": str(exc)})
+                return
+            handed.append((seconds, why))
 
         thread = threading.Thread(target=hand_over, name="handover", daemon=True)
         thread.start()
         thread.join(HANDOVER_TIMEOUT)
         if thread.is_alive():
             log.warning("gateway leases not handed over in time", extra={"seconds": HANDOVER_TIMEOUT})
-        else:
-            log.info("gateway leases handed over", extra={"servers": len(staying), "seconds": GATEWAY_HANDOVER_SECONDS})
+        elif handed:
+            seconds, why = handed[0]
+            log.info("gateway leases handed over", extra={"servers": len(staying), "seconds": seconds, "why": why})
 
     def healthy(self) -> bool:
         return time.monotonic() - self.heartbeat < max(120.0, 4 * self.settings.resync_seconds)

@@ -14,7 +14,8 @@ coordination.k8s.io Lease in ``N`` named ``gateway_lease_name(S, node)``, renewe
 is current and says the server is programmed: the server's Service endpoints, its status.endpoints, the
 endpoint in peers' configs. A node that stops renewing (its network cut, the node down) is out once the
 lease runs out; an agent that stops on purpose while its dataplane stays (a restart, an upgrade)
-renews once for ``GATEWAY_HANDOVER_SECONDS``, so that its restart moves no laptop.
+renews once for ``GATEWAY_HANDOVER_SECONDS`` (``GATEWAY_REPLACEMENT_SECONDS`` when its pod is being
+deleted, and so replaced), so that its restart moves no laptop.
 
 Why this shape:
 
@@ -74,7 +75,14 @@ GATEWAY_LEASE_SECONDS = 10
 GATEWAY_RENEW_SECONDS = 2.0
 """How often an agent renews its leases (and how soon a change of its verdict shows)."""
 GATEWAY_HANDOVER_SECONDS = 60
-"""The lease an agent leaves when it stops while the dataplane stays: its successor renews well within it."""
+"""The lease an agent leaves when it stops while the dataplane stays, for a cause it cannot tell apart (its
+container restarted in place, or the node shutting down): a successor in place renews well within it."""
+GATEWAY_REPLACEMENT_SECONDS = 180
+"""The same when the agent's pod is being deleted (a rolling update, `kubectl delete pod`, an eviction):
+the DaemonSet creates the successor on this node only once the kubelet has confirmed the deletion (up to
+its one-minute container garbage collection, after the grace period), then pulls its image and starts
+it. 60 s was measured to run out before the successor renewed; a node lost meanwhile keeps its laptops
+this long."""
 
 # Secret types (names of kinds of Secret, not secrets themselves).
 SECRET_TYPE_BINDING = "kvpn.dev/peer-binding"  # noqa: S105

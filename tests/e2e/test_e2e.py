@@ -40,6 +40,7 @@ from harness.world import (
     PLUGIN,
     SERVER,
     EndpointsWatch,
+    HandoverWatch,
     Image,
     Laptop,
     TcpProbe,
@@ -49,6 +50,7 @@ from harness.world import (
 )
 from kvpn_agent.desired import interface_name
 from kvpn_agent.processes import socket_owner
+from kvpn_core.contract import GATEWAY_LEASE_SECONDS, GATEWAY_REPLACEMENT_SECONDS
 from kvpn_operator.handlers import WATCH_SERVER_SECONDS
 from tests.e2e.conftest import started_world
 
@@ -239,6 +241,7 @@ def test_pod_lifecycle_breaks_no_connection(world: World, alice: Laptop, event: 
         ]
         endpoints = stack.enter_context(EndpointsWatch(world, CHART_NAMESPACE, f"kvpn-{NODEPORT_SERVER}"))
         assert endpoints.start == {n.address for n in world.nodes}, endpoints.start
+        leases = stack.enter_context(HandoverWatch(world, gateway))
         time.sleep(1)
         started = time.monotonic()
         outcome = LIFECYCLE[event](world, gateway)
@@ -249,6 +252,7 @@ def test_pod_lifecycle_breaks_no_connection(world: World, alice: Laptop, event: 
         "node": gateway.role,
         "pod_back_s": round(took, 2),
         "endpoints_dropped": sorted(endpoints.dropped),
+        "lease_durations": sorted(leases.durations),
     }
     for laptop, tcp, loop in watched:
         summary[f"{laptop.name} ({laptop.server})"] = {
@@ -265,6 +269,10 @@ def test_pod_lifecycle_breaks_no_connection(world: World, alice: Laptop, event: 
         out.write(json.dumps(summary) + "\n")
     if event != "operator-pod-deleted":
         assert world.agent_uids() != agents_before, "the agent pod was not replaced"
+        # The deleted pod read itself back and handed over for as long as its replacement may take.
+        assert GATEWAY_REPLACEMENT_SECONDS in leases.durations, summary
+    else:
+        assert leases.durations == {GATEWAY_LEASE_SECONDS}, summary
     if isinstance(outcome, Image):  # the rolling update: every agent and the operator run the new tag
         pods = [*world.component_pods("agent"), *world.component_pods("operator")]
         running = {c["image"] for p in pods for c in p["spec"]["containers"]}

@@ -340,6 +340,13 @@ def test_agent_runs_with_net_admin_only_on_the_host_network(helm: Helm) -> None:
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]
+    # Its own pod, read when it stops (a pod being deleted hands over for its replacement): get, there only.
+    for name, field in (("POD_NAMESPACE", "metadata.namespace"), ("POD_NAME", "metadata.name")):
+        assert {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field}}} in agent["env"]
+    own_pod = one(docs, "Role", f"{AGENT}-pod")
+    assert own_pod["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
+    assert own_pod["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
+    assert one(docs, "RoleBinding", f"{AGENT}-pod")["subjects"][0]["name"] == pod["serviceAccountName"]
     paths = host_paths(daemonset)
     assert paths["/var/lib/kvpn"] == {"path": "/var/lib/kvpn", "type": "DirectoryOrCreate"}
     assert paths["/var/run/wireguard"] == {"path": "/var/run/wireguard", "type": "DirectoryOrCreate"}
@@ -1303,7 +1310,8 @@ def test_cluster_wide_secrets_grant_secrets_in_every_namespace(
         manifest = helm.run("get", "manifest", name, "--namespace", namespace, env=env).stdout
         docs = [d for d in yaml.safe_load_all(manifest) if d]
         assert find(docs, "Role", operator_sa(name)) == find(docs, "RoleBinding", operator_sa(name)) == []
-        assert [r["metadata"]["name"] for r in find(docs, "Role")] == [agent_sa(name)]  # the agent's stay
+        agents = [agent_sa(name), f"{agent_sa(name)}-pod"]  # the agent's stay: its servers' and its own pod's
+        assert sorted(r["metadata"]["name"] for r in find(docs, "Role")) == agents
 
         kubeconfig = chart.token_kubeconfig(api, control_plane, namespace, operator_sa(name), tmp_path / "kubeconfig")
         anywhere = (namespace, f"nowhere-{secrets.token_hex(3)}", "kube-system", "dev")

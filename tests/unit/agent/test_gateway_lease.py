@@ -9,16 +9,17 @@ import re
 
 import pytest
 
-from kvpn_agent.gateway_lease import GatewayLeases, build_gateway_lease, lease_path
+from kvpn_agent.gateway_lease import GatewayLeases, build_gateway_lease, handover_seconds, lease_path
 from kvpn_core.contract import (
     ANNOTATION_GATEWAY,
     GATEWAY_HANDOVER_SECONDS,
     GATEWAY_LEASE_SECONDS,
+    GATEWAY_REPLACEMENT_SECONDS,
     GatewayReport,
     gateway_lease_name,
     gateway_selector,
 )
-from kvpn_core.kube import KubeError
+from kvpn_core.kube import KubeError, core_path
 from tests.unit.fakes import FakeKube
 
 NS, SERVER, NODE, UID = "team", "office", "gw-1", "server-uid-1"
@@ -170,6 +171,34 @@ def test_handover_renews_for_a_minute_as_it_was_and_then_writes_nothing() -> Non
     writes = len(kube.patches) + len(kube.creates) + len(kube.deletes)
     gateway.renew({})  # the lease thread, late: the handover stands
     assert len(kube.patches) + len(kube.creates) + len(kube.deletes) == writes
+
+
+def test_a_pod_being_deleted_hands_over_for_its_replacement_and_any_other_stop_for_a_minute() -> None:
+    """A DaemonSet's replacement comes only once the kubelet has confirmed the deletion: a minute was
+    measured not to be enough. A stop of a pod that stays (its container restarted, the node shutting
+    down) keeps the minute, and so does one whose pod cannot be read."""
+    kube = FakeKube()
+    pod = core_path("pods", "kvpn-system", "kvpn-agent-x1")
+    kube.put(pod, {"metadata": {"namespace": "kvpn-system", "name": "kvpn-agent-x1"}})
+    assert handover_seconds(kube, "kvpn-system", "kvpn-agent-x1") == (GATEWAY_HANDOVER_SECONDS, "pod not deleted")  # type: ignore[arg-type]
+
+    kube.objects[pod]["metadata"]["deletionTimestamp"] = "2026-12-02T05:20:11Z"
+    seconds, why = handover_seconds(kube, "kvpn-system", "kvpn-agent-x1")  # type: ignore[arg-type]
+    assert seconds == GATEWAY_REPLACEMENT_SECONDS > 2 * GATEWAY_HANDOVER_SECONDS
+    assert "replacement" in why
+
+    assert handover_seconds(kube, "kvpn-system", "kvpn-agent-gone")[0] == GATEWAY_HANDOVER_SECONDS  # type: ignore[arg-type]
+    assert handover_seconds(kube, "", "")[0] == GATEWAY_HANDOVER_SECONDS  # type: ignore[arg-type]  # not run as a pod
+    assert handover_seconds(None, "kvpn-system", "kvpn-agent-x1")[0] == GATEWAY_HANDOVER_SECONDS
+    kube.down = True
+    seconds, why = handover_seconds(kube, "kvpn-system", "kvpn-agent-x1")  # type: ignore[arg-type]
+    assert (seconds, why.startswith("own pod not read")) == (GATEWAY_HANDOVER_SECONDS, True)
+
+    gateway = leases(FakeKube())
+    gateway.renew({KEY: (UID, READY)})
+    gateway.handover(seconds=GATEWAY_REPLACEMENT_SECONDS)
+    lease = gateway.kube.read(PATH)  # type: ignore[attr-defined]
+    assert lease["spec"]["leaseDurationSeconds"] == GATEWAY_REPLACEMENT_SECONDS
 
 
 def test_handover_of_some_servers_leaves_the_others_to_run_out() -> None:

@@ -40,6 +40,7 @@ from kvpn_core.conditions import Reason
 from kvpn_core.contract import (
     ANNOTATION_GATEWAY,
     GATEWAY_HANDOVER_SECONDS,
+    GATEWAY_REPLACEMENT_SECONDS,
     LABEL_ROLE,
     LABEL_SERVER,
     ROLE_PEER,
@@ -50,6 +51,7 @@ from kvpn_core.contract import (
     gateway_lease_name,
 )
 from kvpn_core.keys import public_key_of
+from kvpn_core.kube import core_path
 from tests.unit.fakes import FakeKube
 
 NS, NAME = "team", "office"
@@ -237,10 +239,19 @@ def start(
     ready_file: Path | None = None,
     dataplane: Dataplane | None = None,
     leases: GatewayLeases | None = None,
+    pod: tuple[str, str] = ("", ""),
 ) -> Iterator[Running]:
+    """``pod``: the agent's own (namespace, name), as the downward API gives them."""
     node = node or FakeNode()
     dataplane = dataplane or Dataplane("userspace", node, node, node, node, node, lambda families: [], wggo)  # type: ignore[arg-type]
-    settings = Settings(resync_seconds=3600, report_seconds=3600, start_timeout=0.2, ready_file=ready_file)
+    settings = Settings(
+        pod_namespace=pod[0],
+        pod_name=pod[1],
+        resync_seconds=3600,
+        report_seconds=3600,
+        start_timeout=0.2,
+        ready_file=ready_file,
+    )
     state = StateFile(tmp_path / "state")
     agent = Agent(settings, dataplane, state, api=None, metrics=Metrics())
     agent.leases = leases
@@ -722,6 +733,25 @@ def test_a_programmed_server_gets_a_ready_lease_and_a_failing_one_a_lease_that_s
     assert lease_report(kube) == GatewayReport(
         ready=False, message="agent stopping; the dataplane stays", backend="kernel"
     )
+
+
+def test_an_agent_whose_pod_is_being_deleted_hands_its_leases_over_until_its_replacement_can_come(
+    tmp_path: Path,
+) -> None:
+    kube = FakeKube()
+    pod = {"metadata": {"namespace": "kvpn-system", "name": "kvpn-agent-x1"}}
+    kube.put(core_path("pods", "kvpn-system", "kvpn-agent-x1"), pod)
+    leases = GatewayLeases(kube, GATEWAY)  # type: ignore[arg-type]
+    objs = [served_server(), key_secret(), binding(0)]
+    with start(tmp_path, objs=objs, leases=leases, pod=("kvpn-system", "kvpn-agent-x1")):
+        wait(lambda: lease_report(kube) is not None, "the lease", timeout=1)
+        # What `kubectl delete pod`, an eviction or a rolling update does before the kubelet's SIGTERM.
+        kube.merge_patch(core_path("pods", "kvpn-system", "kvpn-agent-x1"), {"metadata": {"deletionTimestamp": "x"}})
+    lease = kube.read(LEASE)
+    assert lease is not None
+    assert lease["spec"]["leaseDurationSeconds"] == GATEWAY_REPLACEMENT_SECONDS
+    handed_over = GatewayReport(ready=True, message="agent stopping; the dataplane stays", backend="kernel")
+    assert lease_report(kube) == handed_over
 
 
 def test_a_server_this_agent_cannot_program_gets_a_not_ready_lease_saying_why(tmp_path: Path) -> None:
