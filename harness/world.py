@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 from kubernetes import client
@@ -249,63 +249,70 @@ class TrafficLoop:
         )
 
 
-class EndpointsWatch:
+class Poll:
+    """A thread calling `poll` every `period` seconds while the `with` block runs; a call that fails (an
+    API hiccup) counts as no observation."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            with contextlib.suppress(Exception):
+                self.poll()
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class EndpointsWatch(Poll):
     """The ready addresses of a Service's Endpoints, polled while something happens: `dropped` names every
     address that was an endpoint at the start and missing at some point (kube-proxy then moves UDP flows)."""
 
     def __init__(self, world: World, namespace: str, service: str, period: float = 0.2) -> None:
-        self.world, self.namespace, self.service, self.period = world, namespace, service, period
+        super().__init__(period)
+        self.world, self.namespace, self.service = world, namespace, service
         self.start: set[str] = set()
         self.dropped: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def addresses(self) -> set[str]:
         endpoints = self.world.core.read_namespaced_endpoints(self.service, self.namespace)
         return {a.ip for subset in endpoints.subsets or [] for a in subset.addresses or []}
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.period):
-            with contextlib.suppress(Exception):  # an API hiccup is not an endpoint change
-                self.dropped |= self.start - self.addresses()
+    def poll(self) -> None:
+        self.dropped |= self.start - self.addresses()
 
-    def __enter__(self) -> EndpointsWatch:
+    def __enter__(self) -> Self:
         self.start = self.addresses()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        return super().__enter__()
 
 
-class HandoverWatch:
+class HandoverWatch(Poll):
     """The gateway leases of one node, polled while something happens: `durations` holds every lease
     duration they had, so a stopping agent's handover (GATEWAY_HANDOVER_SECONDS or, for a pod being
     deleted, GATEWAY_REPLACEMENT_SECONDS) shows between its successor's renewals (GATEWAY_LEASE_SECONDS)."""
 
     def __init__(self, world: World, node: Node, period: float = 0.5) -> None:
-        self.world, self.node, self.period = world, node, period
+        super().__init__(period)
+        self.node = node
         self.durations: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._leases = client.CoordinationV1Api(world.cluster.api)
 
-    def _loop(self) -> None:
-        leases = client.CoordinationV1Api(self.world.cluster.api)
-        while not self._stop.wait(self.period):
-            with contextlib.suppress(Exception):  # an API hiccup is not a lease change
-                found = leases.list_namespaced_lease(CHART_NAMESPACE, label_selector=f"{LABEL_ROLE}={ROLE_GATEWAY}")
-                for lease in found.items:
-                    if lease.spec.holder_identity == self.node.name:
-                        self.durations.add(lease.spec.lease_duration_seconds)
-
-    def __enter__(self) -> HandoverWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def poll(self) -> None:
+        found = self._leases.list_namespaced_lease(CHART_NAMESPACE, label_selector=f"{LABEL_ROLE}={ROLE_GATEWAY}")
+        self.durations |= {
+            lease.spec.lease_duration_seconds for lease in found.items if lease.spec.holder_identity == self.node.name
+        }
 
 
 class TcpProbe:

@@ -739,7 +739,6 @@ class Agent:
         self._lease_due.set()  # the lease thread sees the stop and ends
 
         settings = self.settings
-        handed: list[tuple[int, str]] = []
 
         def hand_over() -> None:
             seconds, why = handover_seconds(leases.kube, settings.pod_namespace, settings.pod_name)
@@ -748,16 +747,13 @@ class Agent:
             except KubeError as exc:
                 log.warning("gateway leases not handed over", extra={"error": str(exc)})
                 return
-            handed.append((seconds, why))
+            log.info("gateway leases handed over", extra={"servers": len(staying), "seconds": seconds, "why": why})
 
         thread = threading.Thread(target=hand_over, name="handover", daemon=True)
         thread.start()
         thread.join(HANDOVER_TIMEOUT)
         if thread.is_alive():
             log.warning("gateway leases not handed over in time", extra={"seconds": HANDOVER_TIMEOUT})
-        elif handed:
-            seconds, why = handed[0]
-            log.info("gateway leases handed over", extra={"servers": len(staying), "seconds": seconds, "why": why})
 
     def healthy(self) -> bool:
         return time.monotonic() - self.heartbeat < max(120.0, 4 * self.settings.resync_seconds)
